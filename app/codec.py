@@ -1,0 +1,198 @@
+"""Tensors on the wire (API.md "Tensors on the wire"), decoded to and encoded from torch.
+
+Three request forms: a nested list (or a bare number), ``{"shape", "dtype",
+"data"}`` and ``{"shape", "dtype", "b64"}`` (little-endian, row-major bytes).
+JSON has no NaN or infinity, so lists carry them as the strings "NaN",
+"Infinity" and "-Infinity". Every malformed tensor is an `InvalidRequest` (422)
+that names the field; size limits are `TooLarge` (413).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.engine.devices import DTYPE_NAMES, parse_dtype
+from app.engine.errors import InvalidRequest, TooLarge
+
+_NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_NUMPY_OF = {
+    torch.float16: np.dtype("<f2"),
+    torch.float32: np.dtype("<f4"),
+    torch.float64: np.dtype("<f8"),
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_tensor_elements: int
+    max_dims: int
+
+
+def _check_shape(shape: object, param: str, limits: Limits) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
+        raise InvalidRequest(
+            f"Expected '{param}.shape' as a list of non-negative integers, got {shape!r}",
+            param=f"{param}.shape",
+        )
+    if len(shape) > limits.max_dims:
+        raise TooLarge(
+            f"Tensor '{param}' has {len(shape)} dimensions; the limit is {limits.max_dims}",
+            param=param,
+        )
+    count = math.prod(shape)
+    if count > limits.max_tensor_elements:
+        raise TooLarge(
+            f"Tensor '{param}' has {count} elements; the limit is {limits.max_tensor_elements}",
+            param=param,
+        )
+    return tuple(shape)
+
+
+def _replace_nonfinite(value: Any, param: str) -> Any:
+    """Nested lists with "NaN"/"Infinity"/"-Infinity" turned into floats (the slow path)."""
+    if isinstance(value, list):
+        return [_replace_nonfinite(v, param) for v in value]
+    if isinstance(value, str):
+        if value in _NONFINITE_IN:
+            return _NONFINITE_IN[value]
+        raise InvalidRequest(
+            f"Tensor '{param}' holds the string {value[:40]!r}; expected numbers "
+            '(or "NaN", "Infinity", "-Infinity")',
+            param=param,
+        )
+    return value
+
+
+def _numbers(data: Any, param: str) -> np.ndarray:
+    """A float64 array from a nested JSON list or number, or a 422 saying what was wrong."""
+    try:
+        array = np.asarray(data)
+        if array.dtype.kind in "UO":  # strings (non-finite markers) or something odd
+            array = np.asarray(_replace_nonfinite(data, param), dtype=np.float64)
+    except OverflowError:
+        raise InvalidRequest(
+            f"Tensor '{param}' holds an integer too large for a float64", param=param
+        ) from None
+    except ValueError:
+        raise InvalidRequest(
+            f"Tensor '{param}' is not a rectangular nested list of numbers "
+            "(rows of different lengths?)",
+            param=param,
+        ) from None
+    if array.dtype.kind not in "iuf" or array.dtype == np.bool_:
+        raise InvalidRequest(
+            f"Tensor '{param}' must hold numbers, got {np.asarray(data).dtype.kind!r} values "
+            "(booleans, objects or mixed types are not tensors)",
+            param=param,
+        )
+    return array.astype(np.float64, copy=False)
+
+
+def decode_tensor(value: Any, *, param: str, default_dtype: torch.dtype, limits: Limits) -> torch.Tensor:
+    """Decode one request tensor (any of the three forms) to a CPU tensor."""
+    if isinstance(value, dict):
+        return _decode_object(value, param=param, limits=limits)
+    if isinstance(value, bool) or not isinstance(value, (int, float, list, str)):
+        raise InvalidRequest(
+            f"Expected tensor '{param}' as a number, a nested list, or an object with "
+            f"shape, dtype and data or b64; got {type(value).__name__}",
+            param=param,
+        )
+    array = _numbers(value, param)
+    _check_shape(list(array.shape), param, limits)
+    return torch.from_numpy(array).to(default_dtype)
+
+
+def _decode_object(value: dict[str, Any], *, param: str, limits: Limits) -> torch.Tensor:
+    unknown = set(value) - {"shape", "dtype", "data", "b64"}
+    if unknown:
+        raise InvalidRequest(
+            f"Tensor '{param}' has unknown keys {sorted(unknown)}; expected shape, dtype and "
+            "data or b64",
+            param=param,
+        )
+    if "shape" not in value or "dtype" not in value:
+        raise InvalidRequest(
+            f"Tensor '{param}' needs 'shape' and 'dtype' beside 'data' or 'b64'", param=param
+        )
+    if ("data" in value) == ("b64" in value):
+        raise InvalidRequest(f"Tensor '{param}' needs exactly one of 'data' or 'b64'", param=param)
+    shape = _check_shape(value["shape"], param, limits)
+    dtype = parse_dtype(value["dtype"], param=f"{param}.dtype")
+    count = math.prod(shape)
+    if "data" in value:
+        array = _numbers(value["data"], param)
+        if array.size != count:
+            raise InvalidRequest(
+                f"Tensor '{param}' has shape {list(shape)}, which needs {count} values; "
+                f"its data has {array.size}",
+                param=param,
+            )
+        return torch.from_numpy(array.reshape(shape)).to(dtype)
+    return _decode_b64(value["b64"], shape, dtype, param)
+
+
+def _decode_b64(text: object, shape: tuple[int, ...], dtype: torch.dtype, param: str) -> torch.Tensor:
+    if not isinstance(text, str):
+        raise InvalidRequest(f"Tensor '{param}.b64' must be a base64 string", param=f"{param}.b64")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(
+            f"Tensor '{param}.b64' is not valid base64 (standard alphabet, with padding)",
+            param=f"{param}.b64",
+        ) from None
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * itemsize
+    if len(raw) != expected:
+        raise InvalidRequest(
+            f"Tensor '{param}' of shape {list(shape)} and dtype {DTYPE_NAMES[dtype]} needs "
+            f"{expected} bytes; its b64 holds {len(raw)}",
+            param=f"{param}.b64",
+        )
+    if dtype == torch.bfloat16:  # numpy has no bfloat16: read the bits as int16
+        bits = np.frombuffer(raw, dtype="<i2").astype(np.int16, copy=True)
+        return torch.from_numpy(bits).view(torch.bfloat16).reshape(shape)
+    array = np.frombuffer(raw, dtype=_NUMPY_OF[dtype]).astype(_NUMPY_OF[dtype].newbyteorder("="))
+    return torch.from_numpy(array).reshape(shape)
+
+
+def encode_tensor(tensor: torch.Tensor, *, encoding: str) -> dict[str, Any]:
+    """A response tensor in form 2 (``data``: a flat list) or form 3 (``b64``)."""
+    tensor = tensor.detach().cpu().contiguous()
+    out: dict[str, Any] = {
+        "shape": list(tensor.shape),
+        "dtype": DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype).removeprefix("torch.")),
+    }
+    if encoding == "b64":
+        if tensor.dtype == torch.bfloat16:
+            raw = tensor.view(torch.int16).numpy().astype("<i2").tobytes()
+        else:
+            raw = tensor.numpy().astype(tensor.numpy().dtype.newbyteorder("<")).tobytes()
+        out["b64"] = base64.b64encode(raw).decode("ascii")
+        return out
+    # bfloat16 values are exact in float32; orjson writes numpy arrays of finite
+    # numbers directly (the shortest repr that reads back to the same value).
+    array = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy().reshape(-1)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        out["data"] = [_nonfinite_out(float(v)) for v in array]
+    else:
+        out["data"] = array
+    return out
+
+
+def _nonfinite_out(v: float) -> float | str:
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "Infinity" if v > 0 else "-Infinity"
+    return v

@@ -1,0 +1,66 @@
+"""Device and dtype names as the API spells them."""
+
+from __future__ import annotations
+
+import torch
+
+from app.engine.errors import InvalidRequest
+
+# API name (and its Open Inference Protocol alias) -> torch dtype.
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+_ALIASES = {"FP16": "float16", "BF16": "bfloat16", "FP32": "float32", "FP64": "float64"}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def parse_dtype(name: object, *, param: str = "options.dtype") -> torch.dtype:
+    """Return the torch dtype for an API dtype name, or raise a 422 that lists the names."""
+    if isinstance(name, str):
+        canonical = _ALIASES.get(name, name)
+        if canonical in DTYPES:
+            return DTYPES[canonical]
+    accepted = ", ".join([*DTYPES, *_ALIASES])
+    raise InvalidRequest(f"Unknown dtype {name!r}; expected one of: {accepted}", param=param)
+
+
+def available_devices() -> list[torch.device]:
+    """Every device this process can compute on: the CPU, then each CUDA device."""
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return devices
+
+
+def parse_device(name: object, available: list[torch.device]) -> torch.device:
+    """Resolve an API device name (auto | cpu | cuda | cuda:N) against the devices present."""
+    names = ", ".join(str(d) for d in available)
+    if not isinstance(name, str):
+        raise InvalidRequest(
+            f"Expected device as a string (auto, cpu, cuda, cuda:N), got {name!r}",
+            param="options.device",
+        )
+    if name == "auto":
+        gpus = [d for d in available if d.type == "cuda"]
+        return gpus[0] if gpus else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InvalidRequest(
+            f"Unknown device {name!r}; expected auto, cpu, cuda or cuda:N "
+            f"(this machine has: {names})",
+            param="options.device",
+        ) from None
+    if device.type == "cpu":
+        device = torch.device("cpu")
+    elif device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)
+    if device not in available:
+        raise InvalidRequest(
+            f"Device {name!r} is not available on this machine (available: {names})",
+            param="options.device",
+        )
+    return device

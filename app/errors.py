@@ -1,0 +1,120 @@
+"""The one place that maps exceptions to HTTP statuses and error bodies (API.md "Errors").
+
+Every error is ``{"error": {"type", "message", "param"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from app.engine import errors as engine_errors
+from app.responses import ORJSONResponse
+
+log = logging.getLogger(__name__)
+
+# Engine error class -> (status, type). Order matters only for subclasses.
+STATUS_OF: dict[type[engine_errors.EngineError], tuple[int, str]] = {
+    engine_errors.InvalidExpression: (400, "invalid_expression"),
+    engine_errors.NotFound: (404, "not_found"),
+    engine_errors.TooLarge: (413, "too_large"),
+    engine_errors.InvalidRequest: (422, "invalid_request"),
+    engine_errors.ForwardADUnsupported: (501, "forward_ad_unsupported"),
+    engine_errors.Overloaded: (503, "overloaded"),
+    engine_errors.DeadlineExceeded: (504, "timeout"),
+    engine_errors.DeviceOutOfMemory: (507, "out_of_memory"),
+}
+
+
+class Unauthorized(engine_errors.EngineError):
+    """No API key, or a wrong one (401)."""
+
+
+class Forbidden(engine_errors.EngineError):
+    """A valid key without the rights this route needs (403)."""
+
+
+STATUS_OF[Unauthorized] = (401, "unauthorized")
+STATUS_OF[Forbidden] = (403, "forbidden")
+
+
+def error_response(
+    status: int, type_: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> Response:
+    body = {"error": {"type": type_, "message": message, "param": param}}
+    return ORJSONResponse(body, status_code=status, headers=headers)
+
+
+def _engine_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, engine_errors.EngineError)
+    status, type_ = next(
+        (v for cls, v in STATUS_OF.items() if isinstance(exc, cls)), (500, "internal_error")
+    )
+    headers = None
+    if isinstance(exc, engine_errors.Overloaded):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    elif isinstance(exc, Unauthorized):
+        headers = {"WWW-Authenticate": "Bearer"}
+    return error_response(status, type_, exc.message, exc.param, headers)
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or "body"
+
+
+def _validation_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if not errors:
+        return error_response(422, "invalid_request", "The request body is not valid")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return error_response(
+            422, "invalid_request", f"The body is not valid JSON: {detail}".rstrip(": "), "body"
+        )
+    where = _location(tuple(first.get("loc", ())))
+    message = f"{where}: {first.get('msg', 'invalid')}"
+    if first.get("type") == "missing":
+        message = f"Missing required field '{where}'"
+    elif first.get("type") == "extra_forbidden":
+        message = f"Unknown field '{where}'"
+    elif "input" in first and first.get("type") != "model_attributes_type":
+        message += f", got {_short(first['input'])}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problems)"
+    return error_response(422, "invalid_request", message, where)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        return error_response(404, "not_found", f"No route {request.method} {request.url.path}")
+    if exc.status_code == 405:
+        return error_response(
+            405, "invalid_request", f"Method {request.method} is not allowed on {request.url.path}"
+        )
+    return error_response(exc.status_code, "invalid_request", str(exc.detail))
+
+
+def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "Internal error; the service keeps serving")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(engine_errors.EngineError, _engine_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

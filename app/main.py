@@ -1,0 +1,75 @@
+"""The FastAPI application: settings, routes, error mapping, and the engine's lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+
+from app import errors
+from app.engine.devices import available_devices, parse_device
+from app.engine.worker import Engine
+from app.models.builtin import BUILTINS
+from app.models.registry import ModelRegistry
+from app.models.repository import load_repository
+from app.routes import health, jvp, models
+from app.service import JVPService
+from app.settings import Settings
+
+log = logging.getLogger("app")
+
+
+def select_devices(setting: str) -> list[torch.device]:
+    present = available_devices()
+    if setting == "auto":
+        return present
+    return [parse_device(name.strip(), present) for name in setting.split(",") if name.strip()]
+
+
+def build_registry(settings: Settings) -> ModelRegistry:
+    registry = ModelRegistry()
+    for make in BUILTINS:
+        registry.add(make())
+    if settings.model_dir is not None:
+        loaded, failures = load_repository(settings.model_dir)
+        for model in loaded:
+            registry.add(model)
+        for name, reason in failures.items():
+            log.error("model repository: %s not served: %s", name, reason)
+    return registry
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; the engine starts in the lifespan (so `create_app()` is cheap)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
+        engine = Engine(select_devices(settings.device), max_queue=settings.max_queue)
+        registry = build_registry(settings)
+        app.state.engine = engine
+        app.state.registry = registry
+        app.state.service = JVPService(settings, engine, registry)
+        engine.start()  # warms every device up, then marks the engine ready
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(
+        title="JVP service",
+        version="0.1.0",
+        description="Jacobian-vector products by PyTorch forward-mode AD, over HTTP.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    errors.install(app)
+    app.include_router(jvp.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,184 @@
+"""What `POST /jvp` does between the route and the engine: resolve, decode, check, queue, encode.
+
+Decoding and encoding run in a worker thread of the event loop's pool, so a large
+body never stalls other requests; the JVP itself runs on the device worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from app.codec import Limits, decode_tensor, encode_tensor
+from app.engine.devices import DTYPE_NAMES, parse_device, parse_dtype
+from app.engine.errors import InvalidRequest, TooLarge
+from app.engine.expressions import compile_expression
+from app.engine.target import Materialized, Target
+from app.engine.worker import Engine, JVPResult, JVPTask
+from app.models.registry import ModelRegistry
+from app.schemas import JVPRequest
+from app.settings import Settings
+
+
+@lru_cache(maxsize=4096)
+def expression_target(source: str, max_length: int, max_nodes: int, max_depth: int) -> Target:
+    """The JVP target of an expression; compiled once per source text."""
+    compiled = compile_expression(
+        source, max_length=max_length, max_nodes=max_nodes, max_depth=max_depth
+    )
+
+    def build(dtype: torch.dtype, device: torch.device) -> Materialized:
+        bound = compiled.bind(dtype, device)
+        return Materialized(fn=lambda args, state: (bound(*args),), parameters={}, buffers={})
+
+    return Target(
+        key=f"expression:{source}",
+        input_names=compiled.variables,
+        single_output=True,
+        build=build,
+    )
+
+
+def _shape_matches(shape: tuple[int, ...], declared: tuple[int, ...]) -> bool:
+    return len(shape) == len(declared) and all(d in (-1, s) for s, d in zip(shape, declared, strict=True))
+
+
+class JVPService:
+    def __init__(self, settings: Settings, engine: Engine, registry: ModelRegistry) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.registry = registry
+        self.limits = Limits(settings.max_tensor_elements, settings.max_dims)
+
+    def target_for(self, request: JVPRequest) -> Target:
+        if (request.expression is None) == (request.model is None):
+            raise InvalidRequest("Give exactly one of 'expression' or 'model'", param="expression")
+        if request.expression is not None:
+            if request.parameter_tangents:
+                raise InvalidRequest(
+                    "'parameter_tangents' applies to models only; an expression has no parameters",
+                    param="parameter_tangents",
+                )
+            s = self.settings
+            return expression_target(
+                request.expression,
+                s.max_expression_length,
+                s.max_expression_nodes,
+                s.max_expression_depth,
+            )
+        assert request.model is not None
+        return self.registry.get(request.model).target
+
+    def prepare(self, request: JVPRequest) -> JVPTask:
+        """Everything that can be checked before queueing: names, shapes, dtypes, limits."""
+        target = self.target_for(request)
+        dtype = parse_dtype(request.options.dtype)
+        device = parse_device(request.options.device, self.engine.devices)
+        names = target.input_names
+        missing = [n for n in names if n not in request.primals]
+        if missing:
+            raise InvalidRequest(
+                f"Missing primal for input {missing[0]!r}; the inputs are {list(names)}",
+                param=f"primals.{missing[0]}",
+            )
+        for where, given in (("primals", request.primals), ("tangents", request.tangents)):
+            unknown = [n for n in given if n not in names]
+            if unknown:
+                raise InvalidRequest(
+                    f"Unknown input {unknown[0]!r} in {where}; the inputs are {list(names)}",
+                    param=f"{where}.{unknown[0]}",
+                )
+
+        def decode(value: Any, param: str) -> torch.Tensor:
+            return decode_tensor(value, param=param, default_dtype=dtype, limits=self.limits)
+
+        inputs = tuple(decode(request.primals[n], f"primals.{n}") for n in names)
+        for name, x in zip(names, inputs, strict=True):
+            declared = target.input_shapes.get(name)
+            if declared is not None and not _shape_matches(tuple(x.shape), declared):
+                raise InvalidRequest(
+                    f"Expected input {name!r} of shape {list(declared)} (-1: any size), "
+                    f"got {list(x.shape)}",
+                    param=f"primals.{name}",
+                )
+        tangents = tuple(
+            self._tangent(decode, f"tangents.{n}", f"tangent {n!r}", request.tangents[n], x.shape)
+            if n in request.tangents
+            else None
+            for n, x in zip(names, inputs, strict=True)
+        )
+        parameter_tangents = {}
+        for name, value in request.parameter_tangents.items():
+            if name not in target.parameter_shapes:
+                raise InvalidRequest(
+                    f"Unknown parameter {name!r}; the parameters are "
+                    f"{list(target.parameter_shapes)}",
+                    param=f"parameter_tangents.{name}",
+                )
+            shape = torch.Size(target.parameter_shapes[name])
+            parameter_tangents[name] = self._tangent(
+                decode, f"parameter_tangents.{name}", f"parameter tangent {name!r}", value, shape
+            )
+        total = sum(x.numel() for x in inputs)
+        total += sum(t.numel() for t in tangents if t is not None)
+        total += sum(t.numel() for t in parameter_tangents.values())
+        if total > self.settings.max_request_elements:
+            raise TooLarge(
+                f"The request holds {total} tensor elements; the limit is "
+                f"{self.settings.max_request_elements}",
+                param="primals",
+            )
+        return JVPTask(
+            target=target,
+            inputs=inputs,
+            tangents=tangents,
+            parameter_tangents=parameter_tangents,
+            dtype=dtype,
+            device=device,
+            engine=request.options.engine,
+        )
+
+    @staticmethod
+    def _tangent(
+        decode: Any, param: str, label: str, value: Any, shape: torch.Size
+    ) -> torch.Tensor:
+        tangent: torch.Tensor = decode(value, param)
+        if tangent.shape != shape:
+            raise InvalidRequest(
+                f"Expected {label} of shape {list(shape)}, got {list(tangent.shape)}",
+                param=param,
+            )
+        return tangent
+
+    async def jvp(self, request: JVPRequest) -> dict[str, Any]:
+        started = time.monotonic()
+        task = await asyncio.to_thread(self.prepare, request)
+        result = await self.engine.run(task, timeout_s=self.settings.request_timeout_s)
+        body = await asyncio.to_thread(
+            self.render, task, result, request.options.encoding
+        )
+        body["timing_ms"] = {
+            "queue": round(result.queue_ms, 3),
+            "compute": round(result.compute_ms, 3),
+            "total": round((time.monotonic() - started) * 1e3, 3),
+        }
+        return body
+
+    @staticmethod
+    def render(task: JVPTask, result: JVPResult, encoding: str) -> dict[str, Any]:
+        outputs = [encode_tensor(o, encoding=encoding) for o in result.outputs]
+        jvps = [encode_tensor(j, encoding=encoding) for j in result.jvps]
+        single = task.target.single_output and len(outputs) == 1
+        return {
+            "output": outputs[0] if single else outputs,
+            "jvp": jvps[0] if single else jvps,
+            "dtype": DTYPE_NAMES[task.dtype],
+            "device": str(task.device),
+            "engine": task.engine,
+            "method": result.method,
+        }
+
