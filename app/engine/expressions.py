@@ -425,7 +425,7 @@ class _Translator:
     def constant(self, node: ast.Constant) -> _Const:
         value = node.value
         if isinstance(value, bool) or value is None or value is Ellipsis:
-            raise self.fail(f"The literal {value!r} is not allowed; only numbers are")
+            raise self.fail(f"The literal {self.text(node)} is not allowed; only numbers are")
         if isinstance(value, int):
             try:
                 return _Const(float(value))

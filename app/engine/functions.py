@@ -39,7 +39,7 @@ class Softplus(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor) -> Tensor:
         return torch.relu(x) + torch.log1p(torch.exp(-torch.abs(x)))
 
     @staticmethod
@@ -49,12 +49,12 @@ class Softplus(torch.autograd.Function):
         ctx.save_for_forward(x)
 
     @staticmethod
-    def jvp(ctx: Any, x_t: Tensor) -> Tensor:  # type: ignore[override]
+    def jvp(ctx: Any, x_t: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         return torch.sigmoid(x) * x_t
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         return grad * torch.sigmoid(x)
 
@@ -68,12 +68,11 @@ def _softmax_weights(x: Tensor, result: Tensor, dim: int) -> Tensor:
     so its derivative is 0. torch computes exp(-inf - (-inf)) = NaN there.
     """
     lse = result.unsqueeze(dim)
-    dead = lse == float("-inf")
-    # Substitute 0 for -inf before subtracting so no NaN is ever formed
-    # (a NaN in an unused `where` branch would still poison double-backward).
-    safe_lse = torch.where(dead, torch.zeros_like(lse), lse)
-    weights = torch.exp(x - safe_lse)
-    return torch.where(dead, torch.zeros_like(weights), weights)
+    # On a dead slice subtract 0 instead of -inf: every x there is -inf, so the
+    # weights are exp(-inf) = 0 and no NaN is ever formed (a NaN in an unused
+    # `where` branch would still poison double-backward).
+    safe_lse = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
+    return torch.exp(x - safe_lse)
 
 
 class LogSumExp(torch.autograd.Function):
@@ -90,7 +89,7 @@ class LogSumExp(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, dim: int) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor, dim: int) -> Tensor:
         return torch.logsumexp(x, dim)
 
     @staticmethod
@@ -101,12 +100,12 @@ class LogSumExp(torch.autograd.Function):
         ctx.save_for_forward(x, output)
 
     @staticmethod
-    def jvp(ctx: Any, x_t: Tensor, dim_t: None) -> Tensor:  # type: ignore[override]
+    def jvp(ctx: Any, x_t: Tensor, dim_t: None) -> Tensor:
         x, result = ctx.saved_tensors
         return (_softmax_weights(x, result, ctx.dim) * x_t).sum(ctx.dim)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         x, result = ctx.saved_tensors
         return grad.unsqueeze(ctx.dim) * _softmax_weights(x, result, ctx.dim), None
 

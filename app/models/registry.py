@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -57,7 +58,12 @@ def _cast_module(module: nn.Module, dtype: torch.dtype, device: torch.device) ->
     `nn.Module.to` moves parameters and buffers only; exported programs also keep
     plain tensor attributes (lifted constants), which are moved here as well.
     """
-    moved = copy.deepcopy(module).to(device=device, dtype=dtype)
+    # Each (dtype, device) gets its own copy: functional_call swaps tensors in place
+    # while it runs, so two device workers must never share one module.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation, on copy
+        moved = copy.deepcopy(module)
+    moved = moved.to(device=device, dtype=dtype)
     for sub in moved.modules():
         for attr, value in list(vars(sub).items()):
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
@@ -67,8 +73,11 @@ def _cast_module(module: nn.Module, dtype: torch.dtype, device: torch.device) ->
 
 
 def module_target(key: str, module: nn.Module, inputs: list[TensorSpec], outputs: int) -> Target:
-    """Wrap an `nn.Module` (in eval mode) as a JVP target over its parameters and buffers."""
-    module.eval()
+    """Wrap an `nn.Module` as a JVP target over its parameters and buffers.
+
+    Built-in modules are put in eval mode by their makers; an exported program
+    keeps the mode it was traced in (its module refuses ``.eval()``).
+    """
 
     def build(dtype: torch.dtype, device: torch.device) -> Materialized:
         moved = _cast_module(module, dtype, device)
