@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "serve":
         settings = Settings()
-        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         uvicorn.run(
             "app.main:create_app",
             factory=True,

@@ -22,7 +22,7 @@ from app.engine.devices import DTYPE_NAMES, parse_dtype
 from app.engine.errors import InvalidRequest, TooLarge
 
 _NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-_NUMPY_OF = {
+_NUMPY_OF: dict[torch.dtype, np.dtype[Any]] = {
     torch.float16: np.dtype("<f2"),
     torch.float32: np.dtype("<f4"),
     torch.float64: np.dtype("<f8"),
@@ -97,7 +97,9 @@ def _numbers(data: Any, param: str) -> np.ndarray:
     return array.astype(np.float64, copy=False)
 
 
-def decode_tensor(value: Any, *, param: str, default_dtype: torch.dtype, limits: Limits) -> torch.Tensor:
+def decode_tensor(
+    value: Any, *, param: str, default_dtype: torch.dtype, limits: Limits
+) -> torch.Tensor:
     """Decode one request tensor (any of the three forms) to a CPU tensor."""
     if isinstance(value, dict):
         return _decode_object(value, param=param, limits=limits)
@@ -141,7 +143,9 @@ def _decode_object(value: dict[str, Any], *, param: str, limits: Limits) -> torc
     return _decode_b64(value["b64"], shape, dtype, param)
 
 
-def _decode_b64(text: object, shape: tuple[int, ...], dtype: torch.dtype, param: str) -> torch.Tensor:
+def _decode_b64(
+    text: object, shape: tuple[int, ...], dtype: torch.dtype, param: str
+) -> torch.Tensor:
     if not isinstance(text, str):
         raise InvalidRequest(f"Tensor '{param}.b64' must be a base64 string", param=f"{param}.b64")
     try:

@@ -44,7 +44,11 @@ STATUS_OF[Forbidden] = (403, "forbidden")
 
 
 def error_response(
-    status: int, type_: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    status: int,
+    type_: str,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response:
     body = {"error": {"type": type_, "message": message, "param": param}}
     return ORJSONResponse(body, status_code=status, headers=headers)

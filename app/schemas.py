@@ -38,7 +38,8 @@ class JVPOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dtype: str = Field(
-        "float32", description="Computation dtype: float16, bfloat16, float32, float64 (or FP16...)."
+        "float32",
+        description="Computation dtype: float16, bfloat16, float32, float64 (or FP16...).",
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     engine: Literal["dual", "functional"] = Field(

@@ -44,7 +44,9 @@ def expression_target(source: str, max_length: int, max_nodes: int, max_depth: i
 
 
 def _shape_matches(shape: tuple[int, ...], declared: tuple[int, ...]) -> bool:
-    return len(shape) == len(declared) and all(d in (-1, s) for s, d in zip(shape, declared, strict=True))
+    return len(shape) == len(declared) and all(
+        d in (-1, s) for s, d in zip(shape, declared, strict=True)
+    )
 
 
 class JVPService:
@@ -158,9 +160,7 @@ class JVPService:
         started = time.monotonic()
         task = await asyncio.to_thread(self.prepare, request)
         result = await self.engine.run(task, timeout_s=self.settings.request_timeout_s)
-        body = await asyncio.to_thread(
-            self.render, task, result, request.options.encoding
-        )
+        body = await asyncio.to_thread(self.render, task, result, request.options.encoding)
         body["timing_ms"] = {
             "queue": round(result.queue_ms, 3),
             "compute": round(result.compute_ms, 3),
@@ -181,4 +181,3 @@ class JVPService:
             "engine": task.engine,
             "method": result.method,
         }
-

@@ -26,8 +26,12 @@ class Settings(BaseSettings):
         description="Devices to start workers on: 'auto' (cpu plus every GPU), or a "
         "comma-separated list such as 'cpu' or 'cuda:0,cuda:1'.",
     )
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Inference keys (Bearer).")
-    admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Admin keys (Bearer).")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Inference keys (Bearer)."
+    )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Admin keys (Bearer)."
+    )
 
     # Limits. Each one answers 413 (or 400 for expression syntax) with the limit in the message.
     max_expression_length: int = Field(2000, ge=1, description="Characters per expression.")

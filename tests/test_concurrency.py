@@ -55,14 +55,21 @@ def _cases(n: int) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
             v = torch.randn(x.shape, generator=g, dtype=torch.float64)
             with torch.no_grad():
                 out, ref = jvp(models[name], (x,), (v,))
-            body = {"model": name, "primals": {"x": to_wire(x, "b64")}, "tangents": {"x": to_wire(v, "b64")}}
+            body = {
+                "model": name,
+                "primals": {"x": to_wire(x, "b64")},
+                "tangents": {"x": to_wire(v, "b64")},
+            }
         else:
             source = rng.choice(sorted(EXPRESSIONS))
             n_ = rng.randint(2, 6)
             x, y, vx, vy = (torch.randn(n_, n_, generator=g, dtype=torch.float64) for _ in range(4))
             out, ref = jvp(EXPRESSIONS[source], (x, y), (vx, vy))
-            body = {"expression": source, "primals": {"x": to_wire(x, "b64"), "y": to_wire(y, "b64")},
-                    "tangents": {"x": to_wire(vx, "b64"), "y": to_wire(vy, "b64")}}
+            body = {
+                "expression": source,
+                "primals": {"x": to_wire(x, "b64"), "y": to_wire(y, "b64")},
+                "tangents": {"x": to_wire(vx, "b64"), "y": to_wire(vy, "b64")},
+            }
         body["options"] = options
         cases.append((body, out.detach(), ref.detach()))
     return cases
@@ -94,7 +101,9 @@ def test_concurrent_clients_each_get_their_own_result(live_server: LiveServer) -
                 else:
                     got = r.json()
                     out, jv = from_wire(got["output"]), from_wire(got["jvp"])
-                    if out.shape != want_out.shape or not torch.allclose(out, want_out, rtol=1e-12, atol=1e-12):
+                    if out.shape != want_out.shape or not torch.allclose(
+                        out, want_out, rtol=1e-12, atol=1e-12
+                    ):
                         problem = f"request {i}: wrong output"
                     elif not torch.allclose(jv, want_jvp, rtol=1e-12, atol=1e-12):
                         problem = f"request {i}: wrong jvp"

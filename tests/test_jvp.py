@@ -8,7 +8,7 @@ import torch
 from fastapi.testclient import TestClient
 from torch.func import functional_call, jvp
 
-from app.models.builtin import linear, mlp
+from app.models.builtin import linear
 from tests.wire import from_wire, to_wire
 
 
@@ -23,12 +23,15 @@ def test_create_jvp_tutorial_expression_tangent_for_x_only(client: TestClient, e
     # The forward-AD tutorial's seed function: f(x, y) = x**2 + y**2 on 10x10, tangent for x only.
     g = torch.Generator().manual_seed(0)
     x, y, v = (torch.randn(10, 10, generator=g, dtype=torch.float64) for _ in range(3))
-    body = post_jvp(client, {
-        "expression": "x**2 + y**2",
-        "primals": {"x": to_wire(x), "y": to_wire(y)},
-        "tangents": {"x": to_wire(v)},
-        "options": {"dtype": "float64", "engine": engine},
-    })
+    body = post_jvp(
+        client,
+        {
+            "expression": "x**2 + y**2",
+            "primals": {"x": to_wire(x), "y": to_wire(y)},
+            "tangents": {"x": to_wire(v)},
+            "options": {"dtype": "float64", "engine": engine},
+        },
+    )
     ref_out, ref_jvp = jvp(lambda a: a**2 + y**2, (x,), (v,))
     torch.testing.assert_close(from_wire(body["output"]), ref_out, rtol=0, atol=0)
     torch.testing.assert_close(from_wire(body["jvp"]), ref_jvp, rtol=1e-15, atol=1e-15)
@@ -44,23 +47,34 @@ def _linear_reference(x, v, param_tangents):
     module = torch.nn.Linear(5, 5).double()
 
     def f(inp, *ps):
-        return functional_call(module, {**params, **dict(zip(names, ps))}, (inp,))
+        return functional_call(module, {**params, **dict(zip(names, ps, strict=True))}, (inp,))
 
     return jvp(f, (x, *[params[n] for n in names]), (v, *[param_tangents[n] for n in names]))
 
 
 @pytest.mark.parametrize("engine", ["dual", "functional"])
 @pytest.mark.parametrize("case", ["inputs", "parameters", "both"])
-def test_create_jvp_linear_model_matches_functional_call(client: TestClient, engine: str, case: str) -> None:
+def test_create_jvp_linear_model_matches_functional_call(
+    client: TestClient, engine: str, case: str
+) -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(16, 5, generator=g, dtype=torch.float64)
-    v = torch.randn(16, 5, generator=g, dtype=torch.float64) if case != "parameters" else torch.zeros(16, 5, dtype=torch.float64)
+    v = (
+        torch.randn(16, 5, generator=g, dtype=torch.float64)
+        if case != "parameters"
+        else torch.zeros(16, 5, dtype=torch.float64)
+    )
     pt = {}
     if case != "inputs":
-        pt = {"weight": torch.randn(5, 5, generator=g, dtype=torch.float64),
-              "bias": torch.randn(5, generator=g, dtype=torch.float64)}
-    request = {"model": "linear", "primals": {"x": to_wire(x, "b64")},
-               "options": {"dtype": "float64", "engine": engine, "encoding": "b64"}}
+        pt = {
+            "weight": torch.randn(5, 5, generator=g, dtype=torch.float64),
+            "bias": torch.randn(5, generator=g, dtype=torch.float64),
+        }
+    request = {
+        "model": "linear",
+        "primals": {"x": to_wire(x, "b64")},
+        "options": {"dtype": "float64", "engine": engine, "encoding": "b64"},
+    }
     if case != "parameters":
         request["tangents"] = {"x": to_wire(v, "b64")}
     if pt:
@@ -81,22 +95,28 @@ def test_linear_weights_are_independent_of_the_builtin_seed_code() -> None:
     torch.testing.assert_close(served["bias"], expected.bias.detach(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("source", [
-    "sin(x) * exp(y) + x @ y",
-    "softmax(x, -1) * log1p(y ** 2)",
-    "sum(tanh(x) * y, 0)",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "sin(x) * exp(y) + x @ y",
+        "softmax(x, -1) * log1p(y ** 2)",
+        "sum(tanh(x) * y, 0)",
+    ],
+)
 def test_create_jvp_engines_agree_in_float64(client: TestClient, source: str) -> None:
     g = torch.Generator().manual_seed(2)
     x, y, vx, vy = (torch.randn(4, 4, generator=g, dtype=torch.float64) for _ in range(4))
     results = []
     for engine in ("dual", "functional"):
-        body = post_jvp(client, {
-            "expression": source,
-            "primals": {"x": to_wire(x, "b64"), "y": to_wire(y, "b64")},
-            "tangents": {"x": to_wire(vx, "b64"), "y": to_wire(vy, "b64")},
-            "options": {"dtype": "float64", "engine": engine, "encoding": "b64"},
-        })
+        body = post_jvp(
+            client,
+            {
+                "expression": source,
+                "primals": {"x": to_wire(x, "b64"), "y": to_wire(y, "b64")},
+                "tangents": {"x": to_wire(vx, "b64"), "y": to_wire(vy, "b64")},
+                "options": {"dtype": "float64", "engine": engine, "encoding": "b64"},
+            },
+        )
         results.append(from_wire(body["jvp"]))
     torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
 
@@ -104,8 +124,15 @@ def test_create_jvp_engines_agree_in_float64(client: TestClient, source: str) ->
 def test_create_jvp_mlp_matches_reference(client: TestClient) -> None:
     g = torch.Generator().manual_seed(3)
     x, v = (torch.randn(8, 64, generator=g) for _ in range(2))
-    body = post_jvp(client, {"model": "mlp", "primals": {"x": to_wire(x, "b64")},
-                             "tangents": {"x": to_wire(v, "b64")}, "options": {"encoding": "b64"}})
+    body = post_jvp(
+        client,
+        {
+            "model": "mlp",
+            "primals": {"x": to_wire(x, "b64")},
+            "tangents": {"x": to_wire(v, "b64")},
+            "options": {"encoding": "b64"},
+        },
+    )
     torch.manual_seed(1)
     ref = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
     ref_out, ref_jvp = jvp(ref, (x,), (v,))
@@ -117,8 +144,14 @@ def test_create_jvp_mlp_matches_reference(client: TestClient) -> None:
 def test_create_jvp_accepts_every_wire_form(client: TestClient, form: str) -> None:
     x = torch.tensor([[1.5, -2.0], [0.25, 3.0]])
     v = torch.tensor([[1.0, 0.5], [-1.0, 2.0]])
-    body = post_jvp(client, {"expression": "x * x", "primals": {"x": to_wire(x, form)},
-                             "tangents": {"x": to_wire(v, form)}})
+    body = post_jvp(
+        client,
+        {
+            "expression": "x * x",
+            "primals": {"x": to_wire(x, form)},
+            "tangents": {"x": to_wire(v, form)},
+        },
+    )
     torch.testing.assert_close(from_wire(body["output"]), x * x, rtol=0, atol=0)
     torch.testing.assert_close(from_wire(body["jvp"]), 2 * x * v, rtol=0, atol=0)
 
@@ -131,29 +164,55 @@ def test_create_jvp_bare_number_is_a_0d_tensor(client: TestClient) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("encoding", ["json", "b64"])
-def test_create_jvp_computes_in_each_dtype(client: TestClient, dtype: torch.dtype, encoding: str) -> None:
+def test_create_jvp_computes_in_each_dtype(
+    client: TestClient, dtype: torch.dtype, encoding: str
+) -> None:
     g = torch.Generator().manual_seed(4)
     x = torch.rand(3, 5, generator=g, dtype=torch.float64) + 0.5
     v = torch.randn(3, 5, generator=g, dtype=torch.float64)
-    name = {torch.float16: "FP16", torch.bfloat16: "bfloat16", torch.float32: "FP32", torch.float64: "float64"}[dtype]
-    body = post_jvp(client, {"expression": "x * sin(x)", "primals": {"x": to_wire(x)},
-                             "tangents": {"x": to_wire(v)}, "options": {"dtype": name, "encoding": encoding}})
+    name = {
+        torch.float16: "FP16",
+        torch.bfloat16: "bfloat16",
+        torch.float32: "FP32",
+        torch.float64: "float64",
+    }[dtype]
+    body = post_jvp(
+        client,
+        {
+            "expression": "x * sin(x)",
+            "primals": {"x": to_wire(x)},
+            "tangents": {"x": to_wire(v)},
+            "options": {"dtype": name, "encoding": encoding},
+        },
+    )
     out, jv = from_wire(body["output"]), from_wire(body["jvp"])
-    assert out.dtype == dtype and jv.dtype == dtype and body["dtype"] == {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, name if dtype != torch.float32 else "float32")
+    assert (
+        out.dtype == dtype
+        and jv.dtype == dtype
+        and body["dtype"]
+        == {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(
+            dtype, name if dtype != torch.float32 else "float32"
+        )
+    )
     xd, vd = x.to(dtype), v.to(dtype)
     ref_out, ref_jvp = jvp(lambda a: a * torch.sin(a), (xd,), (vd,))
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(jv, ref_jvp)
 
 
-
-
 def test_create_jvp_missing_tangent_gives_zero_jvp(client: TestClient) -> None:
     x = torch.randn(3, 3)
     body = post_jvp(client, {"expression": "x * 2 + 1", "primals": {"x": to_wire(x)}})
     torch.testing.assert_close(from_wire(body["jvp"]), torch.zeros(3, 3), rtol=0, atol=0)
-    body = post_jvp(client, {"expression": "x + y", "primals": {"x": to_wire(x), "y": to_wire(x)},
-                             "tangents": {"y": to_wire(torch.ones(3, 3))}, "options": {"engine": "functional"}})
+    body = post_jvp(
+        client,
+        {
+            "expression": "x + y",
+            "primals": {"x": to_wire(x), "y": to_wire(x)},
+            "tangents": {"y": to_wire(torch.ones(3, 3))},
+            "options": {"engine": "functional"},
+        },
+    )
     torch.testing.assert_close(from_wire(body["jvp"]), torch.ones(3, 3), rtol=0, atol=0)
 
 
@@ -164,24 +223,41 @@ def test_create_jvp_constant_expression_has_zero_jvp(client: TestClient) -> None
 
 
 def test_create_jvp_nonfinite_results_are_json_strings(client: TestClient) -> None:
-    body = post_jvp(client, {"expression": "log(x)", "primals": {"x": [0.0, -1.0, 1.0]},
-                             "tangents": {"x": [1.0, 1.0, 1.0]}})
+    body = post_jvp(
+        client,
+        {
+            "expression": "log(x)",
+            "primals": {"x": [0.0, -1.0, 1.0]},
+            "tangents": {"x": [1.0, 1.0, 1.0]},
+        },
+    )
     assert body["output"]["data"] == ["-Infinity", "NaN", 0.0]
     assert body["jvp"]["data"] == ["Infinity", -1.0, 1.0]
 
 
 def test_create_jvp_nonfinite_inputs_are_read_from_strings(client: TestClient) -> None:
-    body = post_jvp(client, {"expression": "x + 0", "primals": {"x": ["NaN", "Infinity", "-Infinity", 1]}})
+    body = post_jvp(
+        client, {"expression": "x + 0", "primals": {"x": ["NaN", "Infinity", "-Infinity", 1]}}
+    )
     assert body["output"]["data"] == ["NaN", "Infinity", "-Infinity", 1.0]
-    body = post_jvp(client, {"expression": "x + 0", "primals": {"x": {"shape": [2], "dtype": "float64", "data": ["Infinity", 2]}}})
+    body = post_jvp(
+        client,
+        {
+            "expression": "x + 0",
+            "primals": {"x": {"shape": [2], "dtype": "float64", "data": ["Infinity", 2]}},
+        },
+    )
     assert body["output"]["data"] == ["Infinity", 2.0]
 
 
 @pytest.mark.parametrize("source", ["9**9**9", "x ** 9**9**9", "10**400 * x"])
 def test_create_jvp_huge_powers_answer_at_once(live_server, source: str) -> None:
     # Over a real socket with a client timeout: a Python big-integer power would hang here.
-    r = httpx.post(f"{live_server.url}/jvp", timeout=10,
-                   json={"expression": source, "primals": {"x": [2.0]} if "x" in source else {}})
+    r = httpx.post(
+        f"{live_server.url}/jvp",
+        timeout=10,
+        json={"expression": source, "primals": {"x": [2.0]} if "x" in source else {}},
+    )
     assert r.status_code in (200, 400), r.text
     if r.status_code == 200:
         assert "Infinity" in r.json()["output"]["data"]

@@ -29,7 +29,9 @@ def test_readme_quickstart_is_exactly_make_run_and_make_test() -> None:
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed on this machine")
 def test_readme_curl_example_answers_as_shown(live_server: LiveServer) -> None:
     command = _block("sh", "Ask for a JVP").replace("http://127.0.0.1:8000", live_server.url)
-    result = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=30, check=True)
+    result = subprocess.run(
+        ["sh", "-c", command], capture_output=True, text=True, timeout=30, check=True
+    )
     got = json.loads(result.stdout)
     shown = json.loads(_block("json", "Ask for a JVP"))
     got.pop("timing_ms")
@@ -38,7 +40,7 @@ def test_readme_curl_example_answers_as_shown(live_server: LiveServer) -> None:
 
 
 def test_readme_lists_exactly_the_allowed_functions() -> None:
-    table = README[README.index("<!-- functions:"):README.index("Everything else is a 400")]
+    table = README[README.index("<!-- functions:") : README.index("Everything else is a 400")]
     first_cells = re.findall(r"^\| (.*?) \|", table, re.M)
     listed = {name for cell in first_cells for name in re.findall(r"`([a-z0-9_]+)\(", cell)}
     assert listed == set(ALLOWED_FUNCTIONS)

@@ -40,7 +40,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory, module: nn.Module) -> Path:
     root = tmp_path_factory.mktemp("models")
     batch = torch.export.Dim("batch", min=1, max=1024)
     ep = torch.export.export(
-        module, (torch.randn(2, 3), torch.randn(2, 4)),
+        module,
+        (torch.randn(2, 3), torch.randn(2, 4)),
         dynamic_shapes={"x": {0: batch}, "y": {0: batch}},
     )
     (root / "twoout").mkdir()
@@ -79,18 +80,29 @@ def test_broken_repository_entry_does_not_stop_the_others(repo_client: TestClien
 
 
 @pytest.mark.parametrize("engine", ["dual", "functional"])
-def test_create_jvp_exported_model_matches_reference(repo_client: TestClient, module: nn.Module, engine: str) -> None:
+def test_create_jvp_exported_model_matches_reference(
+    repo_client: TestClient, module: nn.Module, engine: str
+) -> None:
     g = torch.Generator().manual_seed(8)
-    x, vx = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
-    y, vy = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    x, vx = (
+        torch.randn(5, 3, generator=g, dtype=torch.float64),
+        torch.randn(5, 3, generator=g, dtype=torch.float64),
+    )
+    y, vy = (
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+    )
     vw = torch.randn(4, 3, generator=g, dtype=torch.float64)
-    r = repo_client.post("/jvp", json={
-        "model": "twoout",
-        "primals": {"x": to_wire(x, "b64"), "y": to_wire(y, "b64")},
-        "tangents": {"x": to_wire(vx, "b64"), "y": to_wire(vy, "b64")},
-        "parameter_tangents": {"proj.weight": to_wire(vw, "b64")},
-        "options": {"dtype": "float64", "engine": engine, "encoding": "b64"},
-    })
+    r = repo_client.post(
+        "/jvp",
+        json={
+            "model": "twoout",
+            "primals": {"x": to_wire(x, "b64"), "y": to_wire(y, "b64")},
+            "tangents": {"x": to_wire(vx, "b64"), "y": to_wire(vy, "b64")},
+            "parameter_tangents": {"proj.weight": to_wire(vw, "b64")},
+            "options": {"dtype": "float64", "engine": engine, "encoding": "b64"},
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert isinstance(body["output"], list) and len(body["output"]) == 2
@@ -108,7 +120,9 @@ def test_create_jvp_exported_model_matches_reference(repo_client: TestClient, mo
 
 
 def test_create_jvp_exported_model_output_without_tangent_is_zero(repo_client: TestClient) -> None:
-    r = repo_client.post("/jvp", json={"model": "twoout", "primals": {"x": [[1.0, 2.0, 3.0]], "y": [[1.0] * 4]}})
+    r = repo_client.post(
+        "/jvp", json={"model": "twoout", "primals": {"x": [[1.0, 2.0, 3.0]], "y": [[1.0] * 4]}}
+    )
     assert r.status_code == 200
     for jv in r.json()["jvp"]:
         assert all(v == 0.0 for v in jv["data"])
@@ -116,11 +130,16 @@ def test_create_jvp_exported_model_output_without_tangent_is_zero(repo_client: T
 
 def test_create_jvp_exported_model_guard_failure_is_422(repo_client: TestClient) -> None:
     # Batch sizes of x and y must agree: the exported program's guards raise; that is a 422.
-    r = repo_client.post("/jvp", json={"model": "twoout", "primals": {"x": [[1.0, 2.0, 3.0]] * 2, "y": [[1.0] * 4] * 3}})
+    r = repo_client.post(
+        "/jvp",
+        json={"model": "twoout", "primals": {"x": [[1.0, 2.0, 3.0]] * 2, "y": [[1.0] * 4] * 3}},
+    )
     assert r.status_code == 422, r.text
     assert r.json()["error"]["type"] == "invalid_request"
     # A static dimension of the wrong size is caught before queueing, naming the input.
-    r = repo_client.post("/jvp", json={"model": "twoout", "primals": {"x": [[1.0, 2.0]], "y": [[1.0] * 4]}})
+    r = repo_client.post(
+        "/jvp", json={"model": "twoout", "primals": {"x": [[1.0, 2.0]], "y": [[1.0] * 4]}}
+    )
     assert r.status_code == 422
     assert "Expected input 'x' of shape [-1, 3]" in r.json()["error"]["message"]
     assert repo_client.get("/readyz").status_code == 200

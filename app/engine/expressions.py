@@ -145,25 +145,41 @@ ALLOWED_FUNCTIONS: Mapping[str, FunctionSpec] = MappingProxyType(
         "minimum": FunctionSpec("minimum(a, b)", "elementwise minimum", torch.minimum, 2),
         "maximum": FunctionSpec("maximum(a, b)", "elementwise maximum", torch.maximum, 2),
         "clamp": FunctionSpec("clamp(x, lo, hi)", "min(max(x, lo), hi)", torch.clamp, 3),
-        "sum": FunctionSpec("sum(x[, dim])", "sum, of all or along dim", _reduce(torch.sum), 1,
-                            (0, 1)),
-        "mean": FunctionSpec("mean(x[, dim])", "mean, of all or along dim", _reduce(torch.mean),
-                             1, (0, 1)),
-        "prod": FunctionSpec("prod(x[, dim])", "product, of all or along dim",
-                             _reduce(torch.prod), 1, (0, 1)),
-        "norm": FunctionSpec("norm(x[, dim])", "Euclidean (2-)norm, of all or along dim", _norm,
-                             1, (0, 1)),
-        "logsumexp": FunctionSpec("logsumexp(x, dim)",
-                                  "log(sum(exp(x), dim)); derivative 0 on all -inf slices",
-                                  functions.logsumexp, 1, (1, 1)),
-        "softmax": FunctionSpec("softmax(x, dim)", "exp(x) / sum(exp(x), dim)", torch.softmax, 1,
-                                (1, 1)),
+        "sum": FunctionSpec(
+            "sum(x[, dim])", "sum, of all or along dim", _reduce(torch.sum), 1, (0, 1)
+        ),
+        "mean": FunctionSpec(
+            "mean(x[, dim])", "mean, of all or along dim", _reduce(torch.mean), 1, (0, 1)
+        ),
+        "prod": FunctionSpec(
+            "prod(x[, dim])", "product, of all or along dim", _reduce(torch.prod), 1, (0, 1)
+        ),
+        "norm": FunctionSpec(
+            "norm(x[, dim])", "Euclidean (2-)norm, of all or along dim", _norm, 1, (0, 1)
+        ),
+        "logsumexp": FunctionSpec(
+            "logsumexp(x, dim)",
+            "log(sum(exp(x), dim)); derivative 0 on all -inf slices",
+            functions.logsumexp,
+            1,
+            (1, 1),
+        ),
+        "softmax": FunctionSpec(
+            "softmax(x, dim)", "exp(x) / sum(exp(x), dim)", torch.softmax, 1, (1, 1)
+        ),
         "matmul": FunctionSpec("matmul(a, b)", "matrix product, same as a @ b", torch.matmul, 2),
         "dot": FunctionSpec("dot(a, b)", "inner product of two 1-D tensors", torch.dot, 2),
-        "transpose": FunctionSpec("transpose(x, d0, d1)", "swap dimensions d0 and d1",
-                                  torch.transpose, 1, (2, 2)),
-        "reshape": FunctionSpec("reshape(x, d0, d1, ...)", "new shape; one entry may be -1",
-                                _reshape, 1, (1, MAX_DIM), "shape"),
+        "transpose": FunctionSpec(
+            "transpose(x, d0, d1)", "swap dimensions d0 and d1", torch.transpose, 1, (2, 2)
+        ),
+        "reshape": FunctionSpec(
+            "reshape(x, d0, d1, ...)",
+            "new shape; one entry may be -1",
+            _reshape,
+            1,
+            (1, MAX_DIM),
+            "shape",
+        ),
     }
 )
 
@@ -179,8 +195,16 @@ _BINARY_OPS: dict[type[ast.operator], tuple[str, Callable[[Tensor, Tensor], Tens
     ast.MatMult: ("@", torch.matmul),
 }
 ALLOWED_OPERATORS: tuple[str, ...] = tuple(sym for sym, _ in _BINARY_OPS.values())
-_OTHER_OPERATORS = {ast.FloorDiv: "//", ast.LShift: "<<", ast.RShift: ">>", ast.BitOr: "|",
-                    ast.BitXor: "^", ast.BitAnd: "&", ast.Not: "not", ast.Invert: "~"}
+_OTHER_OPERATORS = {
+    ast.FloorDiv: "//",
+    ast.LShift: "<<",
+    ast.RShift: ">>",
+    ast.BitOr: "|",
+    ast.BitXor: "^",
+    ast.BitAnd: "&",
+    ast.Not: "not",
+    ast.Invert: "~",
+}
 
 # Constructs outside the language, named the way a user would recognise them.
 _CONSTRUCTS: dict[type[ast.AST], str] = {
@@ -208,11 +232,14 @@ _CONSTRUCTS: dict[type[ast.AST], str] = {
     ast.YieldFrom: "yield from",
 }
 _IGNORED = (ast.expr_context, ast.operator, ast.unaryop, ast.boolop, ast.cmpop)
-_BUILTIN_NAMES = frozenset(dir(builtins)) | frozenset(keyword.kwlist) | frozenset(
-    keyword.softkwlist)
+_BUILTIN_NAMES = (
+    frozenset(dir(builtins)) | frozenset(keyword.kwlist) | frozenset(keyword.softkwlist)
+)
 _ALLOWED_CONTROL = {"\t", "\n", "\r"}
-_LANGUAGE = ("expressions may use numbers, variables, pi, e, the operators + - * / ** % @ "
-             "and calls of the allowed functions")
+_LANGUAGE = (
+    "expressions may use numbers, variables, pi, e, the operators + - * / ** % @ "
+    "and calls of the allowed functions"
+)
 
 
 # --- the compiled form -------------------------------------------------------------------------
@@ -247,7 +274,8 @@ class CompiledExpression:
     variables: tuple[str, ...]
     _program: _Node = field(repr=False)
     _bound: dict[tuple[torch.dtype, torch.device], Callable[..., Tensor]] = field(
-        default_factory=dict, init=False, repr=False, compare=False)
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def bind(self, dtype: torch.dtype, device: torch.device) -> Callable[..., Tensor]:
         """A function of the variables' tensors, positional in ``variables`` order.
@@ -265,8 +293,9 @@ class CompiledExpression:
         return bound
 
 
-def _bind(program: _Node, variables: tuple[str, ...], dtype: torch.dtype,
-          device: torch.device) -> Callable[..., Tensor]:
+def _bind(
+    program: _Node, variables: tuple[str, ...], dtype: torch.dtype, device: torch.device
+) -> Callable[..., Tensor]:
     constants: dict[float, Tensor] = {}
     index = {name: i for i, name in enumerate(variables)}
 
@@ -291,8 +320,9 @@ def _bind(program: _Node, variables: tuple[str, ...], dtype: torch.dtype,
 
     def evaluate(*args: Tensor) -> Tensor:
         if len(args) != n:
-            raise TypeError(f"Expected {n} tensors ({', '.join(variables) or 'none'}), "
-                            f"got {len(args)}")
+            raise TypeError(
+                f"Expected {n} tensors ({', '.join(variables) or 'none'}), got {len(args)}"
+            )
         return root(args)
 
     return evaluate
@@ -302,8 +332,9 @@ def _bind(program: _Node, variables: tuple[str, ...], dtype: torch.dtype,
 
 
 @functools.lru_cache(maxsize=1024)
-def compile_expression(source: str, *, max_length: int = 2000, max_nodes: int = 500,
-                       max_depth: int = 50) -> CompiledExpression:
+def compile_expression(
+    source: str, *, max_length: int = 2000, max_nodes: int = 500, max_depth: int = 50
+) -> CompiledExpression:
     """Parse and validate ``source``; cached on (source, limits).
 
     Raises:
@@ -312,11 +343,13 @@ def compile_expression(source: str, *, max_length: int = 2000, max_nodes: int = 
         InvalidExpression: a syntax error, or a name or construct outside the language.
     """
     if not isinstance(source, str):
-        raise InvalidExpression(f"Expression must be a string, got {type(source).__name__}",
-                                param=_PARAM)
+        raise InvalidExpression(
+            f"Expression must be a string, got {type(source).__name__}", param=_PARAM
+        )
     if len(source) > max_length:
-        raise TooLarge(f"Expression has {len(source)} characters; the limit is {max_length}",
-                       param=_PARAM)
+        raise TooLarge(
+            f"Expression has {len(source)} characters; the limit is {max_length}", param=_PARAM
+        )
     _check_characters(source)
     _check_brackets(source, max_depth)
     tree = _parse(source, max_depth)
@@ -328,15 +361,18 @@ def compile_expression(source: str, *, max_length: int = 2000, max_nodes: int = 
 
 def _check_characters(source: str) -> None:
     if not source.strip():
-        raise InvalidExpression("Expression is empty; expected something like 'sin(x) * y'",
-                                param=_PARAM)
+        raise InvalidExpression(
+            "Expression is empty; expected something like 'sin(x) * y'", param=_PARAM
+        )
     for pos, char in enumerate(source):
         # ASCII only: Python NFKC-normalises identifiers, so a non-ASCII name
         # could turn into a different one (fullwidth 'ｅｘｅｃ' -> 'exec').
         if not (char.isascii() and (char.isprintable() or char in _ALLOWED_CONTROL)):
             raise InvalidExpression(
                 f"Character {char!r} at position {pos} is not allowed; expressions use "
-                "printable ASCII only", param=_PARAM)
+                "printable ASCII only",
+                param=_PARAM,
+            )
 
 
 def _check_brackets(source: str, max_depth: int) -> None:
@@ -348,8 +384,10 @@ def _check_brackets(source: str, max_depth: int) -> None:
         elif char in ")]}":
             level -= 1
     if deepest > max_depth:
-        raise TooLarge(f"Expression nests brackets {deepest} levels deep; the limit is {max_depth}",
-                       param=_PARAM)
+        raise TooLarge(
+            f"Expression nests brackets {deepest} levels deep; the limit is {max_depth}",
+            param=_PARAM,
+        )
 
 
 _parse_lock = threading.Lock()  # catch_warnings swaps global state; don't interleave it
@@ -362,15 +400,22 @@ def _parse(source: str, max_depth: int) -> ast.Expression:
             warnings.simplefilter("ignore")
             return ast.parse(source, mode="eval")
     except (RecursionError, MemoryError):
-        raise TooLarge(f"Expression is nested too deeply to parse; the depth limit is "
-                       f"{max_depth}", param=_PARAM) from None
+        raise TooLarge(
+            f"Expression is nested too deeply to parse; the depth limit is {max_depth}",
+            param=_PARAM,
+        ) from None
     except SyntaxError as exc:
         if "too many nested" in (exc.msg or "") or "too complex" in (exc.msg or ""):
-            raise TooLarge(f"Expression is nested too deeply to parse ({exc.msg}); the depth "
-                           f"limit is {max_depth}", param=_PARAM) from None
+            raise TooLarge(
+                f"Expression is nested too deeply to parse ({exc.msg}); the depth "
+                f"limit is {max_depth}",
+                param=_PARAM,
+            ) from None
         where = f" at column {exc.offset}" if exc.offset else ""
-        raise InvalidExpression(f"Syntax error{where}: {exc.msg}; expected an expression like "
-                                "'sin(x) * y'", param=_PARAM) from None
+        raise InvalidExpression(
+            f"Syntax error{where}: {exc.msg}; expected an expression like 'sin(x) * y'",
+            param=_PARAM,
+        ) from None
     except ValueError as exc:  # e.g. an integer literal over Python's digit limit
         raise InvalidExpression(f"Syntax error: {exc}", param=_PARAM) from None
 
@@ -382,11 +427,15 @@ def _check_size(tree: ast.Expression, max_nodes: int, max_depth: int) -> None:
         node, depth = stack.pop()
         nodes += 1
         deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node)
-                     if not isinstance(child, _IGNORED))
+        stack.extend(
+            (child, depth + 1)
+            for child in ast.iter_child_nodes(node)
+            if not isinstance(child, _IGNORED)
+        )
     if deepest > max_depth:
-        raise TooLarge(f"Expression is nested {deepest} levels deep; the limit is {max_depth}",
-                       param=_PARAM)
+        raise TooLarge(
+            f"Expression is nested {deepest} levels deep; the limit is {max_depth}", param=_PARAM
+        )
     if nodes > max_nodes:
         raise TooLarge(f"Expression has {nodes} nodes; the limit is {max_nodes}", param=_PARAM)
 
@@ -434,22 +483,23 @@ class _Translator:
         if isinstance(value, float):
             return _Const(value)
         kind = {str: "String", bytes: "Bytes", complex: "Complex"}.get(type(value), "This")
-        raise self.fail(f"{kind} literal '{self.text(node)}' is not allowed; only real numbers "
-                        "are")
+        raise self.fail(f"{kind} literal '{self.text(node)}' is not allowed; only real numbers are")
 
     def name(self, node: ast.Name) -> _Node:
         name = node.id
         if name in CONSTANTS:
             return _Const(CONSTANTS[name])
         if name in ALLOWED_FUNCTIONS:
-            raise self.fail(f"Function '{name}' must be called, like "
-                            f"{ALLOWED_FUNCTIONS[name].signature}")
+            raise self.fail(
+                f"Function '{name}' must be called, like {ALLOWED_FUNCTIONS[name].signature}"
+            )
         if name.startswith("_"):
-            raise self.fail(f"Name '{name}' is not allowed; variable names must not start "
-                            "with '_'")
+            raise self.fail(f"Name '{name}' is not allowed; variable names must not start with '_'")
         if name in _BUILTIN_NAMES:
-            raise self.fail(f"Name '{name}' is a Python builtin or keyword and cannot be a "
-                            "variable; choose another name")
+            raise self.fail(
+                f"Name '{name}' is a Python builtin or keyword and cannot be a "
+                "variable; choose another name"
+            )
         self.names.add(name)
         return _Var(name)
 
@@ -457,8 +507,10 @@ class _Translator:
         op = _BINARY_OPS.get(type(node.op))
         if op is None:
             symbol = _OTHER_OPERATORS.get(type(node.op), type(node.op).__name__)
-            raise self.fail(f"Operator '{symbol}' is not allowed; allowed operators: "
-                            f"{' '.join(ALLOWED_OPERATORS)}")
+            raise self.fail(
+                f"Operator '{symbol}' is not allowed; allowed operators: "
+                f"{' '.join(ALLOWED_OPERATORS)}"
+            )
         return _Apply(op[1], (self.visit(node.left), self.visit(node.right)))
 
     def unaryop(self, node: ast.UnaryOp) -> _Node:
@@ -474,28 +526,37 @@ class _Translator:
         if not isinstance(node.func, ast.Name):
             if type(node.func) in _CONSTRUCTS:
                 raise self.construct(node.func)
-            raise self.fail(f"Only a function name can be called, like sin(x); got "
-                            f"'{self.text(node)}'")
+            raise self.fail(
+                f"Only a function name can be called, like sin(x); got '{self.text(node)}'"
+            )
         name = node.func.id
         spec = ALLOWED_FUNCTIONS.get(name)
         if spec is None:
-            raise self.fail(f"Unknown function '{name}'; allowed functions: "
-                            f"{', '.join(sorted(ALLOWED_FUNCTIONS))}")
+            raise self.fail(
+                f"Unknown function '{name}'; allowed functions: "
+                f"{', '.join(sorted(ALLOWED_FUNCTIONS))}"
+            )
         if node.keywords:
             kw = node.keywords[0]
             given = "**" + self.text(kw.value) if kw.arg is None else kw.arg + "="
-            raise self.fail(f"{name}() takes positional arguments only, got '{given}'; the "
-                            f"form is {spec.signature}")
+            raise self.fail(
+                f"{name}() takes positional arguments only, got '{given}'; the "
+                f"form is {spec.signature}"
+            )
         for arg in node.args:
             if isinstance(arg, ast.Starred):
                 raise self.construct(arg)
         low, high = spec.arity
         if not low <= len(node.args) <= high:
-            raise self.fail(f"{name}() takes {_count(low, high)}, got {len(node.args)}; the "
-                            f"form is {spec.signature}")
-        tensors = tuple(self.visit(arg) for arg in node.args[:spec.n_tensors])
-        ints = tuple(self.integer(name, i, arg, spec)
-                     for i, arg in enumerate(node.args[spec.n_tensors:], spec.n_tensors + 1))
+            raise self.fail(
+                f"{name}() takes {_count(low, high)}, got {len(node.args)}; the "
+                f"form is {spec.signature}"
+            )
+        tensors = tuple(self.visit(arg) for arg in node.args[: spec.n_tensors])
+        ints = tuple(
+            self.integer(name, i, arg, spec)
+            for i, arg in enumerate(node.args[spec.n_tensors :], spec.n_tensors + 1)
+        )
         if spec.int_kind == "shape" and ints.count(-1) > 1:
             raise self.fail(f"{name}() allows -1 in at most one shape entry, got {ints.count(-1)}")
         return _Apply(spec.impl, tensors, ints)
@@ -507,15 +568,21 @@ class _Translator:
             sign = -1 if isinstance(node.op, ast.USub) else 1
             literal = node.operand
         if not (isinstance(literal, ast.Constant) and type(literal.value) is int):
-            raise self.fail(f"{name}() argument {position} must be an integer literal such as 0 "
-                            f"or -1, got '{self.text(node)}'; the form is {spec.signature}")
+            raise self.fail(
+                f"{name}() argument {position} must be an integer literal such as 0 "
+                f"or -1, got '{self.text(node)}'; the form is {spec.signature}"
+            )
         value = sign * literal.value
         if spec.int_kind == "dim" and abs(value) > MAX_DIM:
-            raise self.fail(f"{name}() argument {position} is dimension {value}; dimensions "
-                            f"must be within [-{MAX_DIM}, {MAX_DIM}]")
+            raise self.fail(
+                f"{name}() argument {position} is dimension {value}; dimensions "
+                f"must be within [-{MAX_DIM}, {MAX_DIM}]"
+            )
         if spec.int_kind == "shape" and not -1 <= value <= MAX_SHAPE_ENTRY:
-            raise self.fail(f"{name}() argument {position} is shape entry {value}; entries must "
-                            f"be -1 or within [0, {MAX_SHAPE_ENTRY}]")
+            raise self.fail(
+                f"{name}() argument {position} is shape entry {value}; entries must "
+                f"be -1 or within [0, {MAX_SHAPE_ENTRY}]"
+            )
         return value
 
 

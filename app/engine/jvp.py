@@ -43,9 +43,7 @@ def jvp_dual(
         for out in outputs:
             primal, tangent = fwAD.unpack_dual(out)
             primals_out.append(primal.detach())
-            tangents_out.append(
-                torch.zeros_like(primal) if tangent is None else tangent.detach()
-            )
+            tangents_out.append(torch.zeros_like(primal) if tangent is None else tangent.detach())
     return tuple(primals_out), tuple(tangents_out)
 
 
@@ -70,9 +68,13 @@ def jvp_functional(
         with torch.no_grad():
             outputs = f((), {})
         return outputs, tuple(torch.zeros_like(o) for o in outputs)
-    primals = (tuple(inputs[i] for i in which), {k: target.parameters[k] for k in parameter_tangents})
+    primals = (
+        tuple(inputs[i] for i in which),
+        {k: target.parameters[k] for k in parameter_tangents},
+    )
     tangent_tree = (tuple(tangents[i] for i in which), dict(parameter_tangents))
-    outputs, jvps = func_jvp(f, primals, tangent_tree)
+    result = func_jvp(f, primals, tangent_tree)
+    outputs, jvps = result[0], result[1]
     return tuple(o.detach() for o in outputs), tuple(t.detach() for t in jvps)
 
 

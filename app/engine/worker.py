@@ -80,10 +80,13 @@ def compute(task: JVPTask) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor
     """Run one task on its device (worker thread only) and bring the results to the host."""
     try:
         target = task.target.materialize(task.dtype, task.device)
-        cast = {"device": task.device, "dtype": task.dtype}
-        inputs = tuple(x.to(**cast) for x in task.inputs)
-        tangents = tuple(None if t is None else t.to(**cast) for t in task.tangents)
-        param_tangents = {k: t.to(**cast) for k, t in task.parameter_tangents.items()}
+
+        def move(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device=task.device, dtype=task.dtype)
+
+        inputs = tuple(move(x) for x in task.inputs)
+        tangents = tuple(None if t is None else move(t) for t in task.tangents)
+        param_tangents = {k: move(t) for k, t in task.parameter_tangents.items()}
         outputs, jvps = ENGINES[task.engine](target, inputs, tangents, param_tangents)
         return tuple(o.cpu() for o in outputs), tuple(j.cpu() for j in jvps)
     except EngineError:
@@ -101,8 +104,8 @@ def compute(task: JVPTask) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor
         match = _NO_FORWARD_AD.search(str(e))
         if match:
             raise ForwardADUnsupported(
-                f"Operator {match.group(1)} has no forward-AD formula in PyTorch {torch.__version__}",
-                param=None,
+                f"Operator {match.group(1)} has no forward-AD formula "
+                f"in PyTorch {torch.__version__}",
             ) from None
         if isinstance(e, NotImplementedError):
             raise ForwardADUnsupported(f"Not supported under forward AD: {e}") from None
@@ -174,7 +177,9 @@ class DeviceWorker:
                 continue  # the caller gave up (deadline or disconnect) before it ran
             started = time.monotonic()
             if item.deadline is not None and started > item.deadline:
-                item.future.set_exception(DeadlineExceeded("The request passed its deadline in the queue"))
+                item.future.set_exception(
+                    DeadlineExceeded("The request passed its deadline in the queue")
+                )
                 continue
             try:
                 outputs, jvps = compute(item.task)
@@ -226,7 +231,9 @@ class Engine:
             raise Overloaded("The engine is not ready yet; retry shortly", retry_after_s=1)
         return self.workers[task.device].submit(task, priority=priority, deadline=deadline)
 
-    async def run(self, task: JVPTask, *, timeout_s: float, priority: int = INTERACTIVE) -> JVPResult:
+    async def run(
+        self, task: JVPTask, *, timeout_s: float, priority: int = INTERACTIVE
+    ) -> JVPResult:
         """Queue a task and await its result, giving up at the deadline (504)."""
         future = self.submit(task, priority=priority, deadline=time.monotonic() + timeout_s)
         try:

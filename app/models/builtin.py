@@ -23,7 +23,9 @@ def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
     return module.eval()
 
 
-def _served(name: str, description: str, module: nn.Module, inputs: list[TensorSpec]) -> ServedModel:
+def _served(
+    name: str, description: str, module: nn.Module, inputs: list[TensorSpec]
+) -> ServedModel:
     return ServedModel(
         name=name,
         description=description,

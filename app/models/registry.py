@@ -43,7 +43,9 @@ class ServedModel:
             "name": self.name,
             "description": self.description,
             "source": self.source,
-            "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in self.inputs],
+            "inputs": [
+                {"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in self.inputs
+            ],
             "outputs": self.outputs,
             "parameters": [
                 {"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in self.parameters
@@ -84,7 +86,9 @@ def module_target(key: str, module: nn.Module, inputs: list[TensorSpec], outputs
         params = {k: v.detach() for k, v in moved.named_parameters()}
         buffers = {k: v.detach() for k, v in moved.named_buffers()}
 
-        def fn(args: tuple[torch.Tensor, ...], state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        def fn(
+            args: tuple[torch.Tensor, ...], state: dict[str, torch.Tensor]
+        ) -> tuple[torch.Tensor, ...]:
             out = functional_call(moved, state, args)
             return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 

@@ -6,7 +6,6 @@ model; nothing is unpickled from a client, and nothing is fetched from a URL.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -60,7 +59,7 @@ def load_model(path: Path) -> ServedModel:
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     input_names = list(signature.user_inputs)
     try:
-        arg_names = list(ep.module_call_graph[0].signature.forward_arg_names)  # type: ignore[union-attr]
+        arg_names = list(ep.module_call_graph[0].signature.forward_arg_names)
     except (AttributeError, IndexError, TypeError):
         arg_names = input_names
     if len(arg_names) != len(input_names):

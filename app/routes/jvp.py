@@ -11,10 +11,7 @@ from app.service import JVPService
 
 router = APIRouter(tags=["jvp"])
 
-ERRORS = {
-    code: {"model": ErrorBody}
-    for code in (400, 401, 404, 413, 422, 501, 503, 504, 507)
-}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 501, 503, 504, 507)}
 
 
 @router.post("/jvp", response_model=JVPResponse, responses=ERRORS)  # type: ignore[arg-type]

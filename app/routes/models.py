@@ -23,8 +23,10 @@ async def read_models(request: Request, _: KeyDep) -> dict[str, object]:
 
 
 @router.get(
-    "/{name}", response_model=ModelInfo, responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}}
+    "/{name}",
+    response_model=ModelInfo,
+    responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}},
 )
 async def read_model(name: str, request: Request, _: KeyDep) -> dict[str, object]:
-    """One model's signature: inputs (-1 marks a size that may vary), outputs, parameters, buffers."""
+    """One model: inputs (-1 marks a size that may vary), outputs, parameters, buffers."""
     return _registry(request).get(name).info()

@@ -21,7 +21,8 @@ from app.engine.expressions import ALLOWED_FUNCTIONS, ALLOWED_OPERATORS, compile
 
 # torch's forward AD loads its jvp decompositions through the deprecated torch.jit.script.
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -37,8 +38,10 @@ class Case:
 
     def inputs(self, salt: str = "") -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(zlib.crc32((self.source + salt).encode()))
-        return {name: low + (high - low) * torch.rand(shape, dtype=F64, generator=generator)
-                for name, (shape, low, high) in sorted(self.domains.items())}
+        return {
+            name: low + (high - low) * torch.rand(shape, dtype=F64, generator=generator)
+            for name, (shape, low, high) in sorted(self.domains.items())
+        }
 
 
 def _x(low: float = -3.0, high: float = 3.0, shape: tuple[int, ...] = (5,)):
@@ -79,8 +82,11 @@ CASES = [
     Case("pow(a, b)", lambda a, b: torch.pow(a, b), {"a": ((5,), 0.2, 3), "b": ((5,), -2, 2)}),
     Case("minimum(a, b)", lambda a, b: torch.minimum(a, b), {"a": AB, "b": AB}),
     Case("maximum(a, b)", lambda a, b: torch.maximum(a, b), {"a": AB, "b": AB}),
-    Case("clamp(x, lo, hi)", lambda x, lo, hi: torch.clamp(x, lo, hi),
-         {"x": ((8,), -2, 2), "lo": ((8,), -1.5, -0.5), "hi": ((8,), 0.5, 1.5)}),
+    Case(
+        "clamp(x, lo, hi)",
+        lambda x, lo, hi: torch.clamp(x, lo, hi),
+        {"x": ((8,), -2, 2), "lo": ((8,), -1.5, -0.5), "hi": ((8,), 0.5, 1.5)},
+    ),
     Case("sum(x)", lambda x: x.sum(), _x(shape=M)),
     Case("sum(x, 1)", lambda x: x.sum(dim=1), _x(shape=M)),
     Case("mean(x)", lambda x: x.mean(), _x(shape=M)),
@@ -107,9 +113,11 @@ CASES = [
     Case("+x * 2", lambda x: x * 2, _x()),
     Case("x ** 2 + 3 * x - 0.5", lambda x: x * x + 3 * x - 0.5, _x()),
     Case("pi * x + e", lambda x: math.pi * x + math.e, _x()),
-    Case("sin(x) * exp(-y) / (1 + z ** 2)",
-         lambda x, y, z: torch.sin(x) * torch.exp(-y) / (1 + z * z),
-         {"x": ((5,), -2, 2), "y": ((5,), -2, 2), "z": ((5,), -2, 2)}),
+    Case(
+        "sin(x) * exp(-y) / (1 + z ** 2)",
+        lambda x, y, z: torch.sin(x) * torch.exp(-y) / (1 + z * z),
+        {"x": ((5,), -2, 2), "y": ((5,), -2, 2), "z": ((5,), -2, 2)},
+    ),
 ]
 
 
@@ -117,8 +125,14 @@ def _case_id(case: Case) -> str:
     return case.source
 
 
-def _bound(case: Case) -> tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...],
-                                 tuple[torch.Tensor, ...], Callable[..., torch.Tensor]]:
+def _bound(
+    case: Case,
+) -> tuple[
+    Callable[..., torch.Tensor],
+    tuple[torch.Tensor, ...],
+    tuple[torch.Tensor, ...],
+    Callable[..., torch.Tensor],
+]:
     """(our function, primals, tangents, the reference as a positional function)."""
     compiled = compile_expression(case.source)
     primals, tangents = case.inputs("primal"), case.inputs("tangent")
@@ -127,8 +141,12 @@ def _bound(case: Case) -> tuple[Callable[..., torch.Tensor], tuple[torch.Tensor,
     def reference(*args: torch.Tensor) -> torch.Tensor:
         return case.reference(**dict(zip(compiled.variables, args, strict=True)))
 
-    return (compiled.bind(F64, CPU), tuple(primals.values()),
-            tuple(t - t.mean() for t in tangents.values()), reference)
+    return (
+        compiled.bind(F64, CPU),
+        tuple(primals.values()),
+        tuple(t - t.mean() for t in tangents.values()),
+        reference,
+    )
 
 
 def test_cover_every_allowed_function_and_operator():
@@ -168,9 +186,16 @@ def test_jvp_matches_finite_differences(case):
     torch.testing.assert_close(tangent, (ahead - behind) / (2 * step), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("source", ["sin(x) * y", "softplus(x) + logsumexp(x * y, -1)",
-                                    "sum(reshape(x, -1, 2), 0) * 2", "transpose(x, 0, 1) @ y",
-                                    "norm(x) + 9 ** 9 ** 9 * 0 + pi"])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "sin(x) * y",
+        "softplus(x) + logsumexp(x * y, -1)",
+        "sum(reshape(x, -1, 2), 0) * 2",
+        "transpose(x, 0, 1) @ y",
+        "norm(x) + 9 ** 9 ** 9 * 0 + pi",
+    ],
+)
 def test_vmap_jvp_matches_loop(source):
     compiled = compile_expression(source)
     fn = compiled.bind(F64, CPU)
@@ -185,13 +210,17 @@ def test_vmap_jvp_matches_loop(source):
     batched = vmap(one)(*primals, *tangents)
     looped = [one(*(a[i] for a in primals + tangents)) for i in range(5)]
     for k in range(2):
-        torch.testing.assert_close(batched[k], torch.stack([r[k] for r in looped]),
-                                   rtol=1e-12, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(
+            batched[k], torch.stack([r[k] for r in looped]), rtol=1e-12, atol=1e-12, equal_nan=True
+        )
 
 
 def test_compile_expression_sorts_variables():
     assert compile_expression("zeta * alpha + sin(mid) + alpha").variables == (
-        "alpha", "mid", "zeta")
+        "alpha",
+        "mid",
+        "zeta",
+    )
 
 
 def test_compile_expression_caches():
@@ -303,8 +332,9 @@ REJECTED = [
 ]
 
 
-@pytest.mark.parametrize(("source", "error", "message"), REJECTED,
-                         ids=[row[0][:40] for row in REJECTED])
+@pytest.mark.parametrize(
+    ("source", "error", "message"), REJECTED, ids=[row[0][:40] for row in REJECTED]
+)
 def test_compile_expression_rejects(source, error, message):
     with pytest.raises(error) as info:
         compile_expression(source)
@@ -324,20 +354,30 @@ def test_compile_expression_rejects_too_many_nodes():
     assert compile_expression(source, max_nodes=600).variables == ("x",)
 
 
-@pytest.mark.parametrize(("source", "message"), [
-    ("-" * 10000 + "x", "nested"),
-    ("x + " * 5000 + "x", "nested"),
-    ("(" * 5000 + "x" + ")" * 5000, "nests brackets 5000 levels deep"),
-    ("sin(" * 5000 + "x" + ")" * 5000, "nests brackets 5000 levels deep"),
-], ids=["unary", "binary", "parentheses", "calls"])
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("-" * 10000 + "x", "nested"),
+        ("x + " * 5000 + "x", "nested"),
+        ("(" * 5000 + "x" + ")" * 5000, "nests brackets 5000 levels deep"),
+        ("sin(" * 5000 + "x" + ")" * 5000, "nests brackets 5000 levels deep"),
+    ],
+    ids=["unary", "binary", "parentheses", "calls"],
+)
 def test_compile_expression_rejects_deep_nesting_without_recursion_error(source, message):
     with pytest.raises(TooLarge, match=message):
         compile_expression(source, max_length=10**6, max_nodes=10**6)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("xy01.e+-*/%@()[]{},:'_ !<=~^&|\x00\n\tjsinmupqr"
-                                              "\u00e9\uff45")), max_size=60))
+@given(
+    st.text(
+        alphabet=st.sampled_from(
+            list("xy01.e+-*/%@()[]{},:'_ !<=~^&|\x00\n\tjsinmupqr\u00e9\uff45")
+        ),
+        max_size=60,
+    )
+)
 def test_compile_expression_raises_only_engine_errors(source):
     try:
         compiled = compile_expression(source)

@@ -14,7 +14,8 @@ from app.engine.functions import LogSumExp, Softplus, logsumexp, softplus
 
 # torch's forward AD loads its jvp decompositions through the deprecated torch.jit.script.
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
 
 F64 = torch.float64
 
@@ -33,15 +34,24 @@ def _random(*shape: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "fn",
-    [Softplus.apply, lambda x: LogSumExp.apply(x, 1), lambda x: LogSumExp.apply(x, -1),
-     lambda x: LogSumExp.apply(x, 0)],
+    [
+        Softplus.apply,
+        lambda x: LogSumExp.apply(x, 1),
+        lambda x: LogSumExp.apply(x, -1),
+        lambda x: LogSumExp.apply(x, 0),
+    ],
     ids=["softplus", "logsumexp-dim1", "logsumexp-dim-1", "logsumexp-dim0"],
 )
 def test_gradcheck_custom_function(fn):
     x = _random(3, 4).requires_grad_()
     assert torch.autograd.gradcheck(
-        fn, (x,), check_forward_ad=True, check_backward_ad=True, check_batched_grad=True,
-        check_batched_forward_grad=True)
+        fn,
+        (x,),
+        check_forward_ad=True,
+        check_backward_ad=True,
+        check_batched_grad=True,
+        check_batched_forward_grad=True,
+    )
     assert torch.autograd.gradgradcheck(fn, (x,))
 
 
@@ -57,8 +67,12 @@ def test_softplus_matches_torch_below_threshold():
     ours, theirs = jvp(softplus, (x,), (t,)), jvp(F.softplus, (x,), (t,))
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
-    torch.testing.assert_close(grad(lambda v: softplus(v).sum())(x),
-                               grad(lambda v: F.softplus(v).sum())(x), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(
+        grad(lambda v: softplus(v).sum())(x),
+        grad(lambda v: F.softplus(v).sum())(x),
+        rtol=1e-14,
+        atol=1e-15,
+    )
 
 
 def test_softplus_differs_from_torch_threshold_at_30():
@@ -123,7 +137,8 @@ def test_logsumexp_matches_torch_on_finite_and_partly_masked_rows():
 
 
 @pytest.mark.parametrize(
-    "fn", [softplus, lambda x: logsumexp(x, -1)], ids=["softplus", "logsumexp"])
+    "fn", [softplus, lambda x: logsumexp(x, -1)], ids=["softplus", "logsumexp"]
+)
 def test_vmap_jvp_custom_function_matches_loop(fn):
     xs, ts = _masked_rows(), _random(3, 4, seed=3)
     batched = vmap(lambda x, t: jvp(fn, (x,), (t,)))(xs, ts)
@@ -132,8 +147,7 @@ def test_vmap_jvp_custom_function_matches_loop(fn):
         torch.testing.assert_close(part, torch.stack([r[i] for r in looped]), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    "fn", [softplus, lambda x: logsumexp(x, 0)], ids=["softplus", "logsumexp"])
+@pytest.mark.parametrize("fn", [softplus, lambda x: logsumexp(x, 0)], ids=["softplus", "logsumexp"])
 def test_dual_tensor_jvp_custom_function_matches_func_jvp(fn):
     x, t = _random(4, 3, seed=4), _random(4, 3, seed=5)
     expected = jvp(fn, (x,), (t,))
