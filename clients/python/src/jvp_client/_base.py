@@ -1,0 +1,530 @@
+"""What the sync and async clients share: configuration, request bodies, retry policy, parsing.
+
+Nothing here performs I/O; :mod:`jvp_client._client` sends the requests.
+
+# NOTE [retries]
+A request is retried, up to ``max_retries`` times, after a connection error or
+timeout and after a 408, 429, 503 or any other 5xx except 501 (the operator has
+no forward-AD formula: retrying cannot help) and 507 (out of device memory: the
+same request would most likely run out again). Every request the client sends
+is safe to repeat: GETs and DELETEs, ``POST /jvp`` (a pure computation) and
+``POST /jobs``, which carries one ``Idempotency-Key`` for all its attempts so a
+retried submission returns the job already made. The delay is the response's
+``Retry-After`` (seconds or an HTTP date) when there is one, capped at
+``MAX_RETRY_AFTER_S``; otherwise an exponential backoff from
+``INITIAL_RETRY_DELAY_S`` doubling up to ``MAX_RETRY_DELAY_S``, less up to 25%
+jitter so clients that failed together do not retry together.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+
+from ._exceptions import APIResponseValidationError
+from ._tensors import (
+    B64_MIN_ELEMENTS,
+    decode_tensors,
+    encode_tensor_map,
+    infer_dtype,
+    is_torch_tensor,
+    normalize_dtype,
+)
+from ._types import JobInfo, JobResultsPage, JobTaskError, JobTaskResult, JVPResult, ModelInfo
+from ._version import __version__
+
+__all__ = [
+    "B64_MIN_ELEMENTS",
+    "DEFAULT_BASE_URL",
+    "DEFAULT_MAX_RETRIES",
+    "DEFAULT_TIMEOUT",
+    "NOT_GIVEN",
+    "BaseClient",
+    "Encoding",
+    "OutputKind",
+    "TimeoutTypes",
+    "job_path",
+    "model_path",
+]
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+DEFAULT_MAX_RETRIES = 2
+INITIAL_RETRY_DELAY_S = 0.5
+MAX_RETRY_DELAY_S = 8.0
+MAX_RETRY_AFTER_S = 60.0
+
+TimeoutTypes = float | httpx.Timeout | None
+Encoding = Literal["auto", "json", "b64"]
+_RETRY_STATUSES = frozenset({408, 429})
+_NO_RETRY_STATUSES = frozenset({501, 507})
+
+
+class _NotGiven:
+    """Marks an argument left out, where None means something (``timeout=None``: no timeout)."""
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN: Any = _NotGiven()
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """How decoded tensors are returned: torch tensors (on ``device``) or numpy arrays."""
+
+    as_torch: bool = False
+    device: Any = None
+
+    @classmethod
+    def of(cls, *maps: Mapping[str, object] | None) -> OutputKind:
+        """torch output on the first torch input's device when any input is a torch tensor."""
+        for values in maps:
+            for value in (values or {}).values():
+                if is_torch_tensor(value):
+                    return cls(as_torch=True, device=value.device)  # type: ignore[attr-defined]
+        return cls()
+
+
+class BaseClient:
+    """Configuration and request logic shared by :class:`JVPClient` and :class:`AsyncJVPClient`."""
+
+    base_url: httpx.URL
+    api_key: str | None
+    timeout: TimeoutTypes
+    max_retries: int
+
+    def __init__(
+        self,
+        *,
+        base_url: str | httpx.URL | None,
+        api_key: str | None,
+        timeout: TimeoutTypes | _NotGiven,
+        max_retries: int,
+        b64_min_elements: int,
+    ) -> None:
+        if base_url is None:
+            base_url = os.environ.get("JVP_BASE_URL") or DEFAULT_BASE_URL
+        if api_key is None:
+            api_key = os.environ.get("JVP_API_KEY") or None
+        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+            raise ValueError(f"max_retries: expected an int >= 0, got {max_retries!r}")
+        if not isinstance(b64_min_elements, int) or b64_min_elements < 0:
+            raise ValueError(f"b64_min_elements: expected an int >= 0, got {b64_min_elements!r}")
+        url = httpx.URL(str(base_url))
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"base_url: expected an http(s) URL, got {str(base_url)!r}")
+        # A trailing slash so relative paths join below any prefix (http://host/api/ + jvp).
+        self.base_url = url.copy_with(path=url.path.rstrip("/") + "/")
+        self.api_key = api_key
+        self.timeout = DEFAULT_TIMEOUT if isinstance(timeout, _NotGiven) else timeout
+        self.max_retries = max_retries
+        self.b64_min_elements = b64_min_elements
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={str(self.base_url)!r})"
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _url(self, path: str) -> httpx.URL:
+        return self.base_url.join(path.lstrip("/"))
+
+    def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": f"jvp-client/{__version__}"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        if extra:
+            headers.update(extra)
+        return headers
+
+    def _request_parts(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: TimeoutTypes | _NotGiven = NOT_GIVEN,
+    ) -> dict[str, Any]:
+        """Keyword arguments for ``http_client.build_request`` (sync and async alike)."""
+        all_headers = self._headers(headers)
+        content: bytes | None = None
+        if json_body is not None:
+            # allow_nan=False: JSON has no NaN; tensors spell it "NaN" (see _tensors.py).
+            content = json.dumps(json_body, allow_nan=False, separators=(",", ":")).encode()
+            all_headers["Content-Type"] = "application/json"
+        return {
+            "method": method,
+            "url": self._url(path),
+            "content": content,
+            "params": params,
+            "headers": all_headers,
+            "timeout": self.timeout if isinstance(timeout, _NotGiven) else timeout,
+        }
+
+    @staticmethod
+    def _should_retry(response: httpx.Response) -> bool:
+        """See NOTE [retries]."""
+        code = response.status_code
+        if code in _NO_RETRY_STATUSES:
+            return False
+        return code in _RETRY_STATUSES or code >= 500
+
+    @staticmethod
+    def _retry_after_s(response: httpx.Response | None) -> float | None:
+        """The delay a response asks for (``Retry-After``/``Retry-After-Ms``), or None."""
+        if response is None:
+            return None
+        ms = response.headers.get("retry-after-ms")
+        if ms is not None:
+            try:
+                return max(0.0, float(ms) / 1000.0)
+            except ValueError:
+                pass
+        value = response.headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError, IndexError):
+                return None
+            seconds = when.timestamp() - time.time()
+        if math.isnan(seconds):
+            return None
+        return max(0.0, seconds)
+
+    def _retry_delay_s(self, retries_taken: int, response: httpx.Response | None) -> float:
+        """How long to wait before retry number ``retries_taken + 1``; see NOTE [retries]."""
+        retry_after = self._retry_after_s(response)
+        if retry_after is not None:
+            return min(retry_after, MAX_RETRY_AFTER_S)
+        delay = min(INITIAL_RETRY_DELAY_S * 2.0**retries_taken, MAX_RETRY_DELAY_S)
+        return delay * (1.0 - 0.25 * random.random())
+
+    @staticmethod
+    def _json(response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise APIResponseValidationError(
+                f"Expected a JSON body from {response.request.method} {response.request.url.path},"
+                f" got {response.text[:200]!r}",
+                response=response,
+            ) from exc
+
+    # -- bodies ---------------------------------------------------------------------------
+
+    def _options(
+        self,
+        *,
+        dtype: str | None,
+        device: str | None,
+        engine: str | None,
+        fallback: str | None,
+        encoding: str | None,
+        extra: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        options: dict[str, Any] = dict(extra or {})
+        for key, value in (
+            ("dtype", dtype),
+            ("device", device),
+            ("engine", engine),
+            ("fallback", fallback),
+            ("encoding", encoding),
+        ):
+            if value is not None:
+                options[key] = value
+        return options
+
+    def _jvp_body(
+        self,
+        *,
+        expression: str | None,
+        model: str | None,
+        primals: Mapping[str, object],
+        tangents: Mapping[str, object] | None,
+        parameter_tangents: Mapping[str, object] | None,
+        dtype: object,
+        device: str | None,
+        engine: str | None,
+        fallback: str | None,
+        encoding: Encoding,
+        options: Mapping[str, Any] | None,
+    ) -> tuple[dict[str, Any], OutputKind]:
+        """The ``POST /jvp`` body, validated; and how to return its tensors."""
+        body = _target(expression, model, where="jvp()")
+        if not isinstance(primals, Mapping):
+            raise TypeError(
+                f"jvp(): expected primals to be a mapping of input names to tensors, "
+                f"got {type(primals).__name__}"
+            )
+        if parameter_tangents is not None and model is None:
+            raise ValueError("jvp(): parameter_tangents= is for models only (pass model=)")
+        if encoding not in ("auto", "json", "b64"):
+            raise ValueError(f"jvp(): expected encoding 'auto', 'json' or 'b64', got {encoding!r}")
+        wire_dtype = normalize_dtype(dtype)
+        if wire_dtype is None:
+            wire_dtype = infer_dtype(primals.values())
+        any_b64 = False
+        for key, values in (
+            ("primals", primals),
+            ("tangents", tangents),
+            ("parameter_tangents", parameter_tangents),
+        ):
+            wire, used = encode_tensor_map(
+                values, what=key, dtype=wire_dtype, b64_min_elements=self.b64_min_elements
+            )
+            if wire is not None:
+                body[key] = wire
+            any_b64 = any_b64 or used
+        wire_encoding = _response_encoding(encoding, any_b64)
+        opts = self._options(
+            dtype=wire_dtype, device=device, engine=engine, fallback=fallback,
+            encoding=wire_encoding, extra=options,
+        )
+        if opts:
+            body["options"] = opts
+        return body, OutputKind.of(primals, tangents, parameter_tangents)
+
+    def _job_body(
+        self,
+        tasks: Iterable[Mapping[str, Any]],
+        *,
+        expression: str | None,
+        model: str | None,
+        dtype: object,
+        device: str | None,
+        engine: str | None,
+        fallback: str | None,
+        encoding: Encoding,
+        options: Mapping[str, Any] | None,
+    ) -> tuple[dict[str, Any], OutputKind]:
+        """The ``POST /jobs`` body: job-wide defaults and tasks that may override them."""
+        if isinstance(tasks, (str, bytes, Mapping)) or not isinstance(tasks, Iterable):
+            raise TypeError(
+                "submit_job(): expected tasks to be a list of task mappings, "
+                f"got {type(tasks).__name__}"
+            )
+        task_list = list(tasks)
+        if not task_list:
+            raise ValueError("submit_job(): expected at least one task, got none")
+        if expression is not None and model is not None:
+            raise TypeError("submit_job(): pass at most one of expression= or model=")
+        if encoding not in ("auto", "json", "b64"):
+            raise ValueError(
+                f"submit_job(): expected encoding 'auto', 'json' or 'b64', got {encoding!r}"
+            )
+        wire_dtype = normalize_dtype(dtype)
+        if wire_dtype is None:
+            wire_dtype = infer_dtype(
+                v for task in task_list if isinstance(task, Mapping)
+                for v in (task.get("primals") or {}).values()
+            )
+        body: dict[str, Any] = {}
+        if expression is not None:
+            body["expression"] = expression
+        if model is not None:
+            body["model"] = model
+        any_b64 = False
+        kinds: list[OutputKind] = []
+        wire_tasks = []
+        for i, task in enumerate(task_list):
+            where = f"submit_job(): tasks[{i}]"
+            if not isinstance(task, Mapping):
+                raise TypeError(f"{where}: expected a mapping, got {type(task).__name__}")
+            if "expression" in task and "model" in task:
+                raise TypeError(f"{where}: pass at most one of 'expression' or 'model'")
+            if "expression" not in task and "model" not in task and not body:
+                raise ValueError(f"{where}: no expression or model (set one job-wide or per task)")
+            if not isinstance(task.get("primals"), Mapping):
+                raise TypeError(f"{where}: expected 'primals' to be a mapping of names to tensors")
+            task_options = task.get("options") or {}
+            task_dtype = normalize_dtype(task_options.get("dtype")) or wire_dtype
+            wire_task = dict(task)
+            for key in ("primals", "tangents", "parameter_tangents"):
+                wire, used = encode_tensor_map(
+                    task.get(key), what=f"{where}.{key}", dtype=task_dtype,
+                    b64_min_elements=self.b64_min_elements,
+                )
+                if wire is not None:
+                    wire_task[key] = wire
+                any_b64 = any_b64 or used
+            wire_tasks.append(wire_task)
+            kinds.append(OutputKind.of(task.get("primals"), task.get("tangents")))
+        body["tasks"] = wire_tasks
+        opts = self._options(
+            dtype=wire_dtype, device=device, engine=engine, fallback=fallback,
+            encoding=_response_encoding(encoding, any_b64), extra=options,
+        )
+        if opts:
+            body["options"] = opts
+        kind = next((k for k in kinds if k.as_torch), OutputKind())
+        return body, kind
+
+    # -- parsing --------------------------------------------------------------------------
+
+    def _parse_jvp(self, response: httpx.Response, kind: OutputKind) -> JVPResult:
+        body = self._json(response)
+        try:
+            output = decode_tensors(body["output"], as_torch=kind.as_torch, device=kind.device)
+            jvp = decode_tensors(body["jvp"], as_torch=kind.as_torch, device=kind.device)
+            timing = {str(k): float(v) for k, v in (body.get("timing_ms") or {}).items()}
+            return JVPResult(
+                output=output,
+                jvp=jvp,
+                dtype=str(body.get("dtype", "")),
+                device=str(body.get("device", "")),
+                engine=body.get("engine"),
+                method=body.get("method"),
+                timing_ms=timing,
+                check=body.get("check"),
+                raw=body,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise APIResponseValidationError(
+                f"Unexpected /jvp response: {exc}", response=response, body=body
+            ) from exc
+
+    def _parse_models(self, response: httpx.Response) -> list[ModelInfo]:
+        body = self._json(response)
+        try:
+            items = body["models"] if isinstance(body, dict) else body
+            return [ModelInfo.from_json(item) for item in items]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise APIResponseValidationError(
+                f"Unexpected /models response: {exc}", response=response, body=body
+            ) from exc
+
+    def _parse_model(self, response: httpx.Response) -> ModelInfo:
+        body = self._json(response)
+        try:
+            return ModelInfo.from_json(body)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise APIResponseValidationError(
+                f"Unexpected model response: {exc}", response=response, body=body
+            ) from exc
+
+    def _parse_model_if_any(self, response: httpx.Response) -> ModelInfo | None:
+        """The ModelInfo in a response body, or None when there is none (204, a status body)."""
+        try:
+            body = response.json()
+        except ValueError:
+            return None
+        if isinstance(body, dict) and "name" in body and "inputs" in body:
+            return self._parse_model(response)
+        return None
+
+    def _parse_job(self, response: httpx.Response) -> JobInfo:
+        body = self._json(response)
+        try:
+            return JobInfo.from_json(body)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise APIResponseValidationError(
+                f"Unexpected job response: {exc}", response=response, body=body
+            ) from exc
+
+    def _parse_job_if_any(self, response: httpx.Response) -> JobInfo | None:
+        """The Job in a response body, or None when the body is empty or not a Job (204)."""
+        try:
+            body = response.json()
+        except ValueError:
+            return None
+        if isinstance(body, dict) and "id" in body and "status" in body:
+            return self._parse_job(response)
+        return None
+
+    def _parse_jobs(self, response: httpx.Response) -> list[JobInfo]:
+        body = self._json(response)
+        try:
+            items = body["jobs"] if isinstance(body, dict) else body
+            return [JobInfo.from_json(item) for item in items]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise APIResponseValidationError(
+                f"Unexpected /jobs response: {exc}", response=response, body=body
+            ) from exc
+
+    def _parse_results_page(self, response: httpx.Response, kind: OutputKind) -> JobResultsPage:
+        body = self._json(response)
+        try:
+            results = []
+            for item in body["results"]:
+                err = item.get("error")
+                if err is not None:
+                    if isinstance(err, Mapping):
+                        error = JobTaskError(
+                            type=err.get("type"), message=str(err.get("message", "")),
+                            param=err.get("param"),
+                        )
+                    else:
+                        error = JobTaskError(type=None, message=str(err))
+                    results.append(JobTaskResult(index=int(item["index"]), error=error))
+                    continue
+                results.append(
+                    JobTaskResult(
+                        index=int(item["index"]),
+                        output=decode_tensors(
+                            item["output"], as_torch=kind.as_torch, device=kind.device
+                        ),
+                        jvp=decode_tensors(item["jvp"], as_torch=kind.as_torch, device=kind.device),
+                    )
+                )
+            next_offset = body.get("next_offset")
+            return JobResultsPage(
+                results=results, next_offset=None if next_offset is None else int(next_offset)
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise APIResponseValidationError(
+                f"Unexpected job results response: {exc}", response=response, body=body
+            ) from exc
+
+
+def _target(expression: str | None, model: str | None, *, where: str) -> dict[str, Any]:
+    if (expression is None) == (model is None):
+        raise TypeError(f"{where}: pass exactly one of expression= or model=")
+    if expression is not None:
+        if not isinstance(expression, str):
+            raise TypeError(
+                f"{where}: expected expression to be a str, got {type(expression).__name__}"
+            )
+        return {"expression": expression}
+    if not isinstance(model, str):
+        raise TypeError(f"{where}: expected model to be a str, got {type(model).__name__}")
+    return {"model": model}
+
+
+def _response_encoding(encoding: Encoding, any_b64: bool) -> str | None:
+    """The ``options.encoding`` to ask for: b64 answers when b64 went out.
+
+    See NOTE [wire form choice] in ``_tensors.py``.
+    """
+    if encoding == "auto":
+        return "b64" if any_b64 else None
+    return encoding
+
+
+def job_path(job_id: str) -> str:
+    if not isinstance(job_id, str) or not job_id or "/" in job_id:
+        raise ValueError(f"expected a job id, got {job_id!r}")
+    return f"jobs/{job_id}"
+
+
+def model_path(name: str) -> str:
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"expected a model name, got {name!r}")
+    return f"models/{name}"
+
+

@@ -1,0 +1,168 @@
+"""Result types: plain dataclasses built from the service's JSON (API.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._tensors import Array
+
+__all__ = [
+    "BufferSpec",
+    "HealthStatus",
+    "JVPResult",
+    "JobInfo",
+    "JobResultsPage",
+    "JobTaskError",
+    "JobTaskResult",
+    "ModelInfo",
+    "TensorSpec",
+]
+
+#: Job statuses after which nothing changes any more.
+FINISHED_STATUSES = frozenset({"completed", "cancelled", "failed"})
+
+
+@dataclass(frozen=True)
+class JVPResult:
+    """The answer of ``POST /jvp``.
+
+    ``output`` and ``jvp`` are arrays (numpy, or torch when torch tensors went
+    in), or lists of arrays when the function returns several tensors.
+    """
+
+    output: Array | list[Array]
+    jvp: Array | list[Array]
+    dtype: str
+    device: str
+    engine: str | None
+    method: str | None
+    timing_ms: dict[str, float]
+    check: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An input or parameter of a model; a dimension that may vary is ``-1``."""
+
+    name: str
+    shape: list[int]
+    dtype: str | None = None
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> TensorSpec:
+        return cls(name=str(obj["name"]), shape=[int(n) for n in obj.get("shape", [])],
+                   dtype=obj.get("dtype"))
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    """A buffer of a model (not differentiated)."""
+
+    name: str
+    shape: list[int]
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> BufferSpec:
+        return cls(name=str(obj["name"]), shape=[int(n) for n in obj.get("shape", [])])
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """``GET /models/{name}``."""
+
+    name: str
+    description: str
+    source: str
+    inputs: list[TensorSpec]
+    outputs: int
+    parameters: list[TensorSpec]
+    buffers: list[BufferSpec]
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> ModelInfo:
+        return cls(
+            name=str(obj["name"]),
+            description=str(obj.get("description") or ""),
+            source=str(obj.get("source") or ""),
+            inputs=[TensorSpec.from_json(i) for i in obj.get("inputs", [])],
+            outputs=int(obj.get("outputs", 1)),
+            parameters=[TensorSpec.from_json(p) for p in obj.get("parameters", [])],
+            buffers=[BufferSpec.from_json(b) for b in obj.get("buffers", [])],
+            raw=dict(obj),
+        )
+
+
+@dataclass(frozen=True)
+class HealthStatus:
+    """``GET /healthz`` (live) and ``GET /readyz`` (ready)."""
+
+    live: bool
+    ready: bool
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A batch job's state: ``done`` counts ended tasks, ``failed`` those that ended in error."""
+
+    id: str
+    status: str
+    total: int
+    done: int
+    failed: int
+    created_at: str | None = None
+    updated_at: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the job reached a final status (completed or cancelled)."""
+        return self.status in FINISHED_STATUSES
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> JobInfo:
+        return cls(
+            id=str(obj["id"]),
+            status=str(obj["status"]),
+            total=int(obj.get("total", 0)),
+            done=int(obj.get("done", 0)),
+            failed=int(obj.get("failed", 0)),
+            created_at=obj.get("created_at"),
+            updated_at=obj.get("updated_at"),
+            raw=dict(obj),
+        )
+
+
+@dataclass(frozen=True)
+class JobTaskError:
+    """The error one task of a job ended with (same fields as an HTTP error body)."""
+
+    type: str | None
+    message: str
+    param: str | None = None
+
+
+@dataclass(frozen=True)
+class JobTaskResult:
+    """One task's result: ``output``/``jvp`` on success, ``error`` on failure."""
+
+    index: int
+    output: Array | list[Array] | None = None
+    jvp: Array | list[Array] | None = None
+    error: JobTaskError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class JobResultsPage:
+    """One page of ``GET /jobs/{id}/results``; ``next_offset`` is None on the last page."""
+
+    results: list[JobTaskResult]
+    next_offset: int | None
