@@ -35,6 +35,7 @@ test: install-dev
 lint: install-dev
 	$(BIN)/ruff check app tests clients bench
 	$(BIN)/mypy
+	cd clients/python && ../../$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV)

@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import FakeJobs, Recorder, error_response, fake_service
+from jvp_fakes import FakeJobs, Recorder, error_response, fake_service
 
 from jvp_client import (
     APIConnectionError,
@@ -25,9 +25,11 @@ X = {"x": np.array([1.0, 2.0])}
 @pytest.mark.asyncio
 async def test_jvp_async_returns_arrays(make_async_client) -> None:
     client = make_async_client(fake_service)
-    result = await client.jvp(expression="x**2 + y**2",
-                              primals={"x": np.array([1.0, 2.0]), "y": np.array([3.0, 4.0])},
-                              tangents={"x": np.ones(2)})
+    result = await client.jvp(
+        expression="x**2 + y**2",
+        primals={"x": np.array([1.0, 2.0]), "y": np.array([3.0, 4.0])},
+        tangents={"x": np.ones(2)},
+    )
     np.testing.assert_array_equal(result.output, [10.0, 20.0])
     np.testing.assert_array_equal(result.jvp, [2.0, 4.0])
     assert result.dtype == "float64" and result.device == "cpu"
@@ -76,9 +78,15 @@ async def test_retry_async_connection_error_gives_up(make_async_client) -> None:
 
 @pytest.mark.asyncio
 async def test_raise_async_status_error_fields(make_async_client) -> None:
-    recorder = Recorder(lambda r: error_response(
-        422, "invalid_request", "Expected tangent 'x' of shape [2], got [3]", "tangents.x",
-        headers={"X-Request-ID": "abc"}))
+    recorder = Recorder(
+        lambda r: error_response(
+            422,
+            "invalid_request",
+            "Expected tangent 'x' of shape [2], got [3]",
+            "tangents.x",
+            headers={"X-Request-ID": "abc"},
+        )
+    )
     with pytest.raises(UnprocessableEntityError) as info:
         await make_async_client(recorder).jvp(expression="x * 2", primals=X)
     assert (info.value.param, info.value.request_id) == ("tangents.x", "abc")
@@ -116,8 +124,9 @@ async def test_submit_job_async_reuses_idempotency_key(make_async_client, delays
 async def test_wait_job_async_then_results_and_cancel(make_async_client, delays) -> None:
     fake = FakeJobs(per_poll=2)
     client = make_async_client(fake)
-    tasks = [{"primals": {"x": np.full(2, float(i))}, "tangents": {"x": np.ones(2)}}
-             for i in range(5)]
+    tasks = [
+        {"primals": {"x": np.full(2, float(i))}, "tangents": {"x": np.ones(2)}} for i in range(5)
+    ]
     job = await client.submit_job(tasks, expression="x * 2")
     info = await job.wait(poll_interval_s=0.25)
     assert info.status == "completed" and info.done == 5 and delays == [0.25, 0.25]

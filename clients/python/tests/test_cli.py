@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import FakeJobs, Recorder, error_response, fake_service
+from jvp_fakes import FakeJobs, Recorder, error_response, fake_service
 
 from jvp_client.cli import main
 
@@ -52,9 +52,20 @@ def test_call_cli_writes_npz(run_cli, arrays, tmp_path) -> None:
     recorder = Recorder(fake_service)
     out_file = tmp_path / "result.npz"
     code, out, err = run_cli(
-        recorder, "call", "--expression", "x**2 + y**2", "--primal", f"x={arrays['x']}",
-        "--primal", f"y={arrays['y']}", "--tangent", f"x={arrays['v']}", "--out", str(out_file),
-        "--engine", "functional",
+        recorder,
+        "call",
+        "--expression",
+        "x**2 + y**2",
+        "--primal",
+        f"x={arrays['x']}",
+        "--primal",
+        f"y={arrays['y']}",
+        "--tangent",
+        f"x={arrays['v']}",
+        "--out",
+        str(out_file),
+        "--engine",
+        "functional",
     )
     assert code == 0, err
     with np.load(out_file) as data:
@@ -73,8 +84,18 @@ def test_call_cli_writes_npz(run_cli, arrays, tmp_path) -> None:
 def test_call_cli_sends_b64_for_large_arrays(run_cli, arrays, tmp_path) -> None:
     recorder = Recorder(fake_service)
     out_file = tmp_path / "r.npz"
-    code, _, err = run_cli(recorder, "call", "-e", "x * 2", "-p", f"x={arrays['big']}",
-                           "-t", f"x={arrays['big']}", "-o", str(out_file))
+    code, _, err = run_cli(
+        recorder,
+        "call",
+        "-e",
+        "x * 2",
+        "-p",
+        f"x={arrays['big']}",
+        "-t",
+        f"x={arrays['big']}",
+        "-o",
+        str(out_file),
+    )
     assert code == 0, err
     body = json.loads(recorder.requests[0].content)
     assert "b64" in body["primals"]["x"] and body["options"]["encoding"] == "b64"
@@ -84,8 +105,18 @@ def test_call_cli_sends_b64_for_large_arrays(run_cli, arrays, tmp_path) -> None:
 
 def test_call_cli_numbers_several_outputs(run_cli, tmp_path) -> None:
     out_file = tmp_path / "r.npz"
-    code, _, err = run_cli(fake_service, "call", "-e", "(sin(x), cos(x))", "-p", "x=[0.0, 1.0]",
-                           "-t", "x=[1, 1]", "--out", str(out_file))
+    code, _, err = run_cli(
+        fake_service,
+        "call",
+        "-e",
+        "(sin(x), cos(x))",
+        "-p",
+        "x=[0.0, 1.0]",
+        "-t",
+        "x=[1, 1]",
+        "--out",
+        str(out_file),
+    )
     assert code == 0, err
     with np.load(out_file) as data:
         assert sorted(data.files) == ["jvp_0", "jvp_1", "output_0", "output_1"]
@@ -133,8 +164,20 @@ def test_call_cli_requires_expression_or_model(run_cli) -> None:
 
 def test_call_cli_takes_connection_flags_after_command(run_cli) -> None:
     recorder = Recorder(fake_service)
-    code, _, _ = run_cli(recorder, "--base-url", "http://ignored.test", "call", "-e", "x * 2",
-                         "-p", "x=[1]", "--base-url", "http://flag.test", "--api-key", "k")
+    code, _, _ = run_cli(
+        recorder,
+        "--base-url",
+        "http://ignored.test",
+        "call",
+        "-e",
+        "x * 2",
+        "-p",
+        "x=[1]",
+        "--base-url",
+        "http://flag.test",
+        "--api-key",
+        "k",
+    )
     assert code == 0
     assert recorder.requests[0].url.host == "flag.test"
     assert recorder.requests[0].headers["authorization"] == "Bearer k"
@@ -183,8 +226,9 @@ def _tasks_file(tmp_path: Path, arrays: dict[str, Path]) -> Path:
 def test_jobs_cli_submit_wait_results(run_cli, arrays, tmp_path) -> None:
     fake = FakeJobs(per_poll=1)
     tasks = _tasks_file(tmp_path, arrays)
-    code, out, err = run_cli(fake, "jobs", "submit", str(tasks), "-e", "x**2 + y**2",
-                             "--idempotency-key", "cli-1")
+    code, out, err = run_cli(
+        fake, "jobs", "submit", str(tasks), "-e", "x**2 + y**2", "--idempotency-key", "cli-1"
+    )
     assert (code, out) == (0, "job-1\n"), err
     body = json.loads(fake.requests[0].content)
     assert body["expression"] == "x**2 + y**2" and len(body["tasks"]) == 3
@@ -212,8 +256,9 @@ def test_jobs_cli_submit_wait_results(run_cli, arrays, tmp_path) -> None:
 def test_jobs_cli_submit_with_wait_and_cancel(run_cli, arrays, tmp_path) -> None:
     fake = FakeJobs(per_poll=5)
     tasks = _tasks_file(tmp_path, arrays)
-    code, out, _ = run_cli(fake, "jobs", "submit", str(tasks), "-e", "x * 2", "--wait",
-                           "--no-progress")
+    code, out, _ = run_cli(
+        fake, "jobs", "submit", str(tasks), "-e", "x * 2", "--wait", "--no-progress"
+    )
     assert code == 0 and "job job-1: completed, 3/3 done" in out
     run_cli(fake, "jobs", "submit", str(tasks), "-e", "x * 2")
     fake.per_poll = 1  # `jobs cancel` reads the job first: leave it running
@@ -241,6 +286,10 @@ def test_jobs_cli_rejects_bad_tasks_file(run_cli, tmp_path) -> None:
 def test_console_script_is_installed() -> None:
     (entry,) = importlib.metadata.entry_points(group="console_scripts", name="jvp")
     assert entry.value == "jvp_client.cli:main"
-    done = subprocess.run([sys.executable, "-m", "jvp_client", "--version"],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "jvp_client", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0 and done.stdout.startswith("jvp-client ")

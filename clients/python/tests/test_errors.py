@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from conftest import Recorder, error_response, fake_service
+from jvp_fakes import Recorder, error_response, fake_service
 
 import jvp_client
 from jvp_client import (
@@ -46,12 +46,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("status", "type_", "cls", "param"), CASES,
-                         ids=[str(c[0]) for c in CASES])
+@pytest.mark.parametrize(("status", "type_", "cls", "param"), CASES, ids=[str(c[0]) for c in CASES])
 def test_raise_status_error_class(make_client, status, type_, cls, param) -> None:
     message = f"Expected tangent 'x' of shape [10, 10], got [10, 9] ({status})"
-    recorder = Recorder(lambda r: error_response(status, type_, message, param,
-                                                 headers={"X-Request-ID": "req-123"}))
+    recorder = Recorder(
+        lambda r: error_response(status, type_, message, param, headers={"X-Request-ID": "req-123"})
+    )
     client = make_client(recorder, max_retries=0)
     with pytest.raises(cls) as info:
         client.jvp(expression="x * 2", primals=X)
@@ -75,8 +75,9 @@ def test_raise_status_error_for_unlisted_4xx(make_client) -> None:
 
 
 def test_raise_status_error_with_text_body(make_client) -> None:
-    client = make_client(Recorder(lambda r: httpx.Response(502, text="upstream died")),
-                         max_retries=0)
+    client = make_client(
+        Recorder(lambda r: httpx.Response(502, text="upstream died")), max_retries=0
+    )
     with pytest.raises(InternalServerError) as info:
         client.jvp(expression="x * 2", primals=X)
     assert info.value.message == "upstream died"
@@ -96,8 +97,12 @@ def test_raise_validation_error_for_non_json_success(make_client) -> None:
 
 
 def test_raise_validation_error_for_malformed_tensor(make_client) -> None:
-    bad = {"output": {"shape": [3], "dtype": "float32", "data": [1]}, "jvp": 1,
-           "dtype": "float32", "device": "cpu"}
+    bad = {
+        "output": {"shape": [3], "dtype": "float32", "data": [1]},
+        "jvp": 1,
+        "dtype": "float32",
+        "device": "cpu",
+    }
     client = make_client(Recorder(lambda r: httpx.Response(200, json=bad)))
     with pytest.raises(APIResponseValidationError, match="shape"):
         client.jvp(expression="x * 2", primals=X)
@@ -181,12 +186,18 @@ def test_close_keeps_given_http_client_open() -> None:
         ({"primals": X}, TypeError, "exactly one of expression= or model="),
         ({"expression": "x", "model": "linear", "primals": X}, TypeError, "exactly one"),
         ({"expression": "x", "primals": [1.0]}, TypeError, "mapping of input names"),
-        ({"expression": "x", "primals": X, "parameter_tangents": {"w": 1.0}}, ValueError,
-         "models only"),
+        (
+            {"expression": "x", "primals": X, "parameter_tangents": {"w": 1.0}},
+            ValueError,
+            "models only",
+        ),
         ({"expression": "x", "primals": X, "dtype": "int8"}, ValueError, "dtype"),
         ({"expression": "x", "primals": X, "encoding": "hex"}, ValueError, "encoding"),
-        ({"expression": "x", "primals": {"x": np.ones(2, np.complex64)}}, TypeError,
-         r"primals\['x'\]: complex"),
+        (
+            {"expression": "x", "primals": {"x": np.ones(2, np.complex64)}},
+            TypeError,
+            r"primals\['x'\]: complex",
+        ),
     ],
 )
 def test_reject_bad_jvp_arguments_before_sending(make_client, kwargs, exc, match) -> None:
@@ -223,3 +234,33 @@ def test_get_health_not_ready_without_error(make_client, delays) -> None:
 def test_get_health_ready(make_client) -> None:
     status = make_client(fake_service).health()
     assert status.live and status.ready
+
+
+def test_load_model_posts_and_reads_model_info(make_client) -> None:
+    from jvp_fakes import LINEAR_INFO
+
+    recorder = Recorder(lambda r: httpx.Response(200, json=LINEAR_INFO))
+    info = make_client(recorder, api_key="admin").load_model("linear")
+    assert info is not None and info.name == "linear"
+    request = recorder.requests[0]
+    assert (request.method, request.url.path) == ("POST", "/models/linear/load")
+
+
+def test_unload_model_sends_delete(make_client) -> None:
+    recorder = Recorder(lambda r: httpx.Response(204))
+    assert make_client(recorder).unload_model("linear") is None
+    assert (recorder.requests[0].method, recorder.requests[0].url.path) == (
+        "DELETE",
+        "/models/linear",
+    )
+
+
+def test_raise_permission_denied_on_admin_route(make_client) -> None:
+    recorder = Recorder(lambda r: error_response(403, "forbidden", "needs an admin key"))
+    with pytest.raises(PermissionDeniedError, match="needs an admin key"):
+        make_client(recorder, api_key="inference").load_model("linear")
+
+
+def test_reject_model_name_with_slash(make_client) -> None:
+    with pytest.raises(ValueError, match="model name"):
+        make_client(fake_service).model("a/b")

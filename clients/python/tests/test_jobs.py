@@ -8,16 +8,18 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import FakeJobs, error_response
+from jvp_fakes import FakeJobs, error_response
 
 from jvp_client import APIResponseValidationError, Job, NotFoundError
 
 
 def _tasks(n: int, *, bad: frozenset[int] = frozenset()) -> list[dict]:
     return [
-        {"primals": {"x": np.full(3, float(i)), "y": np.ones(3)},
-         "tangents": {"x": np.ones(3), "y": np.zeros(3)},
-         **({"expression": "nope"} if i in bad else {})}
+        {
+            "primals": {"x": np.full(3, float(i)), "y": np.ones(3)},
+            "tangents": {"x": np.ones(3), "y": np.zeros(3)},
+            **({"expression": "nope"} if i in bad else {}),
+        }
         for i in range(n)
     ]
 
@@ -30,8 +32,11 @@ def test_submit_job_sends_defaults_and_tasks(make_client) -> None:
     body = json.loads(fake.requests[0].content)
     assert body["expression"] == "x**2 + y**2"
     assert body["options"] == {"dtype": "float64", "engine": "functional"}
-    assert body["tasks"][1]["primals"]["x"] == {"shape": [3], "dtype": "float64",
-                                                "data": [1.0, 1.0, 1.0]}
+    assert body["tasks"][1]["primals"]["x"] == {
+        "shape": [3],
+        "dtype": "float64",
+        "data": [1.0, 1.0, 1.0],
+    }
     assert fake.requests[0].headers["idempotency-key"] == job.idempotency_key
 
 
@@ -83,8 +88,9 @@ def test_submit_job_uses_given_idempotency_key(make_client) -> None:
         ([{"primals": {}}], {"expression": "x", "model": "m"}, TypeError, "at most one"),
     ],
 )
-def test_submit_job_rejects_bad_tasks_before_sending(make_client, tasks, kwargs, exc,
-                                                     match) -> None:
+def test_submit_job_rejects_bad_tasks_before_sending(
+    make_client, tasks, kwargs, exc, match
+) -> None:
     fake = FakeJobs()
     with pytest.raises(exc, match=match):
         make_client(fake).submit_job(tasks, **kwargs)
@@ -162,8 +168,9 @@ def test_results_job_stops_on_stuck_next_offset(make_client) -> None:
     def stuck(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/results"):
             return httpx.Response(200, json={"results": [], "next_offset": 0})
-        return httpx.Response(200, json={"id": "j", "status": "completed", "total": 0,
-                                         "done": 0, "failed": 0})
+        return httpx.Response(
+            200, json={"id": "j", "status": "completed", "total": 0, "done": 0, "failed": 0}
+        )
 
     job = make_client(stuck).get_job("j")
     assert list(job.results()) == []
@@ -173,8 +180,9 @@ def test_results_job_rejects_malformed_page(make_client) -> None:
     def bad(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/results"):
             return httpx.Response(200, json={"pages": []})
-        return httpx.Response(200, json={"id": "j", "status": "completed", "total": 0,
-                                         "done": 0, "failed": 0})
+        return httpx.Response(
+            200, json={"id": "j", "status": "completed", "total": 0, "done": 0, "failed": 0}
+        )
 
     job = make_client(bad).get_job("j")
     with pytest.raises(APIResponseValidationError, match="job results"):
@@ -210,8 +218,12 @@ def test_get_job_unknown_raises_not_found(make_client) -> None:
 
 
 def test_list_jobs(make_client) -> None:
-    listing = {"jobs": [{"id": "b", "status": "queued", "total": 1, "done": 0, "failed": 0},
-                        {"id": "a", "status": "completed", "total": 1, "done": 1, "failed": 0}]}
+    listing = {
+        "jobs": [
+            {"id": "b", "status": "queued", "total": 1, "done": 0, "failed": 0},
+            {"id": "a", "status": "completed", "total": 1, "done": 1, "failed": 0},
+        ]
+    }
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:

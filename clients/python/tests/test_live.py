@@ -18,6 +18,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -29,10 +30,11 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import torch
-from conftest import REPO_ROOT
+from jvp_fakes import REPO_ROOT
 from torch import nn
 
 from jvp_client import (
+    APIStatusError,
     AsyncJVPClient,
     AuthenticationError,
     BadRequestError,
@@ -56,8 +58,16 @@ RESTRICTED_ENV = {
     "JVP_ADMIN_KEYS": ADMIN_KEY,
     "JVP_MAX_TENSOR_ELEMENTS": "1000",
 }
-_CLEARED = ("JVP_API_KEYS", "JVP_ADMIN_KEYS", "JVP_MODEL_DIR", "JVP_DATABASE_URL",
-            "JVP_API_KEY", "JVP_BASE_URL", "JVP_MAX_TENSOR_ELEMENTS", "JVP_REQUEST_TIMEOUT_S")
+_CLEARED = (
+    "JVP_API_KEYS",
+    "JVP_ADMIN_KEYS",
+    "JVP_MODEL_DIR",
+    "JVP_DATABASE_URL",
+    "JVP_API_KEY",
+    "JVP_BASE_URL",
+    "JVP_MAX_TENSOR_ELEMENTS",
+    "JVP_REQUEST_TIMEOUT_S",
+)
 
 
 # -- references ---------------------------------------------------------------------------
@@ -78,16 +88,21 @@ def mlp_module() -> nn.Module:
     return _seeded(1, lambda: nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 64)))
 
 
-def reference_jvp(f: Callable[..., torch.Tensor], primals: tuple[Any, ...],
-                  tangents: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_jvp(
+    f: Callable[..., torch.Tensor], primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     as_t = [torch.as_tensor(p) for p in primals]
     tan_t = [torch.as_tensor(t) for t in tangents]
     result = torch.func.jvp(f, tuple(as_t), tuple(tan_t))
     return result[0], result[1]
 
 
-def module_jvp(module: nn.Module, x: torch.Tensor, x_dot: torch.Tensor,
-               param_dots: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+def module_jvp(
+    module: nn.Module,
+    x: torch.Tensor,
+    x_dot: torch.Tensor,
+    param_dots: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
     params = {k: v.detach() for k, v in module.named_parameters()}
     dots = {k: torch.zeros_like(v) for k, v in params.items()}
     dots.update(param_dots or {})
@@ -126,24 +141,44 @@ def _env(values: dict[str, str]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def uvicorn_server(env: dict[str, str]) -> Iterator[str]:
-    """``python -m uvicorn app.main:create_app --factory`` on a free port; yields its URL."""
+    """``python -m uvicorn app.main:create_app --factory`` on a free port; yields its URL.
+
+    Its output goes to a temporary file (a pipe nobody reads could fill and block it)
+    and is shown if it fails to start.
+    """
     port = _free_port()
     child_env = {k: v for k, v in os.environ.items() if k not in _CLEARED}
     child_env.update(env)
     child_env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO_ROOT), *filter(None, [child_env.get("PYTHONPATH")])]
     )
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        cwd=REPO_ROOT, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO_ROOT,
+        env=child_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
         while True:
             if proc.poll() is not None:
-                output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                log.seek(0)
+                output = log.read().decode(errors="replace")
                 pytest.fail(f"uvicorn exited with {proc.returncode}:\n{output[-3000:]}")
             try:
                 if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
@@ -161,8 +196,7 @@ def uvicorn_server(env: dict[str, str]) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+        log.close()
 
 
 @contextlib.asynccontextmanager
@@ -198,8 +232,9 @@ class ThreadedASGITransport(httpx.BaseTransport):
         content = request.read()
 
         async def send() -> tuple[int, httpx.Headers, bytes]:
-            inner = httpx.Request(request.method, request.url, headers=request.headers,
-                                  content=content)
+            inner = httpx.Request(
+                request.method, request.url, headers=request.headers, content=content
+            )
             response = await self._asgi.handle_async_request(inner)
             return response.status_code, response.headers, await response.aread()
 
@@ -264,8 +299,7 @@ def client(request: pytest.FixtureRequest) -> Iterator[JVPClient]:
 @pytest_asyncio.fixture(params=["asgi", "uvicorn"])
 async def async_client(request: pytest.FixtureRequest) -> AsyncIterator[AsyncJVPClient]:
     if request.param == "uvicorn":
-        async with AsyncJVPClient(base_url=request.getfixturevalue("live_url"),
-                                  max_retries=0) as c:
+        async with AsyncJVPClient(base_url=request.getfixturevalue("live_url"), max_retries=0) as c:
             yield c
         return
     with _env(SERVER_ENV):
@@ -281,12 +315,17 @@ async def async_client(request: pytest.FixtureRequest) -> AsyncIterator[AsyncJVP
 
 @pytest.mark.parametrize("engine", ["dual", "functional"])
 @pytest.mark.parametrize("n", [3, 200], ids=["json", "b64"])
-def test_jvp_expression_matches_torch_func_jvp_numpy(client: JVPClient, engine: str,
-                                                     n: int) -> None:
+def test_jvp_expression_matches_torch_func_jvp_numpy(
+    client: JVPClient, engine: str, n: int
+) -> None:
     rng = np.random.default_rng(0)
     x, y, tx, ty = (rng.standard_normal(n) for _ in range(4))
-    result = client.jvp(expression="x**2 * sin(y) + exp(x / 4)", primals={"x": x, "y": y},
-                        tangents={"x": tx, "y": ty}, engine=engine)
+    result = client.jvp(
+        expression="x**2 * sin(y) + exp(x / 4)",
+        primals={"x": x, "y": y},
+        tangents={"x": tx, "y": ty},
+        engine=engine,
+    )
     out, jvp = reference_jvp(lambda a, b: a**2 * torch.sin(b) + torch.exp(a / 4), (x, y), (tx, ty))
     assert isinstance(result.output, np.ndarray) and result.output.dtype == np.float64
     assert result.dtype == "float64" and result.engine == engine
@@ -296,8 +335,9 @@ def test_jvp_expression_matches_torch_func_jvp_numpy(client: JVPClient, engine: 
 
 
 @pytest.mark.parametrize("shape", [(), (4,), (8, 16)], ids=str)
-def test_jvp_expression_matches_torch_func_jvp_torch(client: JVPClient,
-                                                     shape: tuple[int, ...]) -> None:
+def test_jvp_expression_matches_torch_func_jvp_torch(
+    client: JVPClient, shape: tuple[int, ...]
+) -> None:
     torch.manual_seed(0)
     x, t = torch.randn(shape), torch.randn(shape)
     result = client.jvp(expression="tanh(x) * x", primals={"x": x}, tangents={"x": t})
@@ -309,8 +349,9 @@ def test_jvp_expression_matches_torch_func_jvp_torch(client: JVPClient,
 
 
 def test_jvp_expression_zero_tangent_for_missing_input(client: JVPClient) -> None:
-    result = client.jvp(expression="x * y", primals={"x": [1.0, 2.0], "y": [3.0, 4.0]},
-                        tangents={"x": [1.0, 1.0]})
+    result = client.jvp(
+        expression="x * y", primals={"x": [1.0, 2.0], "y": [3.0, 4.0]}, tangents={"x": [1.0, 1.0]}
+    )
     np.testing.assert_allclose(result.jvp, [3.0, 4.0])
     no_tangents = client.jvp(expression="x * y", primals={"x": [1.0], "y": [3.0]})
     np.testing.assert_array_equal(no_tangents.jvp, [0.0])
@@ -318,8 +359,9 @@ def test_jvp_expression_zero_tangent_for_missing_input(client: JVPClient) -> Non
 
 def test_jvp_expression_keeps_nan_and_infinity(client: JVPClient) -> None:
     x = np.array([math.nan, math.inf, -math.inf, 1.0], dtype=np.float32)
-    result = client.jvp(expression="x * 2", primals={"x": x},
-                        tangents={"x": np.ones(4, np.float32)})
+    result = client.jvp(
+        expression="x * 2", primals={"x": x}, tangents={"x": np.ones(4, np.float32)}
+    )
     np.testing.assert_array_equal(result.output, x * 2)
     big = np.full(100, 1000.0, dtype=np.float32)  # b64 both ways
     overflow = client.jvp(expression="exp(x)", primals={"x": big}, tangents={"x": big})
@@ -337,8 +379,9 @@ def test_jvp_bfloat16_torch_in_torch_out(client: JVPClient) -> None:
 
 def test_jvp_bfloat16_numpy_comes_back_float32(client: JVPClient) -> None:
     x = np.array([0.5, 1.5, 3.0])
-    result = client.jvp(expression="x * 3", primals={"x": x}, tangents={"x": np.ones(3)},
-                        dtype="bfloat16")
+    result = client.jvp(
+        expression="x * 3", primals={"x": x}, tangents={"x": np.ones(3)}, dtype="bfloat16"
+    )
     assert isinstance(result.output, np.ndarray)
     assert result.dtype == "bfloat16" and result.output.dtype == np.float32
     np.testing.assert_array_equal(result.output, [1.5, 4.5, 9.0])
@@ -349,10 +392,12 @@ def test_jvp_model_linear_matches_reference_numpy(client: JVPClient) -> None:
     x = rng.standard_normal((3, 5)).astype(np.float32)
     t = rng.standard_normal((3, 5)).astype(np.float32)
     dw = rng.standard_normal((5, 5)).astype(np.float32)
-    result = client.jvp(model="linear", primals={"x": x}, tangents={"x": t},
-                        parameter_tangents={"weight": dw})
-    out, jvp = module_jvp(linear_module(), torch.from_numpy(x), torch.from_numpy(t),
-                          {"weight": torch.from_numpy(dw)})
+    result = client.jvp(
+        model="linear", primals={"x": x}, tangents={"x": t}, parameter_tangents={"weight": dw}
+    )
+    out, jvp = module_jvp(
+        linear_module(), torch.from_numpy(x), torch.from_numpy(t), {"weight": torch.from_numpy(dw)}
+    )
     np.testing.assert_allclose(result.output, out.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(result.jvp, jvp.detach().numpy(), rtol=1e-5, atol=1e-6)
 
@@ -438,8 +483,11 @@ def test_raise_deadline_exceeded_in_process() -> None:
     env = {**SERVER_ENV, "JVP_REQUEST_TIMEOUT_S": "0.000001"}
     with asgi_client(env) as client:
         with pytest.raises(DeadlineExceededError) as info:
-            client.jvp(model="mlp", primals={"x": np.ones((512, 64), np.float32)},
-                       tangents={"x": np.ones((512, 64), np.float32)})
+            client.jvp(
+                model="mlp",
+                primals={"x": np.ones((512, 64), np.float32)},
+                tangents={"x": np.ones((512, 64), np.float32)},
+            )
     _check_error(info.value, 504, "timeout")
 
 
@@ -448,8 +496,9 @@ def restricted(request: pytest.FixtureRequest) -> Iterator[Callable[..., JVPClie
     """make(api_key) -> a client of a service with API keys and a 1000-element tensor limit."""
     if request.param == "asgi":
         with asgi_http(RESTRICTED_ENV) as http:
-            yield lambda api_key=None: JVPClient(http_client=http, api_key=api_key or "",
-                                                 max_retries=0)
+            yield lambda api_key=None: JVPClient(
+                http_client=http, api_key=api_key or "", max_retries=0
+            )
         return
     url = request.getfixturevalue("restricted_url")
     made: list[JVPClient] = []
@@ -504,12 +553,14 @@ def test_raise_payload_too_large_for_big_tensor(restricted) -> None:
 @pytest.mark.asyncio
 async def test_jvp_async_matches_torch_func_jvp(async_client: AsyncJVPClient) -> None:
     x = np.linspace(-1, 1, 150)
-    result = await async_client.jvp(expression="cos(x) * x", primals={"x": x},
-                                    tangents={"x": np.ones_like(x)})
+    result = await async_client.jvp(
+        expression="cos(x) * x", primals={"x": x}, tangents={"x": np.ones_like(x)}
+    )
     _, jvp = reference_jvp(lambda a: torch.cos(a) * a, (x,), (np.ones_like(x),))
     np.testing.assert_allclose(result.jvp, jvp.numpy(), rtol=1e-12)
-    torch_result = await async_client.jvp(model="linear", primals={"x": torch.ones(1, 5)},
-                                          tangents={"x": torch.ones(1, 5)})
+    torch_result = await async_client.jvp(
+        model="linear", primals={"x": torch.ones(1, 5)}, tangents={"x": torch.ones(1, 5)}
+    )
     _, ref = module_jvp(linear_module(), torch.ones(1, 5), torch.ones(1, 5))
     torch.testing.assert_close(torch_result.jvp, ref.detach())
 
@@ -533,10 +584,10 @@ def test_submit_job_live(client: JVPClient) -> None:
     tasks.append({"expression": "x **", "primals": {"x": [1.0]}})
     try:
         job = client.submit_job(tasks, expression="x**2")
-    except (NotFoundError, httpx.HTTPError) as err:
-        if isinstance(err, NotFoundError) and "No route" not in err.message:
-            raise
-        pytest.skip("the server does not serve /jobs yet")
+    except APIStatusError as err:
+        if err.status_code == 405 or (err.status_code == 404 and "No route" in err.message):
+            pytest.skip("the server does not serve POST /jobs yet")
+        raise
     info = job.wait(poll_interval_s=0.05, timeout_s=60)
     assert info.status == "completed" and info.total == 5 and info.done == 5
     assert info.failed == 1
@@ -553,9 +604,23 @@ def test_call_cli_live(live_url: str, tmp_path: Path, capsys) -> None:
     np.save(tmp_path / "x.npy", np.array([1.0, 2.0], dtype=np.float32))
     np.save(tmp_path / "v.npy", np.array([1.0, 0.5], dtype=np.float32))
     out = tmp_path / "result.npz"
-    code = cli_main(["call", "--base-url", live_url, "--expression", "x**2 + y**2",
-                     "--primal", f"x={tmp_path / 'x.npy'}", "--primal", "y=[3.0, 4.0]",
-                     "--tangent", f"x={tmp_path / 'v.npy'}", "--out", str(out)])
+    code = cli_main(
+        [
+            "call",
+            "--base-url",
+            live_url,
+            "--expression",
+            "x**2 + y**2",
+            "--primal",
+            f"x={tmp_path / 'x.npy'}",
+            "--primal",
+            "y=[3.0, 4.0]",
+            "--tangent",
+            f"x={tmp_path / 'v.npy'}",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err
     with np.load(out) as data:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import httpx
 import numpy as np
 import pytest
-from conftest import Recorder, error_response, fake_service
+from jvp_fakes import Recorder, error_response, fake_service
 
 from jvp_client import (
     APIConnectionError,
@@ -25,10 +25,9 @@ from jvp_client._base import INITIAL_RETRY_DELAY_S, MAX_RETRY_AFTER_S, MAX_RETRY
 X = {"x": np.array([1.0, 2.0])}
 
 
-def fail_then_succeed(
-    n: int, fail: Callable[[httpx.Request], httpx.Response]
-) -> Recorder:
+def fail_then_succeed(n: int, fail: Callable[[httpx.Request], httpx.Response]) -> Recorder:
     """A handler that answers ``fail`` to the first ``n`` requests, then serves normally."""
+
     def handler(request: httpx.Request) -> httpx.Response:
         if len(recorder.requests) <= n:
             return fail(request)
@@ -89,6 +88,7 @@ def test_retry_status_not_retried(make_client, delays, status: int) -> None:
 
 def test_retry_not_on_501_or_507(make_client) -> None:
     for status, cls in ((501, ForwardADUnsupportedError), (507, OutOfMemoryError)):
+
         def final(request: httpx.Request, status: int = status) -> httpx.Response:
             return error_response(status, "x", "final")
 

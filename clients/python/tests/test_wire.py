@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import fake_service, wire_to_numpy
+from jvp_fakes import fake_service, wire_to_numpy
 
 from jvp_client import decode_tensor, encode_tensor
 from jvp_client._tensors import decode_tensors, infer_dtype, normalize_dtype
@@ -46,8 +46,9 @@ def test_encode_tensor_round_trips_numpy(dtype: type, shape: tuple[int, ...]) ->
 
 
 @pytest.mark.parametrize("b64_min_elements", [0, 10**6], ids=["b64", "json"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
-                         ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str
+)
 def test_encode_tensor_round_trips_torch(dtype: torch.dtype, b64_min_elements: int) -> None:
     t = torch.tensor([[1.5, -2.25, 3e3], [math.nan, math.inf, -math.inf]], dtype=dtype)
     wire, used_b64 = encode_tensor(t, b64_min_elements=b64_min_elements)
@@ -63,8 +64,7 @@ def test_encode_tensor_round_trips_torch(dtype: torch.dtype, b64_min_elements: i
 def test_encode_tensor_writes_nan_and_infinity_as_strings() -> None:
     wire, used = encode_tensor(np.array([math.nan, math.inf, -math.inf, 1.0], dtype=np.float32))
     assert not used
-    assert wire == {"shape": [4], "dtype": "float32",
-                    "data": ["NaN", "Infinity", "-Infinity", 1.0]}
+    assert wire == {"shape": [4], "dtype": "float32", "data": ["NaN", "Infinity", "-Infinity", 1.0]}
 
 
 def test_encode_tensor_sends_zero_dim_array_as_form_2() -> None:
@@ -132,8 +132,10 @@ def test_decode_tensor_reads_form_1() -> None:
 @pytest.mark.parametrize(
     ("wire", "match"),
     [
-        ({"shape": [3], "dtype": "float32", "b64": base64.b64encode(b"\0" * 8).decode()},
-         "needs 12 bytes, got 8"),
+        (
+            {"shape": [3], "dtype": "float32", "b64": base64.b64encode(b"\0" * 8).decode()},
+            "needs 12 bytes, got 8",
+        ),
         ({"shape": [2, 2], "dtype": "float32", "data": [1, 2, 3]}, "with 3 values"),
         ({"shape": [1], "dtype": "float32", "b64": "!!notbase64"}, "invalid base64"),
         ({"shape": [1], "dtype": "int8", "data": [1]}, "dtype"),
@@ -161,8 +163,14 @@ def test_decode_tensor_returns_writable_arrays() -> None:
 
 @pytest.mark.parametrize(
     ("given", "expected"),
-    [("FP32", "float32"), ("bf16", "bfloat16"), (np.float64, "float64"),
-     (np.dtype("float16"), "float16"), (torch.bfloat16, "bfloat16"), (None, None)],
+    [
+        ("FP32", "float32"),
+        ("bf16", "bfloat16"),
+        (np.float64, "float64"),
+        (np.dtype("float16"), "float16"),
+        (torch.bfloat16, "bfloat16"),
+        (None, None),
+    ],
 )
 def test_normalize_dtype_accepts_names_numpy_and_torch(given: object, expected: str) -> None:
     assert normalize_dtype(given) == expected
@@ -192,8 +200,9 @@ def test_jvp_sends_small_tensors_as_json_and_reads_json(make_client) -> None:
     seen: list[dict] = []
     client = _recording_client(make_client, seen)
     x = np.array([1.0, 2.0, np.nan], dtype=np.float32)
-    result = client.jvp(expression="x * 2", primals={"x": x},
-                        tangents={"x": np.ones(3, np.float32)})
+    result = client.jvp(
+        expression="x * 2", primals={"x": x}, tangents={"x": np.ones(3, np.float32)}
+    )
     body = seen[0]
     assert body["primals"]["x"] == {"shape": [3], "dtype": "float32", "data": [1.0, 2.0, "NaN"]}
     assert body["options"] == {"dtype": "float32"}  # no encoding: JSON answers
@@ -227,16 +236,21 @@ def test_jvp_returns_torch_for_torch_inputs(make_client) -> None:
 def test_jvp_returns_torch_bfloat16_for_bfloat16_inputs(make_client) -> None:
     client = make_client(fake_service)
     x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16)
-    result = client.jvp(expression="x * 2", primals={"x": x}, tangents={"x": torch.ones_like(x)},
-                        encoding="b64")
+    result = client.jvp(
+        expression="x * 2", primals={"x": x}, tangents={"x": torch.ones_like(x)}, encoding="b64"
+    )
     assert result.output.dtype == torch.bfloat16
     torch.testing.assert_close(result.output, x * 2)
 
 
 def test_jvp_widens_bfloat16_to_float32_for_numpy_inputs(make_client) -> None:
     client = make_client(fake_service)
-    result = client.jvp(expression="x * 2", primals={"x": np.array([1.0, 3.0])},
-                        tangents={"x": np.ones(2)}, dtype="bfloat16")
+    result = client.jvp(
+        expression="x * 2",
+        primals={"x": np.array([1.0, 3.0])},
+        tangents={"x": np.ones(2)},
+        dtype="bfloat16",
+    )
     assert result.output.dtype == np.float32
     np.testing.assert_array_equal(result.output, [2.0, 6.0])
 
@@ -249,3 +263,50 @@ def test_jvp_returns_lists_for_several_outputs(make_client) -> None:
     np.testing.assert_allclose(result.output[1], np.cos(x))
     np.testing.assert_allclose(result.jvp[1], -np.sin(x))
     assert result.method == "forward" and result.timing_ms["total"] == 0.5
+
+
+def test_jvp_passes_extra_options_and_explicit_encoding(make_client) -> None:
+    seen: list[dict] = []
+    client = _recording_client(make_client, seen)
+    client.jvp(
+        expression="x * 2",
+        primals={"x": np.ones(200)},
+        encoding="json",
+        options={"tangent_batch": False, "check": True},
+        device="cpu",
+        fallback="none",
+    )
+    assert seen[0]["options"] == {
+        "tangent_batch": False,
+        "check": True,
+        "dtype": "float64",
+        "device": "cpu",
+        "fallback": "none",
+        "encoding": "json",
+    }
+
+
+def test_jvp_explicit_dtype_wins_over_inferred(make_client) -> None:
+    seen: list[dict] = []
+    client = _recording_client(make_client, seen)
+    result = client.jvp(expression="x * 2", primals={"x": np.ones(2)}, dtype=torch.float16)
+    assert seen[0]["options"]["dtype"] == "float16"
+    assert seen[0]["primals"]["x"]["dtype"] == "float64"  # the array keeps its own dtype
+    assert result.output.dtype == np.float16
+
+
+def test_encode_tensor_round_trips_zero_dim_torch() -> None:
+    t = torch.tensor(-0.5, dtype=torch.bfloat16)
+    for threshold in (0, 64):
+        wire, _ = encode_tensor(t, b64_min_elements=threshold)
+        back = decode_tensor(wire, as_torch=True)
+        assert isinstance(back, torch.Tensor) and back.shape == () and back.dtype == t.dtype
+        assert back.item() == -0.5
+
+
+def test_encode_tensor_rounds_python_values_to_bfloat16_bits() -> None:
+    values = [1.0, 1.00390625, 1.01171875, -3.0] * 20  # ties round to even; 80 elements: b64
+    wire, used = encode_tensor(values, dtype="bfloat16")
+    assert used and wire["dtype"] == "bfloat16"
+    expected = torch.tensor(values, dtype=torch.float32).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(wire_to_numpy(wire), expected)

@@ -293,8 +293,12 @@ class BaseClient:
             any_b64 = any_b64 or used
         wire_encoding = _response_encoding(encoding, any_b64)
         opts = self._options(
-            dtype=wire_dtype, device=device, engine=engine, fallback=fallback,
-            encoding=wire_encoding, extra=options,
+            dtype=wire_dtype,
+            device=device,
+            engine=engine,
+            fallback=fallback,
+            encoding=wire_encoding,
+            extra=options,
         )
         if opts:
             body["options"] = opts
@@ -331,7 +335,9 @@ class BaseClient:
         wire_dtype = normalize_dtype(dtype)
         if wire_dtype is None:
             wire_dtype = infer_dtype(
-                v for task in task_list if isinstance(task, Mapping)
+                v
+                for task in task_list
+                if isinstance(task, Mapping)
                 for v in (task.get("primals") or {}).values()
             )
         body: dict[str, Any] = {}
@@ -357,18 +363,28 @@ class BaseClient:
             wire_task = dict(task)
             for key in ("primals", "tangents", "parameter_tangents"):
                 wire, used = encode_tensor_map(
-                    task.get(key), what=f"{where}.{key}", dtype=task_dtype,
+                    task.get(key),
+                    what=f"{where}.{key}",
+                    dtype=task_dtype,
                     b64_min_elements=self.b64_min_elements,
                 )
                 if wire is not None:
                     wire_task[key] = wire
                 any_b64 = any_b64 or used
             wire_tasks.append(wire_task)
-            kinds.append(OutputKind.of(task.get("primals"), task.get("tangents")))
+            kinds.append(
+                OutputKind.of(
+                    task.get("primals"), task.get("tangents"), task.get("parameter_tangents")
+                )
+            )
         body["tasks"] = wire_tasks
         opts = self._options(
-            dtype=wire_dtype, device=device, engine=engine, fallback=fallback,
-            encoding=_response_encoding(encoding, any_b64), extra=options,
+            dtype=wire_dtype,
+            device=device,
+            engine=engine,
+            fallback=fallback,
+            encoding=_response_encoding(encoding, any_b64),
+            extra=options,
         )
         if opts:
             body["options"] = opts
@@ -466,7 +482,8 @@ class BaseClient:
                 if err is not None:
                     if isinstance(err, Mapping):
                         error = JobTaskError(
-                            type=err.get("type"), message=str(err.get("message", "")),
+                            type=err.get("type"),
+                            message=str(err.get("message", "")),
                             param=err.get("param"),
                         )
                     else:
@@ -526,5 +543,3 @@ def model_path(name: str) -> str:
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"expected a model name, got {name!r}")
     return f"models/{name}"
-
-

@@ -70,7 +70,10 @@ class JVPClient(BaseClient):
         b64_min_elements: int = B64_MIN_ELEMENTS,
     ) -> None:
         super().__init__(
-            base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries,
+            base_url=base_url,
+            api_key=api_key,
+            timeout=timeout,
+            max_retries=max_retries,
             b64_min_elements=b64_min_elements,
         )
         if http_client is not None and not isinstance(http_client, httpx.Client):
@@ -119,7 +122,11 @@ class JVPClient(BaseClient):
         """Send one request, retrying as NOTE [retries] says; raise for error statuses."""
         request = self._client.build_request(
             **self._request_parts(
-                method, path, json_body=json_body, params=params, headers=headers,
+                method,
+                path,
+                json_body=json_body,
+                params=params,
+                headers=headers,
                 timeout=timeout,
             )
         )
@@ -191,9 +198,17 @@ class JVPClient(BaseClient):
             ``timing_ms``, ``device``, ``dtype``, ``engine`` and ``method``.
         """
         body, kind = self._jvp_body(
-            expression=expression, model=model, primals=primals, tangents=tangents,
-            parameter_tangents=parameter_tangents, dtype=dtype, device=device, engine=engine,
-            fallback=fallback, encoding=encoding, options=options,
+            expression=expression,
+            model=model,
+            primals=primals,
+            tangents=tangents,
+            parameter_tangents=parameter_tangents,
+            dtype=dtype,
+            device=device,
+            engine=engine,
+            fallback=fallback,
+            encoding=encoding,
+            options=options,
         )
         response = self._request("POST", "jvp", json_body=body, timeout=timeout)
         return self._parse_jvp(response, kind)
@@ -223,7 +238,8 @@ class JVPClient(BaseClient):
         live = self._request("GET", "healthz")
         ready = self._request("GET", "readyz", max_retries=0, ok_statuses=frozenset({503}))
         return HealthStatus(
-            live=True, ready=ready.is_success,
+            live=True,
+            ready=ready.is_success,
             detail={"healthz": _body_or_text(live), "readyz": _body_or_text(ready)},
         )
 
@@ -251,8 +267,15 @@ class JVPClient(BaseClient):
         retried submission returns the same job.
         """
         body, kind = self._job_body(
-            tasks, expression=expression, model=model, dtype=dtype, device=device,
-            engine=engine, fallback=fallback, encoding=encoding, options=options,
+            tasks,
+            expression=expression,
+            model=model,
+            dtype=dtype,
+            device=device,
+            engine=engine,
+            fallback=fallback,
+            encoding=encoding,
+            options=options,
         )
         key = idempotency_key or _new_idempotency_key()
         response = self._request(
@@ -289,7 +312,10 @@ class AsyncJVPClient(BaseClient):
         b64_min_elements: int = B64_MIN_ELEMENTS,
     ) -> None:
         super().__init__(
-            base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries,
+            base_url=base_url,
+            api_key=api_key,
+            timeout=timeout,
+            max_retries=max_retries,
             b64_min_elements=b64_min_elements,
         )
         if http_client is not None and not isinstance(http_client, httpx.AsyncClient):
@@ -334,7 +360,11 @@ class AsyncJVPClient(BaseClient):
         """Send one request, retrying as NOTE [retries] says; raise for error statuses."""
         request = self._client.build_request(
             **self._request_parts(
-                method, path, json_body=json_body, params=params, headers=headers,
+                method,
+                path,
+                json_body=json_body,
+                params=params,
+                headers=headers,
                 timeout=timeout,
             )
         )
@@ -383,9 +413,17 @@ class AsyncJVPClient(BaseClient):
     ) -> JVPResult:
         """``POST /jvp``; see :meth:`JVPClient.jvp`."""
         body, kind = self._jvp_body(
-            expression=expression, model=model, primals=primals, tangents=tangents,
-            parameter_tangents=parameter_tangents, dtype=dtype, device=device, engine=engine,
-            fallback=fallback, encoding=encoding, options=options,
+            expression=expression,
+            model=model,
+            primals=primals,
+            tangents=tangents,
+            parameter_tangents=parameter_tangents,
+            dtype=dtype,
+            device=device,
+            engine=engine,
+            fallback=fallback,
+            encoding=encoding,
+            options=options,
         )
         response = await self._request("POST", "jvp", json_body=body, timeout=timeout)
         return self._parse_jvp(response, kind)
@@ -411,7 +449,8 @@ class AsyncJVPClient(BaseClient):
         live = await self._request("GET", "healthz")
         ready = await self._request("GET", "readyz", max_retries=0, ok_statuses=frozenset({503}))
         return HealthStatus(
-            live=True, ready=ready.is_success,
+            live=True,
+            ready=ready.is_success,
             detail={"healthz": _body_or_text(live), "readyz": _body_or_text(ready)},
         )
 
@@ -432,8 +471,15 @@ class AsyncJVPClient(BaseClient):
     ) -> AsyncJob:
         """``POST /jobs``; see :meth:`JVPClient.submit_job`."""
         body, kind = self._job_body(
-            tasks, expression=expression, model=model, dtype=dtype, device=device,
-            engine=engine, fallback=fallback, encoding=encoding, options=options,
+            tasks,
+            expression=expression,
+            model=model,
+            dtype=dtype,
+            device=device,
+            engine=engine,
+            fallback=fallback,
+            encoding=encoding,
+            options=options,
         )
         key = idempotency_key or _new_idempotency_key()
         response = await self._request(

@@ -110,10 +110,8 @@ class APIStatusError(JVPError):
         self.request_id: str | None = response.headers.get("x-request-id")
 
     def __str__(self) -> str:
-        parts = [f"{self.status_code}"]
-        if self.type:
-            parts.append(self.type)
-        text = f"Error {' '.join(parts)}: {self.message}"
+        head = f"{self.status_code} {self.type}" if self.type else f"{self.status_code}"
+        text = f"{head}: {self.message}"
         if self.param:
             text += f" (param: {self.param})"
         if self.request_id:

@@ -137,7 +137,8 @@ class Job:
         next_offset: int | None = offset
         while next_offset is not None:
             response = self._client._request(
-                "GET", f"{job_path(self.id)}/results",
+                "GET",
+                f"{job_path(self.id)}/results",
                 params={"offset": next_offset, "limit": page_size},
             )
             page = self._client._parse_results_page(response, self._kind)
@@ -227,7 +228,8 @@ class AsyncJob:
         next_offset: int | None = offset
         while next_offset is not None:
             response = await self._client._request(
-                "GET", f"{job_path(self.id)}/results",
+                "GET",
+                f"{job_path(self.id)}/results",
                 params={"offset": next_offset, "limit": page_size},
             )
             page = self._client._parse_results_page(response, self._kind)

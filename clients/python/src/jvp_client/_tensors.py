@@ -162,13 +162,14 @@ def _json_nested(value: Any) -> Any:
 
 def _bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) -> the same values as float32, exactly."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    # np.asarray: arithmetic on a 0-d array gives a numpy scalar.
+    return np.asarray(bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns, rounding to nearest even (NaN stays NaN)."""
     as_int = np.asarray(values, dtype=np.float32, order="C").view(np.uint32).astype(np.uint64)
-    rounded = ((as_int + 0x7FFF + ((as_int >> 16) & 1)) >> 16).astype(np.uint16)
+    rounded = np.asarray((as_int + 0x7FFF + ((as_int >> 16) & 1)) >> 16).astype(np.uint16)
     nan = np.isnan(values)
     if nan.any():
         rounded[nan] = 0x7FC0
@@ -289,9 +290,7 @@ def _parse_nested(value: Any) -> Any:
     return _parse_number(value)
 
 
-def _to_output(
-    array: np.ndarray, wire: str, *, as_torch: bool, device: Any
-) -> Array:
+def _to_output(array: np.ndarray, wire: str, *, as_torch: bool, device: Any) -> Array:
     """A decoded array (bfloat16 as uint16 bits) as the caller's kind of tensor."""
     if as_torch:
         import torch
@@ -354,9 +353,7 @@ def decode_tensor(obj: Any, *, as_torch: bool = False, device: Any = None) -> Ar
     return _to_output(values, "float64", as_torch=as_torch, device=device)
 
 
-def decode_tensors(
-    obj: Any, *, as_torch: bool = False, device: Any = None
-) -> Array | list[Array]:
+def decode_tensors(obj: Any, *, as_torch: bool = False, device: Any = None) -> Array | list[Array]:
     """A response's ``output`` or ``jvp``: one tensor, or a list of them (several outputs)."""
     if isinstance(obj, list) and all(isinstance(item, Mapping) for item in obj):
         return [decode_tensor(item, as_torch=as_torch, device=device) for item in obj]

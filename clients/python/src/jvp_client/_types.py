@@ -53,8 +53,11 @@ class TensorSpec:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> TensorSpec:
-        return cls(name=str(obj["name"]), shape=[int(n) for n in obj.get("shape", [])],
-                   dtype=obj.get("dtype"))
+        return cls(
+            name=str(obj["name"]),
+            shape=[int(n) for n in obj.get("shape", [])],
+            dtype=obj.get("dtype"),
+        )
 
 
 @dataclass(frozen=True)

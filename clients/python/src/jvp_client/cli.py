@@ -159,9 +159,7 @@ def _print_result(result: JVPResult) -> None:
 
 
 def _print_job(info: JobInfo) -> None:
-    print(
-        f"job {info.id}: {info.status}, {info.done}/{info.total} done, {info.failed} failed"
-    )
+    print(f"job {info.id}: {info.status}, {info.done}/{info.total} done, {info.failed} failed")
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -210,8 +208,10 @@ def _cmd_models(client: JVPClient, args: argparse.Namespace) -> int:
         print("no models")
     for info in models:
         inputs = ", ".join(f"{s.name}{s.shape}" for s in info.inputs)
-        print(f"{info.name}\t{info.source}\tinputs: {inputs}\toutputs: {info.outputs}"
-              f"\t{info.description}")
+        print(
+            f"{info.name}\t{info.source}\tinputs: {inputs}\toutputs: {info.outputs}"
+            f"\t{info.description}"
+        )
     return 0
 
 
@@ -290,13 +290,26 @@ def _add_connection_options(parser: argparse.ArgumentParser, *, suppress: bool) 
     # On subcommands the default is SUPPRESS so `jvp --base-url U call` is not overwritten.
     default = argparse.SUPPRESS if suppress else None
     group = parser.add_argument_group("connection")
-    group.add_argument("--base-url", default=default,
-                       help="service URL (default: $JVP_BASE_URL or http://127.0.0.1:8000)")
+    group.add_argument(
+        "--base-url",
+        default=default,
+        help="service URL (default: $JVP_BASE_URL or http://127.0.0.1:8000)",
+    )
     group.add_argument("--api-key", default=default, help="API key (default: $JVP_API_KEY)")
-    group.add_argument("--timeout", type=float, default=default, metavar="S",
-                       help="seconds per request attempt (default: 60)")
-    group.add_argument("--max-retries", type=int, default=default, metavar="N",
-                       help="retries after connection errors, 408, 429 and 5xx (default: 2)")
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=default,
+        metavar="S",
+        help="seconds per request attempt (default: 60)",
+    )
+    group.add_argument(
+        "--max-retries",
+        type=int,
+        default=default,
+        metavar="N",
+        help="retries after connection errors, 408, 429 and 5xx (default: 2)",
+    )
 
 
 def _add_target_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
@@ -310,8 +323,13 @@ def _add_target_options(parser: argparse.ArgumentParser, *, required: bool) -> N
 
 
 def _add_poll_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--poll-interval", type=float, default=1.0, metavar="S",
-                        help="seconds between status polls (default: 1)")
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds between status polls (default: 1)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -330,14 +348,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     call = add(commands, "call", "compute one JVP (POST /jvp)")
     _add_target_options(call, required=True)
-    call.add_argument("--primal", "-p", action="append", metavar="NAME=FILE",
-                      help="an input's value (.npy file or JSON); repeat per input")
-    call.add_argument("--tangent", "-t", action="append", metavar="NAME=FILE",
-                      help="an input's tangent; inputs left out get zero")
-    call.add_argument("--parameter-tangent", action="append", metavar="NAME=FILE",
-                      help="a model parameter's tangent")
-    call.add_argument("--out", "-o", metavar="FILE.npz",
-                      help="write output and jvp (output_0, jvp_0, ... for several outputs)")
+    call.add_argument(
+        "--primal",
+        "-p",
+        action="append",
+        metavar="NAME=FILE",
+        help="an input's value (.npy file or JSON); repeat per input",
+    )
+    call.add_argument(
+        "--tangent",
+        "-t",
+        action="append",
+        metavar="NAME=FILE",
+        help="an input's tangent; inputs left out get zero",
+    )
+    call.add_argument(
+        "--parameter-tangent",
+        action="append",
+        metavar="NAME=FILE",
+        help="a model parameter's tangent",
+    )
+    call.add_argument(
+        "--out",
+        "-o",
+        metavar="FILE.npz",
+        help="write output and jvp (output_0, jvp_0, ... for several outputs)",
+    )
     call.set_defaults(handler=_cmd_call)
 
     models = add(commands, "models", "list models, or describe one")
@@ -370,8 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     results = add(jobs, "results", "fetch a job's results (exit 1 if any task failed)")
     results.add_argument("id")
-    results.add_argument("--out", "-o", metavar="FILE.npz",
-                         help="write task<i>_output and task<i>_jvp arrays")
+    results.add_argument(
+        "--out", "-o", metavar="FILE.npz", help="write task<i>_output and task<i>_jvp arrays"
+    )
     results.add_argument("--page-size", type=int, default=100, metavar="N")
     results.set_defaults(handler=_cmd_jobs_results)
 
