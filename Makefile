@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # can install a CUDA build instead: `make TORCH=torch install`.
 TORCH ?= torch==2.13.0
 
-.PHONY: run test install install-dev lint typecheck clean
+.PHONY: run test install install-dev lint typecheck clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ run: install
 
 test: install-dev
 	$(BIN)/python -m pytest
+
+# Throughput and latency against the peers (needs wrk: apt-get install -y wrk); writes
+# docs/benchmarks.md. `make bench BENCH_ARGS=--quick` for a short run.
+bench: install-dev
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check app tests clients bench

@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
+import signal
+from pathlib import Path
 
 import uvicorn
 
+from app.logs import configure_logging
 from app.settings import Settings
+
+log = logging.getLogger("app.cli")
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def exposure_warning(host: str, settings: Settings) -> str | None:
+    """The warning to log when the service listens beyond this machine with no API keys."""
+    if is_loopback(host) or settings.api_keys:
+        return None
+    return (
+        f"Listening on {host} with no API keys: anyone who can reach this address can "
+        "use the service. Set JVP_API_KEYS (and JVP_ADMIN_KEYS), or bind 127.0.0.1."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,19 +44,39 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--host", help="Address to bind (default JVP_HOST or 127.0.0.1).")
     serve.add_argument("--port", type=int, help="Port to bind (default JVP_PORT or 8000).")
     serve.add_argument("--log-level", default=os.environ.get("JVP_LOG_LEVEL", "info"))
+    models = sub.add_parser("models", help="Model repository tools.")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    check = models_sub.add_parser(
+        "check",
+        help="Load each model of a repository and run one JVP on random inputs; "
+        "exit code 1 if any fails.",
+    )
+    check.add_argument("dir", type=Path, help="The repository folder (as JVP_MODEL_DIR).")
     args = parser.parse_args(argv)
+
+    if args.command == "models" and args.models_command == "check":
+        from app.models.check import main as check_main  # imports torch: only when asked
+
+        raise SystemExit(check_main(args.dir))
 
     if args.command == "serve":
         settings = Settings()
-        logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        configure_logging(settings.log_format, args.log_level)
+        host = args.host or settings.host
+        warning = exposure_warning(host, settings)
+        if warning:
+            log.warning(warning)
+        # uvicorn shuts down gracefully on SIGTERM (stops accepting, finishes requests in
+        # flight, then runs the lifespan's shutdown), and then raises the signal again with
+        # the handler it found: make that one a no-op so a clean stop exits 0.
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
         uvicorn.run(
             "app.main:create_app",
             factory=True,
-            host=args.host or settings.host,
+            host=host,
             port=args.port or settings.port,
             log_level=args.log_level,
+            log_config=None,  # configure_logging above: one format, request ids
         )
 
 

@@ -12,8 +12,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import compile_path
 
 from app.engine import errors as engine_errors
+from app.logs import request_id
 from app.responses import ORJSONResponse
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ def _engine_error(_: Request, exc: Exception) -> Response:
         headers = {"Retry-After": str(exc.retry_after_s)}
     elif isinstance(exc, Unauthorized):
         headers = {"WWW-Authenticate": "Bearer"}
+    if status >= 500:
+        log.warning("%d %s (request %s): %s", status, type_, request_id.get(), exc.message)
     return error_response(status, type_, exc.message, exc.param, headers)
 
 
@@ -106,15 +110,47 @@ def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         return error_response(404, "not_found", f"No route {request.method} {request.url.path}")
     if exc.status_code == 405:
+        # RFC 9110 requires Allow on a 405: every method of the path, not only those of the
+        # first route Starlette tried.
+        allow = _allowed_methods(request)
         return error_response(
-            405, "invalid_request", f"Method {request.method} is not allowed on {request.url.path}"
+            405,
+            "invalid_request",
+            f"Method {request.method} is not allowed on {request.url.path}",
+            headers={"Allow": allow} if allow else dict(exc.headers or {}),
         )
-    return error_response(exc.status_code, "invalid_request", str(exc.detail))
+    return error_response(
+        exc.status_code, "invalid_request", str(exc.detail), headers=dict(exc.headers or {})
+    )
+
+
+def _allowed_methods(request: Request) -> str:
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].fullmatch(request.url.path):
+            methods |= {m.upper() for m in operations}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
 
 
 def _unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal_error", "Internal error; the service keeps serving")
+    # Runs outside the request-id middleware (Starlette's outermost error handler), so the
+    # response gets its X-Request-ID here; the id is still in the logging context.
+    rid = request_id.get()
+    log.exception(
+        "unexpected error on %s %s (request %s)",
+        request.method,
+        request.url.path,
+        rid,
+        exc_info=exc,
+    )
+    return error_response(
+        500,
+        "internal_error",
+        f"Internal error (request id {rid}); the service keeps serving",
+        headers={"X-Request-ID": rid} if rid else None,
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -10,12 +10,16 @@ import torch
 from fastapi import FastAPI
 
 from app import errors
+from app.derivatives import start_derivatives
 from app.engine.devices import available_devices, parse_device
 from app.engine.worker import Engine
+from app.jobs import start_jobs
+from app.metrics import Metrics
+from app.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.models.builtin import BUILTINS
 from app.models.registry import ModelRegistry
 from app.models.repository import load_repository
-from app.routes import health, jvp, models
+from app.routes import derivatives, docs, health, jobs, jvp, metrics, models
 from app.service import JVPService
 from app.settings import Settings
 
@@ -54,11 +58,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = build_registry(settings)
         app.state.engine = engine
         app.state.registry = registry
-        app.state.service = JVPService(settings, engine, registry)
+        app.state.service = JVPService(settings, engine, registry, metrics=app_metrics)
+        app.state.derivatives, sweeper = start_derivatives(settings, app.state.service)
+        app_metrics.bind_engine(engine)
         engine.start()  # warms every device up, then marks the engine ready
         try:
-            yield
+            app.state.jobs = await start_jobs(settings, app.state.service)  # after the engine
+            try:
+                yield
+            finally:
+                await app.state.jobs.stop()  # unfinished tasks stay queued in the store
         finally:
+            sweeper.stop()  # and drops every linearize session
             engine.stop()
 
     app = FastAPI(
@@ -66,10 +77,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Jacobian-vector products by PyTorch forward-mode AD, over HTTP.",
         lifespan=lifespan,
+        # Served by app/routes/docs.py, which asks for a key when keys are on.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
+    app_metrics = Metrics()
+    app.state.metrics = app_metrics
     errors.install(app)
+    # Added last = outermost: the request id and metrics see the body limit's 413s too.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=app_metrics)
     app.include_router(jvp.router)
+    app.include_router(derivatives.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(metrics.router)
+    app.include_router(docs.router)
     return app

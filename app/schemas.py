@@ -37,9 +37,10 @@ Tensor = Annotated[
 class JVPOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dtype: str = Field(
-        "float32",
-        description="Computation dtype: float16, bfloat16, float32, float64 (or FP16...).",
+    dtype: str | None = Field(
+        None,
+        description="Computation dtype: float16, bfloat16, float32, float64 (or FP16...). "
+        "Unset: the model's default dtype (config.json), else float32.",
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     engine: Literal["dual", "functional"] = Field(
@@ -48,6 +49,16 @@ class JVPOptions(BaseModel):
     encoding: Literal["json", "b64"] = Field("json", description="Response tensors as data or b64.")
     fallback: Literal["auto", "none"] = Field(
         "auto", description="Whether anything but forward AD may compute the JVP."
+    )
+    tangent_batch: bool = Field(
+        False,
+        description="Every tangent has a leading dimension K (the same for all); jvp then "
+        "has that leading K: J·V for K directions in one call.",
+    )
+    check: bool = Field(
+        False,
+        description="Also estimate J·v by central finite differences in float64 and "
+        "report the difference ('check').",
     )
 
 
@@ -72,6 +83,19 @@ class TimingMs(BaseModel):
     total: float
 
 
+class GradientCheck(BaseModel):
+    """J·v against central finite differences in float64 (README "Beyond one JVP")."""
+
+    max_abs_error: float | str = Field(description="max |jvp - fd| over all outputs.")
+    max_rel_error: float | str = Field(
+        description="max_abs_error / max(|fd|_inf, |jvp|_inf); 0 when both are 0."
+    )
+    passed: bool = Field(description="max_abs_error <= atol + rtol * max(|fd|_inf, |jvp|_inf).")
+    eps: float | str = Field(description="The largest perturbation of any input element.")
+    rtol: float = Field(description="The relative tolerance for the computation dtype.")
+    atol: float = Field(description="The absolute tolerance for the computation dtype.")
+
+
 class JVPResponse(BaseModel):
     output: Any = Field(description="A tensor, or a list of tensors for several outputs.")
     jvp: Any = Field(description="J·v, shaped like output.")
@@ -80,6 +104,7 @@ class JVPResponse(BaseModel):
     engine: str
     method: Literal["forward", "decomposed", "double_vjp"]
     timing_ms: TimingMs
+    check: GradientCheck | None = Field(None, description="With options.check only.")
 
 
 class TensorInfo(BaseModel):
@@ -97,10 +122,18 @@ class ModelInfo(BaseModel):
     name: str
     description: str
     source: Literal["builtin", "repository"]
-    inputs: list[TensorInfo]
-    outputs: int
+    inputs: list[TensorInfo] = Field(description="Input signature; -1 marks a size that may vary.")
+    outputs: int = Field(description="How many outputs a JVP returns (after config selection).")
     parameters: list[TensorInfo]
     buffers: list[BufferInfo]
+    state: Literal["ready"] = Field(
+        "ready", description="ready: served (a failed reload leaves the old version ready)."
+    )
+    parameter_count: int = Field(0, description="Elements across all parameters.")
+    default_dtype: str = Field(
+        "float32", description="The computation dtype when a request gives no options.dtype."
+    )
+    max_batch_size: int = Field(0, description="From config.json; 0: no dynamic batching.")
 
 
 class ModelList(BaseModel):
@@ -119,3 +152,111 @@ class ErrorBody(BaseModel):
 
 class Status(BaseModel):
     status: str
+
+
+# Beyond one JVP: /jacobian, /hvp, /linearize (app/routes/derivatives.py).
+
+
+class DerivativeOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: str | None = Field(
+        None,
+        description="Computation dtype: float16, bfloat16, float32, float64 (or FP16...). "
+        "Unset: the model's default dtype, else float32.",
+    )
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    encoding: Literal["json", "b64"] = Field("json", description="Response tensors as data or b64.")
+
+
+class HVPOptions(DerivativeOptions):
+    tangent_batch: bool = Field(
+        False, description="Every tangent has a leading K; each hvp then has that leading K."
+    )
+
+
+class _Point(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    expression: str | None = Field(None, description="An expression such as 'x**2 + y**2'.")
+    model: str | None = Field(None, description="A registered model's name (GET /models).")
+    primals: dict[str, Tensor] = Field(description="One tensor per input, by name.")
+
+
+class JacobianRequest(_Point):
+    wrt: list[str] | None = Field(
+        None, description="Input and parameter names to differentiate by; default all inputs."
+    )
+    options: DerivativeOptions = Field(default_factory=DerivativeOptions)
+
+
+class JacobianResponse(BaseModel):
+    output: Any = Field(description="A tensor, or a list of tensors for several outputs.")
+    jacobian: Any = Field(
+        description='{"<name>": T} of shape output shape + that input\'s shape; a list of '
+        "such maps for several outputs."
+    )
+    dtype: str
+    device: str
+    timing_ms: TimingMs
+
+
+class HVPRequest(_Point):
+    tangents: dict[str, Tensor] = Field(
+        default_factory=dict, description="Per input; only inputs with a tangent are varied."
+    )
+    parameter_tangents: dict[str, Tensor] = Field(
+        default_factory=dict, description="Models only: tangents of parameters, by name."
+    )
+    output_index: int = Field(0, ge=0, description="Which output is the scalar (models).")
+    reduction: Literal["sum", "mean", "none"] = Field(
+        "none", description="How the output becomes a scalar; none needs a scalar output."
+    )
+    options: HVPOptions = Field(default_factory=HVPOptions)
+
+
+class HVPResponse(BaseModel):
+    output: Any = Field(description="The scalar value of the function.")
+    hvp: Any = Field(description='{"<name>": T}: H·v for each input with a tangent.')
+    dtype: str
+    device: str
+    timing_ms: TimingMs
+
+
+class LinearizeRequest(JacobianRequest):
+    pass
+
+
+class LinearizeResponse(BaseModel):
+    id: str = Field(description="The session id for POST /linearize/{id}/jvp.")
+    output: Any = Field(description="f(primals): a tensor, or a list for several outputs.")
+    expires_at: str = Field(description="When the session is dropped (ISO 8601, UTC).")
+    wrt: list[str] = Field(description="The names the tangents of /linearize/{id}/jvp may use.")
+    bytes: int = Field(description="The session's estimated size, counted against the budget.")
+    dtype: str
+    device: str
+    timing_ms: TimingMs
+
+
+class LinearizedJVPOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tangent_batch: bool = Field(False, description="Tangents have a leading K.")
+    encoding: Literal["json", "b64"] = Field("json", description="Response tensors as data or b64.")
+
+
+class LinearizedJVPRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tangents: dict[str, Tensor] = Field(
+        default_factory=dict, description="Per input in the session's wrt; a missing one is zero."
+    )
+    parameter_tangents: dict[str, Tensor] = Field(
+        default_factory=dict, description="Per parameter in the session's wrt."
+    )
+    options: LinearizedJVPOptions = Field(default_factory=LinearizedJVPOptions)
+
+
+class LinearizedJVPResponse(BaseModel):
+    jvp: Any = Field(description="J·t at the session's point; a list for several outputs.")
+    timing_ms: TimingMs

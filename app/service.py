@@ -17,8 +17,10 @@ from app.codec import Limits, decode_tensor, encode_tensor
 from app.engine.devices import DTYPE_NAMES, parse_device, parse_dtype
 from app.engine.errors import InvalidRequest, TooLarge
 from app.engine.expressions import compile_expression
+from app.engine.operations import jvp_operation, tangent_batch_size
 from app.engine.target import Materialized, Target
 from app.engine.worker import Engine, JVPResult, JVPTask
+from app.metrics import Metrics
 from app.models.registry import ModelRegistry
 from app.schemas import JVPRequest
 from app.settings import Settings
@@ -50,10 +52,18 @@ def _shape_matches(shape: tuple[int, ...], declared: tuple[int, ...]) -> bool:
 
 
 class JVPService:
-    def __init__(self, settings: Settings, engine: Engine, registry: ModelRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        registry: ModelRegistry,
+        *,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.registry = registry
+        self.metrics = metrics
         self.limits = Limits(settings.max_tensor_elements, settings.max_dims)
 
     def target_for(self, request: JVPRequest) -> Target:
@@ -75,10 +85,18 @@ class JVPService:
         assert request.model is not None
         return self.registry.get(request.model).target
 
+    def dtype_name(self, request: JVPRequest) -> str:
+        """options.dtype, else the model's default dtype (config.json), else float32."""
+        if request.options.dtype is not None:
+            return request.options.dtype
+        if request.model is not None and request.expression is None:
+            return self.registry.get(request.model).default_dtype or "float32"
+        return "float32"
+
     def prepare(self, request: JVPRequest) -> JVPTask:
         """Everything that can be checked before queueing: names, shapes, dtypes, limits."""
         target = self.target_for(request)
-        dtype = parse_dtype(request.options.dtype)
+        dtype = parse_dtype(self.dtype_name(request))
         device = parse_device(request.options.device, self.engine.devices)
         names = target.input_names
         missing = [n for n in names if n not in request.primals]
@@ -107,8 +125,11 @@ class JVPService:
                     f"got {list(x.shape)}",
                     param=f"primals.{name}",
                 )
+        batched = request.options.tangent_batch
         tangents = tuple(
-            self._tangent(decode, f"tangents.{n}", f"tangent {n!r}", request.tangents[n], x.shape)
+            self._tangent(
+                decode, f"tangents.{n}", f"tangent {n!r}", request.tangents[n], x.shape, batched
+            )
             if n in request.tangents
             else None
             for n, x in zip(names, inputs, strict=True)
@@ -123,7 +144,17 @@ class JVPService:
                 )
             shape = torch.Size(target.parameter_shapes[name])
             parameter_tangents[name] = self._tangent(
-                decode, f"parameter_tangents.{name}", f"parameter tangent {name!r}", value, shape
+                decode,
+                f"parameter_tangents.{name}",
+                f"parameter tangent {name!r}",
+                value,
+                shape,
+                batched,
+            )
+        if batched:  # the same leading K everywhere (422 with the shapes otherwise)
+            tangent_batch_size(
+                {n: t for n, t in zip(names, tangents, strict=True) if t is not None},
+                parameter_tangents,
             )
         total = sum(x.numel() for x in inputs)
         total += sum(t.numel() for t in tangents if t is not None)
@@ -141,15 +172,32 @@ class JVPService:
             parameter_tangents=parameter_tangents,
             dtype=dtype,
             device=device,
-            engine=request.options.engine,
+            # Batched tangents run vmap over torch.func.jvp (make_dual has no batching rule).
+            engine="functional" if batched else request.options.engine,
+            operation=jvp_operation(
+                target,
+                engine=request.options.engine,
+                tangent_batch=batched,
+                check=request.options.check,
+            ),
+            fallback=request.options.fallback,
         )
 
     @staticmethod
     def _tangent(
-        decode: Any, param: str, label: str, value: Any, shape: torch.Size
+        decode: Any, param: str, label: str, value: Any, shape: torch.Size, batched: bool = False
     ) -> torch.Tensor:
         tangent: torch.Tensor = decode(value, param)
-        if tangent.shape != shape:
+        if batched:  # options.tangent_batch: [K, *shape]
+            if tangent.dim() != len(shape) + 1 or tangent.shape[1:] != shape:
+                raise InvalidRequest(
+                    f"Expected {label} of shape [K, {', '.join(map(str, shape))}] with "
+                    f"options.tangent_batch (K directions), got {list(tangent.shape)}".replace(
+                        "[K, ]", "[K]"
+                    ),
+                    param=param,
+                )
+        elif tangent.shape != shape:
             raise InvalidRequest(
                 f"Expected {label} of shape {list(shape)}, got {list(tangent.shape)}",
                 param=param,
@@ -160,6 +208,8 @@ class JVPService:
         started = time.monotonic()
         task = await asyncio.to_thread(self.prepare, request)
         result = await self.engine.run(task, timeout_s=self.settings.request_timeout_s)
+        if self.metrics is not None:
+            self.metrics.observe_result(task.device, result)
         body = await asyncio.to_thread(self.render, task, result, request.options.encoding)
         body["timing_ms"] = {
             "queue": round(result.queue_ms, 3),
@@ -180,4 +230,5 @@ class JVPService:
             "device": str(task.device),
             "engine": task.engine,
             "method": result.method,
+            **(task.operation.report() if task.operation is not None else {}),
         }

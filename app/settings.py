@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -42,11 +42,72 @@ class Settings(BaseSettings):
         67_108_864, ge=1, description="Elements across all tensors of one request (64M)."
     )
     max_dims: int = Field(8, ge=0, description="Dimensions per tensor.")
+    max_body_bytes: int = Field(
+        268_435_456, ge=1, description="Bytes per request body (256 MiB), counted while it streams."
+    )
 
     # Engine.
     max_queue: int = Field(1024, ge=1, description="Work items waiting per device before 503.")
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline of one /jvp request.")
     num_threads: int = Field(0, ge=0, description="torch.set_num_threads; 0 keeps torch's choice.")
+
+    # Operations.
+    metrics_public: bool = Field(
+        False, description="Serve GET /metrics without a key even when API keys are on."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text or as JSON objects (one per line)."
+    )
+
+    # Batch jobs (app/jobs).
+    database_url: str = Field(
+        "sqlite:///./jvp-jobs.db",
+        description="The job store (SQLAlchemy URL): SQLite (WAL, synchronous=FULL) or "
+        "PostgreSQL ('postgresql+psycopg://user@host/db').",
+    )
+    job_runner: Literal["local", "off"] = Field(
+        "local",
+        description="'local' runs job tasks in this process on the device workers; 'off' only "
+        "stores jobs (another process runs them).",
+    )
+    job_concurrency: int = Field(
+        64,
+        ge=1,
+        description="Job tasks in flight at once in this process (queued on a worker or "
+        "computing); interactive requests still go first.",
+    )
+    job_retention_s: float = Field(
+        604_800.0, gt=0, description="Seconds a finished job is kept before it is removed (7 d)."
+    )
+    max_job_tasks: int = Field(100_000, ge=1, description="Tasks per job (413 past it).")
+    max_job_body_bytes: int = Field(
+        268_435_456, ge=1, description="Bytes of one POST /jobs body (256 MiB; 413 past it)."
+    )
+
+    # Beyond one JVP: /jacobian, /hvp, /linearize.
+    max_jacobian_elements: int = Field(
+        4096,
+        ge=1,
+        description="Input (and parameter) elements a /jacobian may differentiate with "
+        "respect to: one forward-mode column each (413 past it).",
+    )
+    linearize_ttl_s: float = Field(
+        300.0, gt=0, description="Seconds a /linearize session lives after it was made."
+    )
+    linearize_max_session_bytes: int = Field(
+        268_435_456,
+        ge=1,
+        description="Estimated bytes one /linearize session may hold (256 MiB; 413 past it).",
+    )
+    linearize_budget_bytes: int = Field(
+        2_147_483_648,
+        ge=1,
+        description="Estimated bytes all live /linearize sessions may hold together "
+        "(2 GiB; 503 with Retry-After past it).",
+    )
+    linearize_sweep_s: float = Field(
+        10.0, gt=0, description="Seconds between sweeps that drop expired /linearize sessions."
+    )
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -69,3 +70,121 @@ def test_keys_from_environment_are_split_on_commas(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("JVP_ADMIN_KEYS", '["c"]')
     s = Settings()
     assert s.api_keys == ["a", "b"] and s.admin_keys == ["c"]
+
+
+# --- every route, found from the app itself (new routes are covered without editing this) ---
+
+OPEN_ROUTES = {"/healthz", "/readyz"}
+
+
+def _needs_admin(dependant: object) -> bool:
+    from app.auth import require_admin
+
+    stack = [dependant]
+    while stack:
+        d = stack.pop()
+        if getattr(d, "call", None) is require_admin:
+            return True
+        stack.extend(getattr(d, "dependencies", []))
+    return False
+
+
+def app_routes(app: object) -> list[tuple[str, str, bool]]:
+    """(method, path with sample path parameters, needs an admin key) for every route."""
+    from fastapi import routing
+
+    routes = getattr(app, "routes", [])
+    # FastAPI >= 0.12x wraps included routers; iter_route_contexts unwraps them.
+    contexts = (
+        routing.iter_route_contexts(routes) if hasattr(routing, "iter_route_contexts") else routes
+    )
+    found = []
+    for route in contexts:
+        path, methods = getattr(route, "path", None), getattr(route, "methods", None)
+        if not path or not methods:
+            continue
+        sample = re.sub(r"\{[^}:]+(:[^}]+)?\}", "sample", path)
+        admin = _needs_admin(getattr(route, "dependant", None))
+        found += [(m, sample, admin) for m in sorted(methods) if m != "HEAD"]
+    return found
+
+
+def test_app_routes_finds_every_kind_of_route(keyed: TestClient) -> None:
+    found = {(m, p) for m, p, _ in app_routes(keyed.app)}
+    for expected in [
+        ("POST", "/jvp"),
+        ("GET", "/models"),
+        ("GET", "/models/sample"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+        ("GET", "/docs"),
+        ("GET", "/healthz"),
+    ]:
+        assert expected in found
+
+
+def keyed_routes() -> list[tuple[str, str, bool]]:
+    from app.main import create_app
+
+    return [r for r in app_routes(create_app()) if r[1] not in OPEN_ROUTES]
+
+
+@pytest.mark.parametrize(("method", "path", "admin"), keyed_routes())
+def test_every_route_without_key_is_401(
+    keyed: TestClient, method: str, path: str, admin: bool
+) -> None:
+    r = keyed.request(method, path)
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["type"] == "unauthorized"
+    assert "Authorization: Bearer" in r.json()["error"]["message"]
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(("method", "path", "admin"), keyed_routes())
+def test_every_route_with_wrong_key_is_401(
+    keyed: TestClient, method: str, path: str, admin: bool
+) -> None:
+    r = keyed.request(method, path, headers={"Authorization": "Bearer guess"})
+    assert r.status_code == 401, r.text
+    assert r.json()["error"] == {
+        "type": "unauthorized",
+        "message": "The API key is not valid",
+        "param": None,
+    }
+
+
+@pytest.mark.parametrize(("method", "path", "admin"), keyed_routes())
+def test_every_route_with_inference_key_passes_or_is_403_for_admin(
+    keyed: TestClient, method: str, path: str, admin: bool
+) -> None:
+    r = keyed.request(method, path, headers={"Authorization": "Bearer inference-key"})
+    if admin:
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["type"] == "forbidden"
+        assert "admin key" in r.json()["error"]["message"]
+    else:
+        assert r.status_code not in (401, 403), r.text
+
+
+@pytest.mark.parametrize(("method", "path", "admin"), keyed_routes())
+def test_every_route_with_admin_key_passes_auth(
+    keyed: TestClient, method: str, path: str, admin: bool
+) -> None:
+    r = keyed.request(method, path, headers={"Authorization": "Bearer admin-key"})
+    assert r.status_code not in (401, 403), r.text
+
+
+def test_metrics_public_setting_opens_metrics_only() -> None:
+    with make_client(api_keys=["k"], metrics_public=True) as c:
+        r = c.get("/metrics")
+        assert r.status_code == 200
+        assert "jvp_http_requests_total" in r.text
+        assert c.get("/models").status_code == 401
+        assert c.get("/openapi.json").status_code == 401
+
+
+def test_docs_routes_are_open_without_keys(client: TestClient) -> None:
+    assert client.get("/openapi.json").json()["paths"]["/jvp"]["post"]
+    assert "swagger-ui" in client.get("/docs").text
+    assert "redoc" in client.get("/redoc").text
+    assert client.get("/metrics").status_code == 200

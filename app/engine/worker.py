@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,8 +34,12 @@ from app.engine.errors import (
     InvalidRequest,
     Overloaded,
 )
+from app.engine.fallback import jvp_with_fallback
 from app.engine.jvp import ENGINES
 from app.engine.target import Materialized, Target
+
+if TYPE_CHECKING:
+    from app.engine.operations import Operation
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,13 @@ class JVPTask:
     dtype: torch.dtype
     device: torch.device
     engine: str = "dual"
+    # Beyond one JVP (batched tangents, checks, Jacobians, HVPs, linearize): runs in place
+    # of ENGINES[engine], with the same error mapping (app/engine/operations.py).
+    operation: Operation | None = None
+    # options.fallback ("auto" | "none"), and the method that ran, written by `compute`
+    # (NOTE [forward-AD fallback] in app/engine/fallback.py).
+    fallback: str = "auto"
+    method: str = "forward"
 
 
 @dataclass
@@ -79,6 +91,27 @@ class _Item:
 def compute(task: JVPTask) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """Run one task on its device (worker thread only) and bring the results to the host."""
     try:
+        return _compute(task)
+    except EngineError:
+        raise
+    except torch.OutOfMemoryError:
+        pass  # NOTE [free on out-of-memory]
+    # NOTE [free on out-of-memory]
+    # Only an out-of-memory gets here. Its error was dropped when the except block
+    # ended, and with it the traceback whose frames held every device tensor of the
+    # failed computation (the moved inputs, the intermediates), so they are freed now,
+    # before the cache is emptied and the client told. Raising inside the except block
+    # would chain the error (__context__) and keep all of them alive.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    raise DeviceOutOfMemory(
+        "The device ran out of memory computing this request; its memory was released. "
+        "Send smaller tensors or retry later."
+    )
+
+
+def _compute(task: JVPTask) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    try:
         target = task.target.materialize(task.dtype, task.device)
 
         def move(x: torch.Tensor) -> torch.Tensor:
@@ -87,19 +120,20 @@ def compute(task: JVPTask) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor
         inputs = tuple(move(x) for x in task.inputs)
         tangents = tuple(None if t is None else move(t) for t in task.tangents)
         param_tangents = {k: move(t) for k, t in task.parameter_tangents.items()}
-        outputs, jvps = ENGINES[task.engine](target, inputs, tangents, param_tangents)
+        if task.operation is not None:
+            outputs, jvps = task.operation(target, inputs, tangents, param_tangents)
+        else:
+            outputs, jvps, task.method = jvp_with_fallback(
+                ENGINES[task.engine],
+                target,
+                inputs,
+                tangents,
+                param_tangents,
+                fallback=task.fallback,
+            )
         return tuple(o.cpu() for o in outputs), tuple(j.cpu() for j in jvps)
-    except EngineError:
+    except (EngineError, torch.OutOfMemoryError):
         raise
-    except torch.OutOfMemoryError:
-        # Drop every reference this request held before telling the client.
-        del task
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        raise DeviceOutOfMemory(
-            "The device ran out of memory computing this request; its memory was released. "
-            "Send smaller tensors or retry later."
-        ) from None
     except (RuntimeError, NotImplementedError) as e:
         match = _NO_FORWARD_AD.search(str(e))
         if match:
@@ -185,6 +219,7 @@ class DeviceWorker:
                 outputs, jvps = compute(item.task)
             except BaseException as e:  # noqa: BLE001 - every error goes to the caller
                 item.future.set_exception(e)
+                del item  # a failed request's tensors must not wait here for the next item
                 continue
             finished = time.monotonic()
             item.future.set_result(
@@ -193,6 +228,7 @@ class DeviceWorker:
                     jvps=jvps,
                     queue_ms=(started - item.enqueued_at) * 1e3,
                     compute_ms=(finished - started) * 1e3,
+                    method=getattr(item.task, "method", "forward"),
                 )
             )
             del item

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -37,12 +38,28 @@ class ServedModel:
     parameters: list[TensorSpec]
     buffers: list[TensorSpec]
     config: dict[str, object] = field(default_factory=dict)
+    state: str = "ready"  # what GET /models shows; a model in the registry is served
+
+    @property
+    def default_dtype(self) -> str | None:
+        """The computation dtype when a request names none (config ``dtype``)."""
+        dtype = self.config.get("dtype")
+        return dtype if isinstance(dtype, str) else None
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(math.prod(s.shape) for s in self.parameters)
 
     def info(self) -> dict[str, object]:
+        max_batch_size = self.config.get("max_batch_size", 0)
         return {
             "name": self.name,
             "description": self.description,
             "source": self.source,
+            "state": self.state,
+            "parameter_count": self.parameter_count,
+            "default_dtype": self.default_dtype or "float32",
+            "max_batch_size": max_batch_size if isinstance(max_batch_size, int) else 0,
             "inputs": [
                 {"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in self.inputs
             ],
@@ -74,11 +91,19 @@ def _cast_module(module: nn.Module, dtype: torch.dtype, device: torch.device) ->
     return moved
 
 
-def module_target(key: str, module: nn.Module, inputs: list[TensorSpec], outputs: int) -> Target:
+def module_target(
+    key: str,
+    module: nn.Module,
+    inputs: list[TensorSpec],
+    outputs: int,
+    select: tuple[int, ...] | None = None,
+) -> Target:
     """Wrap an `nn.Module` as a JVP target over its parameters and buffers.
 
-    Built-in modules are put in eval mode by their makers; an exported program
-    keeps the mode it was traced in (its module refuses ``.eval()``).
+    ``select`` keeps only those outputs (by index, in that order); ``outputs`` is
+    the count after selection. Built-in modules are put in eval mode by their
+    makers; an exported program is rewritten to eval mode by the repository
+    loader (its module refuses ``.eval()``).
     """
 
     def build(dtype: torch.dtype, device: torch.device) -> Materialized:
@@ -90,7 +115,8 @@ def module_target(key: str, module: nn.Module, inputs: list[TensorSpec], outputs
             args: tuple[torch.Tensor, ...], state: dict[str, torch.Tensor]
         ) -> tuple[torch.Tensor, ...]:
             out = functional_call(moved, state, args)
-            return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+            every = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+            return every if select is None else tuple(every[i] for i in select)
 
         return Materialized(fn=fn, parameters=params, buffers=buffers)
 
@@ -123,6 +149,10 @@ class ModelRegistry:
         with self._lock:
             if self._models.pop(name, None) is None:
                 raise NotFound(f"Unknown model {name!r}", param="model")
+
+    def find(self, name: str) -> ServedModel | None:
+        with self._lock:
+            return self._models.get(name)
 
     def get(self, name: str) -> ServedModel:
         with self._lock:

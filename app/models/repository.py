@@ -7,13 +7,16 @@ model; nothing is unpickled from a client, and nothing is fetched from a URL.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
+from typing import Annotated
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from app.engine.devices import DTYPE_NAMES
-from app.models.registry import ServedModel, TensorSpec, module_target
+from app.engine.devices import DTYPE_NAMES, parse_dtype
+from app.engine.errors import InvalidRequest, NotFound
+from app.models.registry import ModelRegistry, ServedModel, TensorSpec, module_target
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +29,100 @@ class ModelLoadError(Exception):
 
 
 class ModelConfig(BaseModel):
-    """``config.json`` beside a program. Unknown keys are kept for later features."""
+    """``config.json`` beside a program; every key is optional, an unknown key is an error
+    (so a misspelt key fails the load instead of being ignored)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
-    description: str = ""
-    max_batch_size: int = Field(0, ge=0)
+    description: str = Field("", description="What GET /models shows.")
+    max_batch_size: int = Field(
+        0, ge=0, description="Largest batch dynamic batching may form; 0: no batching."
+    )
+    example_inputs: dict[str, list[Annotated[int, Field(ge=1)]]] = Field(
+        default_factory=dict,
+        description="A concrete shape per input (for `jvp-service models check` and warm-up).",
+    )
+    dtype: str | None = Field(
+        None, description="Computation dtype when a request gives none (float32 if unset)."
+    )
+    outputs: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="Which of the program's outputs to return, by index."
+    )
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return DTYPE_NAMES[parse_dtype(value, param="dtype")]
+        except InvalidRequest as e:
+            raise ValueError(e.message) from None
+
+    @field_validator("outputs")
+    @classmethod
+    def _distinct(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"output indices must be distinct, got {value}")
+        return value
+
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_name(name: str) -> None:
+    """A model name is one folder name: letters, digits, ``_ . -`` (never a path)."""
+    if not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise InvalidRequest(
+            f"Invalid model name {name!r}: expected 1-128 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit",
+            param="name",
+        )
+
+
+# Operators whose behaviour differs between training and evaluation, and the index of
+# their ``training`` argument. See `_serve_in_eval`.
+_TRAINING_ARG = {
+    torch.ops.aten.batch_norm.default: 5,
+    torch.ops.aten.native_batch_norm.default: 5,
+    torch.ops.aten._native_batch_norm_legit.default: 5,
+    torch.ops.aten.dropout.default: 2,
+    torch.ops.aten.feature_dropout.default: 2,
+    torch.ops.aten.alpha_dropout.default: 2,
+    torch.ops.aten.feature_alpha_dropout.default: 2,
+}
+
+
+_DTYPE_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
+
+
+def _serve_in_eval(module: torch.fx.GraphModule) -> int:
+    """Rewrite a program traced in training mode to evaluation mode, in place.
+
+    Models are served in eval mode: batch norm uses its running statistics and
+    dropout is the identity, so one request's result never depends on another
+    request's rows (nor on other rows of its own batch). An exported module
+    refuses ``.eval()``, so the ``training`` argument of each such call is set to
+    False instead. Dtype assertions are dropped too (any dtype may be asked for).
+    Returns how many calls were rewritten.
+    """
+    changed = 0
+    for node in list(module.graph.nodes):
+        if node.op == "call_function" and node.target in _DTYPE_ASSERTS and not node.users:
+            # ``x.to(...)`` in a program asserts the dtype it was traced in; the service
+            # runs programs in the request's dtype, so these checks would always fail.
+            module.graph.erase_node(node)
+            changed += 1
+            continue
+        index = _TRAINING_ARG.get(node.target) if node.op == "call_function" else None
+        if index is not None and len(node.args) > index and node.args[index] is not False:
+            args = list(node.args)
+            args[index] = False
+            node.args = tuple(args)
+            changed += 1
+    if changed:
+        module.recompile()
+    return changed
 
 
 def _dim(size: object) -> int:
@@ -75,6 +166,7 @@ def load_model(path: Path) -> ServedModel:
         shape = tuple(_dim(s) for s in val.shape)
         inputs.append(TensorSpec(arg, shape, DTYPE_NAMES.get(val.dtype, str(val.dtype))))
     outputs = len(signature.user_outputs)
+    _check_config(config, program, inputs, outputs)
 
     state = ep.state_dict
     parameters = [
@@ -87,27 +179,123 @@ def load_model(path: Path) -> ServedModel:
         if k in state
     ]
     module = ep.module()
+    if _serve_in_eval(module):
+        log.info("model %s: rewritten for serving (eval mode, any dtype)", name)
+    select = None if config.outputs is None else tuple(config.outputs)
+    served_outputs = outputs if select is None else len(select)
     return ServedModel(
         name=name,
         description=config.description,
         source="repository",
-        target=module_target(f"repository:{name}", module, inputs, outputs),
+        target=module_target(f"repository:{name}", module, inputs, served_outputs, select),
         inputs=inputs,
-        outputs=outputs,
+        outputs=served_outputs,
         parameters=parameters,
         buffers=buffers,
         config=config.model_dump(),
     )
 
 
+def _check_config(
+    config: ModelConfig, program: Path, inputs: list[TensorSpec], outputs: int
+) -> None:
+    """What config.json says must agree with the program."""
+    declared = {s.name: s.shape for s in inputs}
+    for name, shape in config.example_inputs.items():
+        if name not in declared:
+            raise ModelLoadError(
+                f"{program.parent / CONFIG_FILE}: example_inputs names {name!r}, "
+                f"but the program's inputs are {list(declared)}"
+            )
+        want = declared[name]
+        fits = len(shape) == len(want) and all(
+            d in (-1, s) for s, d in zip(shape, want, strict=True)
+        )
+        if not fits:
+            raise ModelLoadError(
+                f"{program.parent / CONFIG_FILE}: example_inputs[{name!r}] is {shape}, "
+                f"but the program declares {list(want)} (-1: any size)"
+            )
+    if config.outputs is not None:
+        bad = [i for i in config.outputs if i >= outputs]
+        if bad:
+            raise ModelLoadError(
+                f"{program.parent / CONFIG_FILE}: outputs {config.outputs} names index {bad[0]}, "
+                f"but the program has {outputs} output(s) (indices 0-{outputs - 1})"
+            )
+
+
+def _builtin_names() -> set[str]:
+    from app.models.builtin import BUILTINS  # here: builtin imports this package's registry
+
+    return {make.__name__ for make in BUILTINS}
+
+
+def builtin_refusal(name: str, verb: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"{name!r} is a built-in model: built-in models cannot be {verb}. "
+        "Give your model another name (its folder name in the repository).",
+        param="name",
+    )
+
+
+def load_into(registry: ModelRegistry, model_dir: Path | None, name: str) -> ServedModel:
+    """(Re)load ``<model_dir>/<name>`` and serve it; on any failure the registry is unchanged,
+    so a model already served under that name keeps serving.
+
+    Raises InvalidRequest (bad name, a built-in's name, a program or config that
+    does not load: the message says why) or NotFound (no such folder).
+    Blocking (reads and deserialises the program): call it off the event loop.
+    """
+    check_name(name)
+    existing = registry.find(name)
+    if (existing is not None and existing.source == "builtin") or name in _builtin_names():
+        raise builtin_refusal(name, "overwritten")
+    if model_dir is None:
+        raise NotFound(
+            "No model repository is configured: set JVP_MODEL_DIR to a folder of "
+            "<name>/model.pt2 entries",
+            param="name",
+        )
+    path = model_dir / name
+    if not path.is_dir():
+        raise NotFound(f"No folder {name!r} in the model repository {model_dir}", param="name")
+    try:
+        model = load_model(path)
+    except ModelLoadError as e:
+        kept = "; the version already loaded keeps serving" if existing is not None else ""
+        raise InvalidRequest(f"Model {name!r} failed to load{kept}: {e}", param="name") from None
+    registry.add(model)
+    log.info("model %s %s from %s", name, "reloaded" if existing else "loaded", path)
+    return model
+
+
+def unload_from(registry: ModelRegistry, name: str) -> ServedModel:
+    """Stop serving a repository model (its folder is left alone); built-ins stay."""
+    model = registry.get(name)  # NotFound (404) names the models there are
+    if model.source == "builtin":
+        raise builtin_refusal(name, "unloaded")
+    registry.remove(name)
+    log.info("model %s unloaded", name)
+    return model
+
+
 def load_repository(model_dir: Path) -> tuple[list[ServedModel], dict[str, str]]:
-    """Every loadable model under ``model_dir``, and the reason for each that failed."""
+    """Every loadable model under ``model_dir``, and the reason for each that failed.
+
+    A folder named like a built-in model is not loaded (built-ins cannot be replaced).
+    """
     models: list[ServedModel] = []
     failures: dict[str, str] = {}
     if not model_dir.is_dir():
         return models, {str(model_dir): "not a directory"}
+    reserved = _builtin_names()
     for entry in sorted(model_dir.iterdir()):
         if not entry.is_dir() or entry.name.startswith("."):
+            continue
+        if entry.name in reserved:
+            failures[entry.name] = str(builtin_refusal(entry.name, "overwritten"))
+            log.error("model %s not loaded: %s", entry.name, failures[entry.name])
             continue
         try:
             models.append(load_model(entry))

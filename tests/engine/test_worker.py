@@ -84,8 +84,11 @@ def test_operator_without_forward_ad_is_named(engine: Engine) -> None:
     def cdist(x: torch.Tensor) -> torch.Tensor:
         return torch.cdist(x.reshape(1, 3, 1), x.reshape(1, 3, 1))
 
+    no_fallback = task(target_of(cdist))
+    no_fallback.fallback = "none"  # "auto" (the default) decomposes cdist: tests/models
     with pytest.raises(ForwardADUnsupported, match="_cdist_forward"):
-        engine.submit(task(target_of(cdist))).result(timeout=10)
+        engine.submit(no_fallback).result(timeout=10)
+    assert engine.submit(task(target_of(cdist))).result(timeout=10).method == "decomposed"
 
 
 def _blocker() -> tuple[Target, threading.Event, threading.Event]:

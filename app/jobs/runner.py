@@ -1,0 +1,306 @@
+"""The in-process job runner: feeds stored tasks to the device workers at BATCH priority.
+
+A feeder claims queued tasks from the store (at most `JVP_JOB_CONCURRENCY` in flight),
+each task is validated by `JVPService.prepare` exactly like a /jvp request and queued
+on its device worker at `BATCH` priority, behind every interactive request (a worker
+runs one item at a time, so a /jvp request waits at most for the batch task computing
+now). Outcomes are written back in small batches, one transaction each
+(NOTE [durable jobs] in app/jobs/store.py). A task's error is stored for that task and
+the job goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from app.engine.devices import DTYPE_NAMES
+from app.engine.errors import EngineError, Overloaded
+from app.engine.worker import BATCH, JVPResult, JVPTask
+from app.errors import STATUS_OF
+from app.jobs import blobs
+from app.jobs.models import CANCELLED, DONE, FAILED, QUEUED
+from app.jobs.store import JobStore, Outcome, TaskSpec
+from app.schemas import JVPOptions, JVPRequest
+from app.service import JVPService
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL_S = 0.1  # outcomes wait at most this long before their transaction
+FLUSH_BATCH = 256
+IDLE_POLL_S = 1.0  # look for new work this often when idle (jobs from other processes)
+PURGE_INTERVAL_S = 60.0
+
+
+def error_of(exc: BaseException) -> tuple[str, str, str | None]:
+    """(type, message, param) of a task's error, as /jvp would answer it."""
+    if isinstance(exc, EngineError):
+        type_ = next(
+            (v[1] for cls, v in STATUS_OF.items() if isinstance(exc, cls)), "internal_error"
+        )
+        return type_, exc.message, exc.param
+    return "internal_error", f"Internal error computing this task: {type(exc).__name__}", None
+
+
+def _wire(t: torch.Tensor) -> dict[str, Any]:
+    """A stored tensor as a form-3 wire tensor, so /jvp's decoder reads it back bit for bit."""
+    t = t.contiguous()
+    raw = (
+        t.view(torch.int16).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
+    )
+    return {
+        "shape": list(t.shape),
+        "dtype": DTYPE_NAMES[t.dtype],
+        "b64": base64.b64encode(raw).decode(),
+    }
+
+
+def request_of(spec: TaskSpec) -> JVPRequest:
+    """The /jvp request a stored task stands for."""
+    groups = blobs.load_inputs(spec.inputs)
+    options = {k: v for k, v in spec.options.items() if v is not None}
+    return JVPRequest(
+        expression=spec.expression,
+        model=spec.model,
+        primals={n: _wire(t) for n, t in groups["primals"].items()},
+        tangents={n: _wire(t) for n, t in groups["tangents"].items()},
+        parameter_tangents={n: _wire(t) for n, t in groups["parameter_tangents"].items()},
+        options=JVPOptions(**options),
+    )
+
+
+@dataclass
+class _Finished:
+    """A task that ended in the runner; its result is serialized with the write."""
+
+    spec: TaskSpec
+    kind: str
+    task: JVPTask | None = None
+    result: JVPResult | None = None
+    error: tuple[str, str, str | None] | None = None
+
+    def outcome(self) -> Outcome:
+        blob = None
+        if self.kind == DONE:
+            assert self.task is not None and self.result is not None
+            single = self.task.target.single_output and len(self.result.outputs) == 1
+            blob = blobs.dump_result(
+                self.result.outputs, self.result.jvps, single=single, method=self.result.method
+            )
+        return Outcome(self.spec.job_id, self.spec.idx, self.kind, result=blob, error=self.error)
+
+
+class LocalRunner:
+    """Runs job tasks in this process on the engine's device workers (a `JobBackend`).
+
+    The event loop only queues work and routes completions; claiming and preparing a
+    batch of tasks is one thread hop, and serializing and writing a batch of outcomes is
+    another, so the per-task cost on the loop is small.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        service: JVPService,
+        *,
+        concurrency: int,
+        retention_s: float,
+    ) -> None:
+        self.store = store
+        self.service = service
+        self.concurrency = concurrency
+        self.retention_s = retention_s
+        self._cancelled: set[str] = set()
+        # Claimed and not ended: None while being prepared, else its worker future.
+        self._inflight: dict[tuple[str, int], Future[JVPResult] | None] = {}
+        self._waiting: list[tuple[TaskSpec, JVPTask]] = []  # prepared; the queue was full
+        self._pending: list[_Finished] = []
+        self._wake = asyncio.Event()
+        self._flush_now = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._stopping = False
+        self._feeder: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.completed = 0  # tasks this runner computed to an end (a result or an error)
+
+    @property
+    def inflight(self) -> int:
+        """Tasks claimed and not yet ended (being prepared, queued on a worker, computing)."""
+        return len(self._inflight)
+
+    # -- JobBackend ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        requeued = await asyncio.to_thread(self.store.recover)
+        if requeued:
+            log.warning("jobs: %d interrupted tasks are queued again", requeued)
+        self._feeder = asyncio.create_task(self._feed(), name="jobs-feeder")
+        self._flusher = asyncio.create_task(self._flush_loop(), name="jobs-flusher")
+
+    async def stop(self) -> None:
+        """Stop claiming; tasks still waiting in a device queue go back to the store's queue;
+        the one computing now finishes and its result is written."""
+        self._stopping = True
+        self._wake.set()
+        if self._feeder is not None:
+            await self._feeder
+        for spec, _ in self._waiting:
+            self._end(spec, QUEUED)
+        self._waiting.clear()
+        for future in list(self._inflight.values()):
+            if future is not None:
+                future.cancel()  # its callback puts the task back in the queue
+        if self._inflight:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), 30)
+        self._flush_now.set()
+        if self._flusher is not None:
+            await self._flusher
+        await self._write_pending()
+
+    def submit(self, job_id: str) -> None:
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> None:
+        self._cancelled.add(job_id)
+        for (jid, _), future in list(self._inflight.items()):
+            if jid == job_id and future is not None:
+                future.cancel()  # a task still queued on its worker never runs
+        kept = []
+        for spec, task in self._waiting:
+            if spec.job_id == job_id:
+                self._end(spec, CANCELLED)
+            else:
+                kept.append((spec, task))
+        self._waiting = kept
+
+    # -- the loops -----------------------------------------------------------------------
+
+    async def _feed(self) -> None:
+        next_purge = time.monotonic()
+        while not self._stopping:
+            try:
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + PURGE_INTERVAL_S
+                    while await asyncio.to_thread(self.store.purge, self.retention_s):
+                        pass
+                if self._waiting:
+                    waiting, self._waiting = self._waiting, []
+                    for spec, task in waiting:
+                        self._enqueue(spec, task)
+                    if self._waiting:  # still full: wait for the queue to drain a little
+                        await asyncio.sleep(0.05)
+                        continue
+                free = self.concurrency - len(self._inflight)
+                # Refill once half the slots are free: one claim transaction per many tasks.
+                if free * 2 >= self.concurrency:
+                    prepared = await asyncio.to_thread(self._claim, free, tuple(self._cancelled))
+                    for spec, _, _ in prepared:
+                        self._inflight[(spec.job_id, spec.idx)] = None
+                    for spec, prepared_task, error in prepared:
+                        if prepared_task is None:
+                            self._end(spec, FAILED, error=error)
+                        else:
+                            self._enqueue(spec, prepared_task)
+                    if prepared:
+                        continue
+            except Exception:  # noqa: BLE001 - a store hiccup must not end the runner
+                log.exception("jobs: claiming tasks failed; retrying")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
+
+    def _claim(
+        self, limit: int, skip: tuple[str, ...]
+    ) -> list[tuple[TaskSpec, JVPTask | None, tuple[str, str, str | None] | None]]:
+        """Claim tasks and prepare each exactly as /jvp would (worker thread)."""
+        out: list[tuple[TaskSpec, JVPTask | None, tuple[str, str, str | None] | None]] = []
+        for spec in self.store.claim(limit, skip_jobs=skip):
+            try:
+                out.append((spec, self.service.prepare(request_of(spec)), None))
+            except Exception as e:  # noqa: BLE001 - recorded for the task; the job goes on
+                if not isinstance(e, EngineError):
+                    log.exception("jobs: task %s/%d failed unexpectedly", spec.job_id, spec.idx)
+                out.append((spec, None, error_of(e)))
+        return out
+
+    def _enqueue(self, spec: TaskSpec, task: JVPTask) -> None:
+        key = (spec.job_id, spec.idx)
+        if spec.job_id in self._cancelled:
+            self._end(spec, CANCELLED)
+            return
+        try:
+            future = self.service.engine.submit(task, priority=BATCH)
+        except Overloaded:  # the device queue is full or the engine not ready: retry
+            self._waiting.append((spec, task))
+            return
+        except EngineError as e:
+            self._end(spec, FAILED, error=error_of(e))
+            return
+        self._inflight[key] = future
+        loop = self._loop
+        assert loop is not None
+        future.add_done_callback(
+            lambda f: loop.call_soon_threadsafe(self._completed, spec, task, f)
+        )
+
+    def _completed(self, spec: TaskSpec, task: JVPTask, future: Future[JVPResult]) -> None:
+        """On the event loop, once a task's worker future is resolved or cancelled."""
+        if future.cancelled():
+            self._end(spec, CANCELLED if spec.job_id in self._cancelled else QUEUED)
+            return
+        error = future.exception()
+        if error is None:
+            self._end(spec, DONE, task=task, result=future.result())
+        else:
+            if not isinstance(error, EngineError):
+                log.error("jobs: task %s/%d failed unexpectedly: %r", spec.job_id, spec.idx, error)
+            self._end(spec, FAILED, error=error_of(error))
+
+    def _end(self, spec: TaskSpec, kind: str, **kw: Any) -> None:
+        self._inflight.pop((spec.job_id, spec.idx), None)
+        self._pending.append(_Finished(spec, kind, **kw))
+        if kind in (DONE, FAILED):
+            self.completed += 1
+        if len(self._pending) >= FLUSH_BATCH:
+            self._flush_now.set()
+        if not self._inflight:
+            self._idle.set()
+        self._wake.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_now.wait(), FLUSH_INTERVAL_S)
+            self._flush_now.clear()
+            if self._pending:
+                try:
+                    await self._write_pending()
+                except Exception:  # noqa: BLE001 - kept pending, written on the next round
+                    log.exception("jobs: writing task outcomes failed; retrying")
+                    await asyncio.sleep(0.5)
+            if self._stopping and not self._inflight:
+                return
+
+    async def _write_pending(self) -> None:
+        # Swapped on the event loop, the only thread that appends to it.
+        batch, self._pending = self._pending, []
+        try:
+            await asyncio.to_thread(self._write, batch)
+        except BaseException:
+            self._pending[:0] = batch
+            raise
+
+    def _write(self, batch: list[_Finished]) -> None:
+        self.store.record([f.outcome() for f in batch])

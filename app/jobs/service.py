@@ -1,0 +1,217 @@
+"""What the job routes do between HTTP and the store: check, decode, store, render.
+
+At submit, everything that concerns the whole job is checked and answered for the whole
+job: an expression that does not compile (400), an unknown model (404), a task with both
+or neither of expression and model, a bad dtype or device (422), too many tasks (413).
+Each task's tensors are decoded (as /jvp decodes them) and stored as safetensors; a task
+whose tensors do not decode is stored as failed with that error, and the job goes on.
+Names and shapes are checked when the task runs, by `JVPService.prepare`, like /jvp.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Any
+
+import torch
+
+from app.codec import decode_tensor, encode_tensor
+from app.engine.devices import parse_device, parse_dtype
+from app.engine.errors import EngineError, InvalidRequest, TooLarge
+from app.jobs import blobs
+from app.jobs.backend import JobBackend
+from app.jobs.runner import error_of
+from app.jobs.schemas import JobCreate, JobOptions, JobTask
+from app.jobs.store import JobStore, JobView, NewJob, NewTask, StoredTask, now
+from app.models.registry import ModelRegistry
+from app.service import JVPService, expression_target
+
+
+def body_sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.isoformat().replace("+00:00", "Z")
+
+
+def job_body(job: JobView) -> dict[str, Any]:
+    """The `Job` of the API."""
+    return {
+        "id": job.id,
+        "status": job.status,
+        "total": job.total,
+        "done": job.done,
+        "failed": job.failed,
+        "cancelled": job.cancelled,
+        "created_at": _iso(job.created_at),
+        "updated_at": _iso(job.updated_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "eta_s": job.eta_s(now()),
+    }
+
+
+class JobService:
+    def __init__(self, jvp: JVPService, store: JobStore, backend: JobBackend) -> None:
+        self.jvp = jvp
+        self.store = store
+        self.backend = backend
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return self.jvp.registry
+
+    # -- submit --------------------------------------------------------------------------
+
+    def create(
+        self, body: JobCreate, *, idempotency_key: str | None, sha256: str | None
+    ) -> tuple[JobView, bool]:
+        """Check, decode and store a job (blocking: run it in a thread)."""
+        limit = self.jvp.settings.max_job_tasks
+        if len(body.tasks) > limit:
+            raise TooLarge(
+                f"The job has {len(body.tasks)} tasks; the limit is {limit} "
+                "(JVP_MAX_JOB_TASKS): split it into several jobs",
+                param="tasks",
+            )
+        if body.expression is not None and body.model is not None:
+            raise InvalidRequest(
+                "Give at most one of 'expression' or 'model' for the job", param="model"
+            )
+        job_options = body.options.model_dump(exclude_none=True)
+        checked: set[tuple[str, str]] = set()
+        tasks = []
+        for i, task in enumerate(body.tasks):
+            expression, model = self._function(body, task, i, checked)
+            options = {**job_options, **task.options.model_dump(exclude_none=True)}
+            dtype = self._check_options(options, task.options, i, checked)
+            new = NewTask(idx=i)
+            if (expression, model) != (body.expression, body.model):
+                new.expression, new.model = expression, model
+            new.options = task.options.model_dump(exclude_none=True) or None
+            try:
+                new.inputs = self._encode_inputs(task, dtype)
+            except EngineError as e:
+                new.error = error_of(e)
+            tasks.append(new)
+        job = NewJob(
+            expression=body.expression,
+            model=body.model,
+            options=job_options,
+            tasks=tasks,
+            idempotency_key=idempotency_key,
+            body_sha256=sha256,
+        )
+        return self.store.create_job(job)
+
+    def _function(
+        self, body: JobCreate, task: JobTask, i: int, checked: set[tuple[str, str]]
+    ) -> tuple[str | None, str | None]:
+        """The task's expression or model (its own, else the job's), checked once each."""
+        if task.expression is not None and task.model is not None:
+            raise InvalidRequest(
+                f"Task {i} gives both 'expression' and 'model'; give one",
+                param=f"tasks[{i}].model",
+            )
+        if task.expression is not None or task.model is not None:
+            expression, model = task.expression, task.model
+            where = f"tasks[{i}]."
+        else:
+            expression, model = body.expression, body.model
+            where = ""
+        if expression is None and model is None:
+            raise InvalidRequest(
+                f"Task {i} has no 'expression' or 'model', and the job gives none",
+                param=f"tasks[{i}].expression",
+            )
+        key = ("expression", expression) if expression is not None else ("model", str(model))
+        if key not in checked:
+            try:
+                if expression is not None:
+                    s = self.jvp.settings
+                    expression_target(
+                        expression,
+                        s.max_expression_length,
+                        s.max_expression_nodes,
+                        s.max_expression_depth,
+                    )
+                else:
+                    self.registry.get(str(model))
+            except EngineError as e:
+                e.param = f"{where}{key[0]}" if e.param in (None, key[0]) else e.param
+                raise
+            checked.add(key)
+        return expression, model
+
+    def _check_options(
+        self, options: dict[str, Any], own: JobOptions, i: int, checked: set[tuple[str, str]]
+    ) -> torch.dtype:
+        """The task's dtype; a dtype or device this service cannot use fails the whole job."""
+        dtype_where = f"tasks[{i}]." if own.dtype is not None else ""
+        dtype = parse_dtype(options.get("dtype", "float32"), param=f"{dtype_where}options.dtype")
+        device = options.get("device", "auto")
+        if ("device", device) not in checked:
+            try:
+                parse_device(device, self.jvp.engine.devices)
+            except EngineError as e:
+                e.param = f"tasks[{i}].options.device" if own.device is not None else e.param
+                raise
+            checked.add(("device", device))
+        return dtype
+
+    def _encode_inputs(self, task: JobTask, dtype: torch.dtype) -> bytes:
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for group in blobs.GROUPS:
+            given: dict[str, Any] = getattr(task, group)
+            groups[group] = {
+                name: decode_tensor(
+                    value,
+                    param=f"{group}.{name}",
+                    default_dtype=dtype,
+                    limits=self.jvp.limits,
+                )
+                for name, value in given.items()
+            }
+        return blobs.dump_inputs(groups)
+
+    # -- read ----------------------------------------------------------------------------
+
+    def results(self, job_id: str, *, offset: int, limit: int) -> dict[str, Any]:
+        job, tasks = self.store.results(job_id, offset=offset, limit=limit)
+        end = offset + limit
+        return {
+            "results": [self._render(t) for t in tasks],
+            "next_offset": end if end < job.total else None,
+        }
+
+    @staticmethod
+    def _render(task: StoredTask) -> dict[str, Any]:
+        if task.status == "cancelled":
+            return {
+                "index": task.idx,
+                "error": {
+                    "type": "cancelled",
+                    "message": "The job was cancelled before this task ran",
+                    "param": None,
+                },
+            }
+        if task.result is None:
+            type_, message, param = task.error or ("internal_error", "No result stored", None)
+            return {"index": task.idx, "error": {"type": type_, "message": message, "param": param}}
+        stored = blobs.load_result(task.result)
+        outputs = [encode_tensor(o, encoding=task.encoding) for o in stored.outputs]
+        jvps = [encode_tensor(j, encoding=task.encoding) for j in stored.jvps]
+        return {
+            "index": task.idx,
+            "output": outputs[0] if stored.single else outputs,
+            "jvp": jvps[0] if stored.single else jvps,
+        }
+
+    async def stop(self) -> None:
+        """Stop the backend (unfinished tasks stay queued), then close the store."""
+        try:
+            await self.backend.stop()
+        finally:
+            self.store.close()

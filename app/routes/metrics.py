@@ -1,0 +1,36 @@
+"""GET /metrics: Prometheus text (app/metrics.py).
+
+With API keys on it needs a key (inference or admin), like every route but
+/healthz and /readyz, unless ``JVP_METRICS_PUBLIC=true`` opens it for a
+scraper that cannot send one.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from app.auth import require_key
+from app.metrics import Metrics
+from app.schemas import ErrorBody
+from app.settings import Settings
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        401: {"model": ErrorBody},
+    },
+)
+async def read_metrics(request: Request) -> Response:
+    """Prometheus metrics: requests, latency (queue and compute), queue depth, memory."""
+    settings: Settings = request.app.state.settings
+    if not settings.metrics_public:
+        require_key(request)
+    metrics: Metrics = request.app.state.metrics
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
