@@ -21,15 +21,22 @@ from app.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _scratch_database() -> str:
+    """A fresh SQLite job store in a temporary folder, so tests never write into the repo."""
+    folder = tempfile.mkdtemp(prefix="jvp-test-db-")
+    return f"sqlite:///{folder}/jobs.db"
+
+
 @pytest.fixture(scope="session")
 def client() -> Iterator[TestClient]:
     """The app with default settings, lifespan started (workers running)."""
-    with TestClient(create_app(Settings())) as c:
+    with TestClient(create_app(Settings(database_url=_scratch_database()))) as c:
         yield c
 
 
 def make_client(**settings: object) -> TestClient:
     """A client for an app with non-default settings (use as a context manager)."""
+    settings.setdefault("database_url", _scratch_database())
     return TestClient(create_app(Settings(**settings)))  # type: ignore[arg-type]
 
 
@@ -46,7 +53,7 @@ class LiveServer:
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, **(env or {})}
+        full_env = {**os.environ, "JVP_DATABASE_URL": _scratch_database(), **(env or {})}
         # A file, not a pipe: a full pipe would block the server.
         self.log = tempfile.NamedTemporaryFile(prefix="jvp-server-", suffix=".log")  # noqa: SIM115
         self.process = subprocess.Popen(

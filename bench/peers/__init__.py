@@ -1,0 +1,1 @@
+"""Peer servers the benchmark compares the JVP service against."""
