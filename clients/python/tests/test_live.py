@@ -581,7 +581,8 @@ def test_submit_job_live(client: JVPClient) -> None:
     tasks: list[dict[str, Any]] = [
         {"primals": {"x": np.full(3, float(i))}, "tangents": {"x": np.ones(3)}} for i in range(4)
     ]
-    tasks.append({"expression": "x **", "primals": {"x": [1.0]}})
+    # a tangent whose shape does not match its primal fails that task only
+    tasks.append({"primals": {"x": np.ones(3)}, "tangents": {"x": np.ones(2)}})
     try:
         job = client.submit_job(tasks, expression="x**2")
     except APIStatusError as err:
@@ -597,7 +598,13 @@ def test_submit_job_live(client: JVPClient) -> None:
         assert isinstance(r.output, np.ndarray) and isinstance(r.jvp, np.ndarray)
         np.testing.assert_allclose(r.output, np.full(3, r.index**2))
         np.testing.assert_allclose(r.jvp, np.full(3, 2.0 * r.index))
-    assert results[4].error is not None and results[4].error.type == "invalid_expression"
+    error = results[4].error
+    assert error is not None and error.type == "invalid_request"
+    assert "[3]" in error.message and "[2]" in error.message
+    # an expression that does not compile fails the whole submission, naming the task
+    with pytest.raises(BadRequestError) as info:
+        client.submit_job([{"expression": "x **", "primals": {"x": [1.0]}}])
+    assert info.value.param == "tasks[0].expression"
 
 
 def test_call_cli_live(live_url: str, tmp_path: Path, capsys) -> None:
@@ -648,3 +655,4 @@ def test_run_readme_example(live_url: str, monkeypatch, capsys) -> None:
     exec(code, {"__name__": "readme_example"})
     printed = capsys.readouterr().out
     assert "404 not_found" in printed and "forward" in printed
+    assert "check passed: max abs error" in printed

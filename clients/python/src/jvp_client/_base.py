@@ -7,13 +7,16 @@ A request is retried, up to ``max_retries`` times, after a connection error or
 timeout and after a 408, 429, 503 or any other 5xx except 501 (the operator has
 no forward-AD formula: retrying cannot help) and 507 (out of device memory: the
 same request would most likely run out again). Every request the client sends
-is safe to repeat: GETs and DELETEs, ``POST /jvp`` (a pure computation) and
-``POST /jobs``, which carries one ``Idempotency-Key`` for all its attempts so a
-retried submission returns the job already made. The delay is the response's
-``Retry-After`` (seconds or an HTTP date) when there is one, capped at
-``MAX_RETRY_AFTER_S``; otherwise an exponential backoff from
-``INITIAL_RETRY_DELAY_S`` doubling up to ``MAX_RETRY_DELAY_S``, less up to 25%
-jitter so clients that failed together do not retry together.
+is safe to repeat: GETs and DELETEs, ``POST /jvp``, ``/jacobian``, ``/hvp`` and
+``/linearize/{id}/jvp`` (pure computations), ``POST /jobs``, which carries one
+``Idempotency-Key`` for all its attempts so a retried submission returns the job
+already made, and ``POST /linearize``: a 503 (the sessions' memory budget is
+spent) made no session, and an attempt that timed out after the service made
+one leaves a session nobody knows, which the service drops when it expires.
+The delay is the response's ``Retry-After`` (seconds or an HTTP date) when
+there is one, capped at ``MAX_RETRY_AFTER_S``; otherwise an exponential backoff
+from ``INITIAL_RETRY_DELAY_S`` doubling up to ``MAX_RETRY_DELAY_S``, less up to
+25% jitter so clients that failed together do not retry together.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,13 +36,26 @@ import httpx
 from ._exceptions import APIResponseValidationError
 from ._tensors import (
     B64_MIN_ELEMENTS,
+    Array,
+    decode_tensor,
     decode_tensors,
     encode_tensor_map,
     infer_dtype,
     is_torch_tensor,
     normalize_dtype,
 )
-from ._types import JobInfo, JobResultsPage, JobTaskError, JobTaskResult, JVPResult, ModelInfo
+from ._types import (
+    GradientCheck,
+    HVPResult,
+    JacobianResult,
+    JobInfo,
+    JobResultsPage,
+    JobTaskError,
+    JobTaskResult,
+    JVPResult,
+    LinearizationInfo,
+    ModelInfo,
+)
 from ._version import __version__
 
 __all__ = [
@@ -51,8 +67,11 @@ __all__ = [
     "BaseClient",
     "Encoding",
     "OutputKind",
+    "REDUCTIONS",
+    "Reduction",
     "TimeoutTypes",
     "job_path",
+    "linearization_path",
     "model_path",
 ]
 
@@ -65,6 +84,8 @@ MAX_RETRY_AFTER_S = 60.0
 
 TimeoutTypes = float | httpx.Timeout | None
 Encoding = Literal["auto", "json", "b64"]
+Reduction = Literal["sum", "mean", "none"]
+REDUCTIONS: tuple[str, ...] = ("sum", "mean", "none")
 _RETRY_STATUSES = frozenset({408, 429})
 _NO_RETRY_STATUSES = frozenset({501, 507})
 
@@ -250,32 +271,31 @@ class BaseClient:
                 options[key] = value
         return options
 
-    def _jvp_body(
+    def _point_body(
         self,
         *,
+        where: str,
         expression: str | None,
         model: str | None,
         primals: Mapping[str, object],
-        tangents: Mapping[str, object] | None,
-        parameter_tangents: Mapping[str, object] | None,
+        tangents: Mapping[str, object] | None = None,
+        parameter_tangents: Mapping[str, object] | None = None,
         dtype: object,
-        device: str | None,
-        engine: str | None,
-        fallback: str | None,
         encoding: Encoding,
-        options: Mapping[str, Any] | None,
-    ) -> tuple[dict[str, Any], OutputKind]:
-        """The ``POST /jvp`` body, validated; and how to return its tensors."""
-        body = _target(expression, model, where="jvp()")
+    ) -> tuple[dict[str, Any], str | None, str | None, OutputKind]:
+        """The target and tensors of a request at one point (/jvp, /jacobian, /hvp, /linearize).
+
+        Returns ``(body, computation dtype, response encoding, how to return tensors)``.
+        """
+        body = _target(expression, model, where=where)
         if not isinstance(primals, Mapping):
             raise TypeError(
-                f"jvp(): expected primals to be a mapping of input names to tensors, "
+                f"{where}: expected primals to be a mapping of input names to tensors, "
                 f"got {type(primals).__name__}"
             )
         if parameter_tangents is not None and model is None:
-            raise ValueError("jvp(): parameter_tangents= is for models only (pass model=)")
-        if encoding not in ("auto", "json", "b64"):
-            raise ValueError(f"jvp(): expected encoding 'auto', 'json' or 'b64', got {encoding!r}")
+            raise ValueError(f"{where}: parameter_tangents= is for models only (pass model=)")
+        _check_encoding(encoding, where)
         wire_dtype = normalize_dtype(dtype)
         if wire_dtype is None:
             wire_dtype = infer_dtype(primals.values())
@@ -291,7 +311,37 @@ class BaseClient:
             if wire is not None:
                 body[key] = wire
             any_b64 = any_b64 or used
-        wire_encoding = _response_encoding(encoding, any_b64)
+        kind = OutputKind.of(primals, tangents, parameter_tangents)
+        return body, wire_dtype, _response_encoding(encoding, any_b64), kind
+
+    def _jvp_body(
+        self,
+        *,
+        expression: str | None,
+        model: str | None,
+        primals: Mapping[str, object],
+        tangents: Mapping[str, object] | None,
+        parameter_tangents: Mapping[str, object] | None,
+        dtype: object,
+        device: str | None,
+        engine: str | None,
+        fallback: str | None,
+        encoding: Encoding,
+        options: Mapping[str, Any] | None,
+        tangent_batch: bool = False,
+        check: bool = False,
+    ) -> tuple[dict[str, Any], OutputKind]:
+        """The ``POST /jvp`` body, validated; and how to return its tensors."""
+        body, wire_dtype, wire_encoding, kind = self._point_body(
+            where="jvp()",
+            expression=expression,
+            model=model,
+            primals=primals,
+            tangents=tangents,
+            parameter_tangents=parameter_tangents,
+            dtype=dtype,
+            encoding=encoding,
+        )
         opts = self._options(
             dtype=wire_dtype,
             device=device,
@@ -300,9 +350,139 @@ class BaseClient:
             encoding=wire_encoding,
             extra=options,
         )
+        _set_flag(opts, "tangent_batch", tangent_batch, "jvp()")
+        _set_flag(opts, "check", check, "jvp()")
         if opts:
             body["options"] = opts
-        return body, OutputKind.of(primals, tangents, parameter_tangents)
+        return body, kind
+
+    def _jacobian_body(
+        self,
+        *,
+        where: str,
+        expression: str | None,
+        model: str | None,
+        primals: Mapping[str, object],
+        wrt: str | Sequence[str] | None,
+        dtype: object,
+        device: str | None,
+        encoding: Encoding,
+        options: Mapping[str, Any] | None,
+    ) -> tuple[dict[str, Any], OutputKind]:
+        """The ``POST /jacobian`` body (``POST /linearize`` takes the same)."""
+        body, wire_dtype, wire_encoding, kind = self._point_body(
+            where=where,
+            expression=expression,
+            model=model,
+            primals=primals,
+            dtype=dtype,
+            encoding=encoding,
+        )
+        if wrt is not None:
+            body["wrt"] = _names(wrt, where)
+        opts = self._options(
+            dtype=wire_dtype,
+            device=device,
+            engine=None,
+            fallback=None,
+            encoding=wire_encoding,
+            extra=options,
+        )
+        if opts:
+            body["options"] = opts
+        return body, kind
+
+    def _hvp_body(
+        self,
+        *,
+        expression: str | None,
+        model: str | None,
+        primals: Mapping[str, object],
+        tangents: Mapping[str, object] | None,
+        parameter_tangents: Mapping[str, object] | None,
+        output_index: int,
+        reduction: Reduction,
+        tangent_batch: bool,
+        dtype: object,
+        device: str | None,
+        encoding: Encoding,
+        options: Mapping[str, Any] | None,
+    ) -> tuple[dict[str, Any], OutputKind]:
+        """The ``POST /hvp`` body: H·v along ``tangents`` of a scalar-valued function."""
+        where = "hvp()"
+        if tangents is None and parameter_tangents is None:
+            raise ValueError(
+                f"{where}: pass tangents= (or parameter_tangents= for a model): H·v is taken "
+                "along the inputs that have one"
+            )
+        if isinstance(output_index, bool) or not isinstance(output_index, int) or output_index < 0:
+            raise ValueError(
+                f"{where}: expected output_index to be an int >= 0, got {output_index!r}"
+            )
+        if reduction not in REDUCTIONS:
+            raise ValueError(
+                f"{where}: expected reduction 'sum', 'mean' or 'none', got {reduction!r}"
+            )
+        body, wire_dtype, wire_encoding, kind = self._point_body(
+            where=where,
+            expression=expression,
+            model=model,
+            primals=primals,
+            tangents=tangents,
+            parameter_tangents=parameter_tangents,
+            dtype=dtype,
+            encoding=encoding,
+        )
+        if output_index:
+            body["output_index"] = output_index
+        if reduction != "none":
+            body["reduction"] = reduction
+        opts = self._options(
+            dtype=wire_dtype,
+            device=device,
+            engine=None,
+            fallback=None,
+            encoding=wire_encoding,
+            extra=options,
+        )
+        _set_flag(opts, "tangent_batch", tangent_batch, where)
+        if opts:
+            body["options"] = opts
+        return body, kind
+
+    def _linearized_jvp_body(
+        self,
+        *,
+        tangents: Mapping[str, object] | None,
+        parameter_tangents: Mapping[str, object] | None,
+        dtype: str | None,
+        tangent_batch: bool,
+        encoding: Encoding,
+    ) -> tuple[dict[str, Any], OutputKind | None]:
+        """The ``POST /linearize/{id}/jvp`` body; tensors without a dtype take the session's.
+
+        The kind is None when no torch tensor went in (the session's kind then applies).
+        """
+        where = "Linearization.jvp()"
+        _check_encoding(encoding, where)
+        body: dict[str, Any] = {}
+        any_b64 = False
+        for key, values in (("tangents", tangents), ("parameter_tangents", parameter_tangents)):
+            wire, used = encode_tensor_map(
+                values, what=key, dtype=dtype, b64_min_elements=self.b64_min_elements
+            )
+            if wire is not None:
+                body[key] = wire
+            any_b64 = any_b64 or used
+        opts: dict[str, Any] = {}
+        _set_flag(opts, "tangent_batch", tangent_batch, where)
+        wire_encoding = _response_encoding(encoding, any_b64)
+        if wire_encoding is not None:
+            opts["encoding"] = wire_encoding
+        if opts:
+            body["options"] = opts
+        kind = OutputKind.of(tangents, parameter_tangents)
+        return body, kind if kind.as_torch else None
 
     def _job_body(
         self,
@@ -398,7 +578,7 @@ class BaseClient:
         try:
             output = decode_tensors(body["output"], as_torch=kind.as_torch, device=kind.device)
             jvp = decode_tensors(body["jvp"], as_torch=kind.as_torch, device=kind.device)
-            timing = {str(k): float(v) for k, v in (body.get("timing_ms") or {}).items()}
+            timing = _timing(body)
             return JVPResult(
                 output=output,
                 jvp=jvp,
@@ -407,12 +587,83 @@ class BaseClient:
                 engine=body.get("engine"),
                 method=body.get("method"),
                 timing_ms=timing,
-                check=body.get("check"),
+                check=None if body.get("check") is None else GradientCheck.from_json(body["check"]),
                 raw=body,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise APIResponseValidationError(
                 f"Unexpected /jvp response: {exc}", response=response, body=body
+            ) from exc
+
+    def _parse_jacobian(self, response: httpx.Response, kind: OutputKind) -> JacobianResult:
+        body = self._json(response)
+        try:
+            blocks = body["jacobian"]
+            jacobian: dict[str, Array] | list[dict[str, Array]]
+            if isinstance(blocks, list):
+                jacobian = [_decode_map(block, kind) for block in blocks]
+            else:
+                jacobian = _decode_map(blocks, kind)
+            return JacobianResult(
+                output=decode_tensors(body["output"], as_torch=kind.as_torch, device=kind.device),
+                jacobian=jacobian,
+                dtype=str(body.get("dtype", "")),
+                device=str(body.get("device", "")),
+                timing_ms=_timing(body),
+                raw=body,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise APIResponseValidationError(
+                f"Unexpected /jacobian response: {exc}", response=response, body=body
+            ) from exc
+
+    def _parse_hvp(self, response: httpx.Response, kind: OutputKind) -> HVPResult:
+        body = self._json(response)
+        try:
+            return HVPResult(
+                output=decode_tensor(body["output"], as_torch=kind.as_torch, device=kind.device),
+                hvp=_decode_map(body["hvp"], kind),
+                dtype=str(body.get("dtype", "")),
+                device=str(body.get("device", "")),
+                timing_ms=_timing(body),
+                raw=body,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise APIResponseValidationError(
+                f"Unexpected /hvp response: {exc}", response=response, body=body
+            ) from exc
+
+    def _parse_linearize(self, response: httpx.Response, kind: OutputKind) -> LinearizationInfo:
+        body = self._json(response)
+        try:
+            session_id = body["id"]
+            if not isinstance(session_id, str) or not session_id or "/" in session_id:
+                raise ValueError(f"expected a session id, got {session_id!r}")
+            return LinearizationInfo(
+                id=session_id,
+                output=decode_tensors(body["output"], as_torch=kind.as_torch, device=kind.device),
+                expires_at=str(body["expires_at"]),
+                wrt=[str(name) for name in body.get("wrt", [])],
+                bytes=int(body.get("bytes", 0)),
+                dtype=str(body.get("dtype", "")),
+                device=str(body.get("device", "")),
+                timing_ms=_timing(body),
+                raw=body,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise APIResponseValidationError(
+                f"Unexpected /linearize response: {exc}", response=response, body=body
+            ) from exc
+
+    def _parse_linearized_jvp(
+        self, response: httpx.Response, kind: OutputKind
+    ) -> Array | list[Array]:
+        body = self._json(response)
+        try:
+            return decode_tensors(body["jvp"], as_torch=kind.as_torch, device=kind.device)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise APIResponseValidationError(
+                f"Unexpected /linearize/{{id}}/jvp response: {exc}", response=response, body=body
             ) from exc
 
     def _parse_models(self, response: httpx.Response) -> list[ModelInfo]:
@@ -523,6 +774,41 @@ def _target(expression: str | None, model: str | None, *, where: str) -> dict[st
     return {"model": model}
 
 
+def _check_encoding(encoding: object, where: str) -> None:
+    if encoding not in ("auto", "json", "b64"):
+        raise ValueError(f"{where}: expected encoding 'auto', 'json' or 'b64', got {encoding!r}")
+
+
+def _set_flag(options: dict[str, Any], key: str, value: bool, where: str) -> None:
+    """Set ``options[key] = True`` for a true flag (a false one is the service default)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: expected {key} to be True or False, got {value!r}")
+    if value:
+        options[key] = True
+
+
+def _names(wrt: str | Sequence[str], where: str) -> list[str]:
+    """``wrt=`` as a list of names (one name may be given as a str)."""
+    names = [wrt] if isinstance(wrt, str) else list(wrt)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{where}: expected wrt to be input or parameter names, got {wrt!r}")
+    return names
+
+
+def _timing(body: Mapping[str, Any]) -> dict[str, float]:
+    return {str(k): float(v) for k, v in (body.get("timing_ms") or {}).items()}
+
+
+def _decode_map(obj: Any, kind: OutputKind) -> dict[str, Array]:
+    """A ``{name: T}`` map of a response (jacobian blocks, hvp)."""
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"expected an object of names to tensors, got {type(obj).__name__}")
+    return {
+        str(name): decode_tensor(value, as_torch=kind.as_torch, device=kind.device)
+        for name, value in obj.items()
+    }
+
+
 def _response_encoding(encoding: Encoding, any_b64: bool) -> str | None:
     """The ``options.encoding`` to ask for: b64 answers when b64 went out.
 
@@ -537,6 +823,12 @@ def job_path(job_id: str) -> str:
     if not isinstance(job_id, str) or not job_id or "/" in job_id:
         raise ValueError(f"expected a job id, got {job_id!r}")
     return f"jobs/{job_id}"
+
+
+def linearization_path(session_id: str) -> str:
+    if not isinstance(session_id, str) or not session_id or "/" in session_id:
+        raise ValueError(f"expected a linearize session id, got {session_id!r}")
+    return f"linearize/{session_id}"
 
 
 def model_path(name: str) -> str:

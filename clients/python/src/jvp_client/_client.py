@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -18,13 +18,15 @@ from ._base import (
     BaseClient,
     Encoding,
     OutputKind,
+    Reduction,
     TimeoutTypes,
     job_path,
     model_path,
 )
 from ._exceptions import APIConnectionError, APITimeoutError, make_status_error
 from ._jobs import AsyncJob, Job
-from ._types import HealthStatus, JobInfo, JVPResult, ModelInfo
+from ._linearize import AsyncLinearization, Linearization
+from ._types import HealthStatus, HVPResult, JacobianResult, JobInfo, JVPResult, ModelInfo
 
 __all__ = ["AsyncJVPClient", "JVPClient"]
 
@@ -172,6 +174,8 @@ class JVPClient(BaseClient):
         engine: str | None = None,
         fallback: str | None = None,
         encoding: Encoding = "auto",
+        tangent_batch: bool = False,
+        check: bool = False,
         options: Mapping[str, Any] | None = None,
         timeout: TimeoutTypes = NOT_GIVEN,
     ) -> JVPResult:
@@ -190,12 +194,16 @@ class JVPClient(BaseClient):
             engine: ``"dual"`` or ``"functional"``.
             fallback: ``"auto"`` or ``"none"``.
             encoding: ``"auto"`` (base64 answers when base64 went out), ``"json"``, ``"b64"``.
-            options: more ``options`` fields (``{"tangent_batch": True}``, ``{"check": True}``).
+            tangent_batch: every tangent has a leading dimension K (the same for all):
+                ``jvp`` then has that leading K, J·v for K directions in one call.
+            check: also compare the JVP with float64 central finite differences
+                (``result.check``, a :class:`GradientCheck`).
+            options: more ``options`` fields, sent as they are.
             timeout: this request's timeout, instead of the client's.
 
         Returns:
             :class:`JVPResult` with ``output`` and ``jvp`` (lists for several outputs),
-            ``timing_ms``, ``device``, ``dtype``, ``engine`` and ``method``.
+            ``timing_ms``, ``device``, ``dtype``, ``engine``, ``method`` and ``check``.
         """
         body, kind = self._jvp_body(
             expression=expression,
@@ -209,9 +217,135 @@ class JVPClient(BaseClient):
             fallback=fallback,
             encoding=encoding,
             options=options,
+            tangent_batch=tangent_batch,
+            check=check,
         )
         response = self._request("POST", "jvp", json_body=body, timeout=timeout)
         return self._parse_jvp(response, kind)
+
+    def jacobian(
+        self,
+        *,
+        expression: str | None = None,
+        model: str | None = None,
+        primals: _Tensors,
+        wrt: str | Sequence[str] | None = None,
+        dtype: object = None,
+        device: str | None = None,
+        encoding: Encoding = "auto",
+        options: Mapping[str, Any] | None = None,
+        timeout: TimeoutTypes = NOT_GIVEN,
+    ) -> JacobianResult:
+        """``POST /jacobian``: the full Jacobian at ``primals``, computed by forward mode.
+
+        Args:
+            expression, model, primals, dtype, device, encoding, timeout: as for :meth:`jvp`.
+            wrt: the input and parameter names to differentiate by (one name may be a
+                str); default all inputs.
+            options: more ``options`` fields, sent as they are.
+
+        Returns:
+            :class:`JacobianResult`: ``output`` and ``jacobian``, ``{name: array}`` of
+            shape output shape + that input's shape (lists of both for several outputs).
+        """
+        body, kind = self._jacobian_body(
+            where="jacobian()",
+            expression=expression,
+            model=model,
+            primals=primals,
+            wrt=wrt,
+            dtype=dtype,
+            device=device,
+            encoding=encoding,
+            options=options,
+        )
+        response = self._request("POST", "jacobian", json_body=body, timeout=timeout)
+        return self._parse_jacobian(response, kind)
+
+    def hvp(
+        self,
+        *,
+        expression: str | None = None,
+        model: str | None = None,
+        primals: _Tensors,
+        tangents: _Tensors | None = None,
+        parameter_tangents: _Tensors | None = None,
+        output_index: int = 0,
+        reduction: Reduction = "none",
+        tangent_batch: bool = False,
+        dtype: object = None,
+        device: str | None = None,
+        encoding: Encoding = "auto",
+        options: Mapping[str, Any] | None = None,
+        timeout: TimeoutTypes = NOT_GIVEN,
+    ) -> HVPResult:
+        """``POST /hvp``: Hessian-vector products of a scalar-valued function.
+
+        Args:
+            expression, model, primals, dtype, device, encoding, timeout: as for :meth:`jvp`.
+            tangents: the directions v, per input (same shape as its primal); H·v is
+                taken with respect to the inputs that have one.
+            parameter_tangents: models only: directions for parameters, by name.
+            output_index: which output is the function (models with several outputs).
+            reduction: how that output becomes a scalar: ``"sum"``, ``"mean"`` or
+                ``"none"`` (the output must be a scalar already).
+            tangent_batch: every tangent has a leading K; each H·v then has that leading K.
+            options: more ``options`` fields, sent as they are.
+
+        Returns:
+            :class:`HVPResult`: ``output`` (the scalar) and ``hvp``, ``{name: H·v}``.
+        """
+        body, kind = self._hvp_body(
+            expression=expression,
+            model=model,
+            primals=primals,
+            tangents=tangents,
+            parameter_tangents=parameter_tangents,
+            output_index=output_index,
+            reduction=reduction,
+            tangent_batch=tangent_batch,
+            dtype=dtype,
+            device=device,
+            encoding=encoding,
+            options=options,
+        )
+        response = self._request("POST", "hvp", json_body=body, timeout=timeout)
+        return self._parse_hvp(response, kind)
+
+    def linearize(
+        self,
+        *,
+        expression: str | None = None,
+        model: str | None = None,
+        primals: _Tensors,
+        wrt: str | Sequence[str] | None = None,
+        dtype: object = None,
+        device: str | None = None,
+        encoding: Encoding = "auto",
+        options: Mapping[str, Any] | None = None,
+        timeout: TimeoutTypes = NOT_GIVEN,
+    ) -> Linearization:
+        """``POST /linearize``: linearize at ``primals`` once, then apply it to many tangents.
+
+        The arguments are those of :meth:`jacobian`. Returns a :class:`Linearization`
+        (``.id``, ``.output``, ``.expires_at``, ``.wrt``; ``.jvp(tangents=...)``;
+        ``.close()``), a context manager that closes the session on exit. A session
+        over the service's memory budget is a 503 (:class:`OverloadedError`, retried
+        after its Retry-After as NOTE [retries] says).
+        """
+        body, kind = self._jacobian_body(
+            where="linearize()",
+            expression=expression,
+            model=model,
+            primals=primals,
+            wrt=wrt,
+            dtype=dtype,
+            device=device,
+            encoding=encoding,
+            options=options,
+        )
+        response = self._request("POST", "linearize", json_body=body, timeout=timeout)
+        return Linearization(self, self._parse_linearize(response, kind), kind=kind)
 
     def models(self) -> list[ModelInfo]:
         """``GET /models``: every registered model."""
@@ -408,6 +542,8 @@ class AsyncJVPClient(BaseClient):
         engine: str | None = None,
         fallback: str | None = None,
         encoding: Encoding = "auto",
+        tangent_batch: bool = False,
+        check: bool = False,
         options: Mapping[str, Any] | None = None,
         timeout: TimeoutTypes = NOT_GIVEN,
     ) -> JVPResult:
@@ -424,9 +560,102 @@ class AsyncJVPClient(BaseClient):
             fallback=fallback,
             encoding=encoding,
             options=options,
+            tangent_batch=tangent_batch,
+            check=check,
         )
         response = await self._request("POST", "jvp", json_body=body, timeout=timeout)
         return self._parse_jvp(response, kind)
+
+    async def jacobian(
+        self,
+        *,
+        expression: str | None = None,
+        model: str | None = None,
+        primals: _Tensors,
+        wrt: str | Sequence[str] | None = None,
+        dtype: object = None,
+        device: str | None = None,
+        encoding: Encoding = "auto",
+        options: Mapping[str, Any] | None = None,
+        timeout: TimeoutTypes = NOT_GIVEN,
+    ) -> JacobianResult:
+        """``POST /jacobian``; see :meth:`JVPClient.jacobian`."""
+        body, kind = self._jacobian_body(
+            where="jacobian()",
+            expression=expression,
+            model=model,
+            primals=primals,
+            wrt=wrt,
+            dtype=dtype,
+            device=device,
+            encoding=encoding,
+            options=options,
+        )
+        response = await self._request("POST", "jacobian", json_body=body, timeout=timeout)
+        return self._parse_jacobian(response, kind)
+
+    async def hvp(
+        self,
+        *,
+        expression: str | None = None,
+        model: str | None = None,
+        primals: _Tensors,
+        tangents: _Tensors | None = None,
+        parameter_tangents: _Tensors | None = None,
+        output_index: int = 0,
+        reduction: Reduction = "none",
+        tangent_batch: bool = False,
+        dtype: object = None,
+        device: str | None = None,
+        encoding: Encoding = "auto",
+        options: Mapping[str, Any] | None = None,
+        timeout: TimeoutTypes = NOT_GIVEN,
+    ) -> HVPResult:
+        """``POST /hvp``; see :meth:`JVPClient.hvp`."""
+        body, kind = self._hvp_body(
+            expression=expression,
+            model=model,
+            primals=primals,
+            tangents=tangents,
+            parameter_tangents=parameter_tangents,
+            output_index=output_index,
+            reduction=reduction,
+            tangent_batch=tangent_batch,
+            dtype=dtype,
+            device=device,
+            encoding=encoding,
+            options=options,
+        )
+        response = await self._request("POST", "hvp", json_body=body, timeout=timeout)
+        return self._parse_hvp(response, kind)
+
+    async def linearize(
+        self,
+        *,
+        expression: str | None = None,
+        model: str | None = None,
+        primals: _Tensors,
+        wrt: str | Sequence[str] | None = None,
+        dtype: object = None,
+        device: str | None = None,
+        encoding: Encoding = "auto",
+        options: Mapping[str, Any] | None = None,
+        timeout: TimeoutTypes = NOT_GIVEN,
+    ) -> AsyncLinearization:
+        """``POST /linearize``; see :meth:`JVPClient.linearize` (``async with`` closes it)."""
+        body, kind = self._jacobian_body(
+            where="linearize()",
+            expression=expression,
+            model=model,
+            primals=primals,
+            wrt=wrt,
+            dtype=dtype,
+            device=device,
+            encoding=encoding,
+            options=options,
+        )
+        response = await self._request("POST", "linearize", json_body=body, timeout=timeout)
+        return AsyncLinearization(self, self._parse_linearize(response, kind), kind=kind)
 
     async def models(self) -> list[ModelInfo]:
         """``GET /models``: every registered model."""

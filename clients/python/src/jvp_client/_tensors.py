@@ -44,6 +44,7 @@ __all__ = [
     "infer_dtype",
     "is_torch_tensor",
     "normalize_dtype",
+    "parse_number",
 ]
 
 #: A decoded tensor: a numpy array, or a torch tensor when torch tensors went in.
@@ -271,7 +272,8 @@ def encode_tensor_map(
     return out, any_b64
 
 
-def _parse_number(value: Any) -> float:
+def parse_number(value: Any) -> float:
+    """A JSON number, or one of the strings "NaN", "Infinity", "-Infinity", as a float."""
     if isinstance(value, str):
         try:
             return _NAN_STRINGS[value.strip().lower()]
@@ -287,7 +289,7 @@ def _parse_number(value: Any) -> float:
 def _parse_nested(value: Any) -> Any:
     if isinstance(value, list):
         return [_parse_nested(v) for v in value]
-    return _parse_number(value)
+    return parse_number(value)
 
 
 def _to_output(array: np.ndarray, wire: str, *, as_torch: bool, device: Any) -> Array:

@@ -6,12 +6,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._tensors import Array
+from ._tensors import Array, parse_number
 
 __all__ = [
     "BufferSpec",
+    "GradientCheck",
+    "HVPResult",
     "HealthStatus",
     "JVPResult",
+    "JacobianResult",
+    "LinearizationInfo",
     "JobInfo",
     "JobResultsPage",
     "JobTaskError",
@@ -22,6 +26,55 @@ __all__ = [
 
 #: Job statuses after which nothing changes any more.
 FINISHED_STATUSES = frozenset({"completed", "cancelled", "failed"})
+
+
+@dataclass(frozen=True)
+class GradientCheck:
+    """``options.check`` of ``POST /jvp``: the JVP against float64 central finite differences.
+
+    ``passed`` is ``max_abs_error <= atol + rtol * max(|fd|_inf, |jvp|_inf)``; the
+    errors may be NaN or infinite (the service writes them as strings; here they
+    are floats).
+    """
+
+    max_abs_error: float
+    max_rel_error: float
+    passed: bool
+    eps: float
+    rtol: float | None = None
+    atol: float | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> GradientCheck:
+        passed = obj["passed"]
+        if not isinstance(passed, bool):
+            raise ValueError(f"check.passed: expected true or false, got {passed!r}")
+
+        def optional(key: str) -> float | None:
+            value = obj.get(key)
+            return None if value is None else parse_number(value)
+
+        return cls(
+            max_abs_error=parse_number(obj["max_abs_error"]),
+            max_rel_error=parse_number(obj["max_rel_error"]),
+            passed=passed,
+            eps=parse_number(obj["eps"]),
+            rtol=optional("rtol"),
+            atol=optional("atol"),
+            raw=dict(obj),
+        )
+
+    def summary(self) -> str:
+        """One line for people: verdict, errors and tolerances."""
+        verdict = "passed" if self.passed else "FAILED"
+        text = (
+            f"check {verdict}: max abs error {self.max_abs_error:.3g}, "
+            f"max rel error {self.max_rel_error:.3g} (eps {self.eps:.3g}"
+        )
+        if self.rtol is not None and self.atol is not None:
+            text += f", rtol {self.rtol:g}, atol {self.atol:g}"
+        return text + ")"
 
 
 @dataclass(frozen=True)
@@ -39,7 +92,55 @@ class JVPResult:
     engine: str | None
     method: str | None
     timing_ms: dict[str, float]
-    check: dict[str, Any] | None = None
+    check: GradientCheck | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class JacobianResult:
+    """The answer of ``POST /jacobian``.
+
+    ``jacobian`` maps each name of ``wrt`` to an array of shape output shape +
+    that input's (or parameter's) shape; for a function with several outputs,
+    ``output`` is a list and ``jacobian`` a list of such maps, one per output.
+    """
+
+    output: Array | list[Array]
+    jacobian: dict[str, Array] | list[dict[str, Array]]
+    dtype: str
+    device: str
+    timing_ms: dict[str, float]
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class HVPResult:
+    """The answer of ``POST /hvp``: the scalar ``output`` and ``hvp``, H·v per name."""
+
+    output: Array
+    hvp: dict[str, Array]
+    dtype: str
+    device: str
+    timing_ms: dict[str, float]
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class LinearizationInfo:
+    """The answer of ``POST /linearize``: a session kept on the service until ``expires_at``.
+
+    ``wrt`` are the names the session's tangents may use; ``bytes`` is its estimated
+    size (counted against the service's budget); ``expires_at`` is ISO 8601 (UTC).
+    """
+
+    id: str
+    output: Array | list[Array]
+    expires_at: str
+    wrt: list[str]
+    bytes: int
+    dtype: str
+    device: str
+    timing_ms: dict[str, float]
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 

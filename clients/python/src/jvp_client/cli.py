@@ -3,6 +3,10 @@
     jvp call --expression "x**2 + y**2" --primal x=x.npy --primal y=y.npy \\
              --tangent x=v.npy --out result.npz
     jvp call --model linear --primal x=x.npy --parameter-tangent weight=dw.npy
+    jvp call -e "sin(x)" -p x=x.npy -t x=V.npy --tangent-batch --check
+    jvp jacobian --expression "sin(x) * y" --primal x=x.npy --primal y=y.npy \\
+                 [--wrt x] --out jac.npz
+    jvp hvp --expression "sum(x**3)" --primal x=x.npy --tangent x=v.npy --out hvp.npz
     jvp models [NAME]
     jvp health
     jvp jobs submit tasks.jsonl [--expression ... | --model ...] [--wait]
@@ -18,7 +22,8 @@ which takes the computation dtype). In a tasks file (JSON Lines, one task a line
 a string naming a ``.npy`` file (relative to the tasks file).
 
 Exit status: 0 on success, 1 when the service answered an error (its message is
-printed), could not be reached, or a job task failed; 2 for bad arguments.
+printed), could not be reached, a job task failed or ``call --check`` did not
+pass; 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from ._base import NOT_GIVEN
 from ._client import JVPClient
 from ._exceptions import APIStatusError, JVPError
 from ._tensors import Array
-from ._types import JobInfo, JVPResult
+from ._types import HVPResult, JacobianResult, JobInfo, JVPResult
 from ._version import __version__
 
 __all__ = ["main"]
@@ -158,6 +163,49 @@ def _print_result(result: JVPResult) -> None:
     print(", ".join(facts) + (f"; {timing}" if timing else ""))
 
 
+def _print_facts(dtype: str, device: str, timing_ms: Mapping[str, float]) -> None:
+    timing = ", ".join(f"{k} {v:.3g} ms" for k, v in timing_ms.items())
+    print(f"dtype {dtype}, device {device}" + (f"; {timing}" if timing else ""))
+
+
+def _named_arrays(prefix: str, values: Mapping[str, Array]) -> dict[str, np.ndarray]:
+    return {f"{prefix}_{name}": _as_numpy(value) for name, value in values.items()}
+
+
+def _jacobian_arrays(result: JacobianResult) -> dict[str, np.ndarray]:
+    """npz keys: output and jacobian_<name>; output_<i> and jacobian_<i>_<name> for several."""
+    arrays = _arrays("output", result.output)
+    if isinstance(result.jacobian, list):
+        for i, block in enumerate(result.jacobian):
+            arrays.update(_named_arrays(f"jacobian_{i}", block))
+    else:
+        arrays.update(_named_arrays("jacobian", result.jacobian))
+    return arrays
+
+
+def _print_jacobian(result: JacobianResult) -> None:
+    print(f"output: {_describe(result.output)}")
+    blocks = result.jacobian if isinstance(result.jacobian, list) else [result.jacobian]
+    several = isinstance(result.jacobian, list)
+    for i, block in enumerate(blocks):
+        for name, value in block.items():
+            label = f"d output[{i}] / d {name}" if several else f"d output / d {name}"
+            print(f"{label}: {_describe(value)}")
+    _print_facts(result.dtype, result.device, result.timing_ms)
+
+
+def _print_hvp(result: HVPResult) -> None:
+    print(f"output: {_describe(result.output)}")
+    for name, value in result.hvp.items():
+        print(f"hvp {name}: {_describe(value)}")
+    _print_facts(result.dtype, result.device, result.timing_ms)
+
+
+def _write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    print(f"wrote {path} ({', '.join(arrays)})")
+
+
 def _print_job(info: JobInfo) -> None:
     print(f"job {info.id}: {info.status}, {info.done}/{info.total} done, {info.failed} failed")
 
@@ -179,12 +227,64 @@ def _cmd_call(client: JVPClient, args: argparse.Namespace) -> int:
         device=args.device,
         engine=args.engine,
         fallback=args.fallback,
+        tangent_batch=args.tangent_batch,
+        check=args.check,
     )
     _print_result(result)
     if args.out:
-        arrays = {**_arrays("output", result.output), **_arrays("jvp", result.jvp)}
-        np.savez(args.out, **arrays)  # type: ignore[arg-type]
-        print(f"wrote {args.out} ({', '.join(arrays)})")
+        _write_npz(args.out, {**_arrays("output", result.output), **_arrays("jvp", result.jvp)})
+    if args.check:
+        if result.check is None:
+            print("jvp: error: the service answered without a check", file=sys.stderr)
+            return 1
+        print(result.check.summary())
+        return 0 if result.check.passed else 1
+    return 0
+
+
+def _cmd_jacobian(client: JVPClient, args: argparse.Namespace) -> int:
+    primals = _parse_assignments(args.primal, "--primal")
+    if primals is None:
+        raise UsageError("jacobian: give at least one --primal NAME=FILE.npy")
+    result = client.jacobian(
+        expression=args.expression,
+        model=args.model,
+        primals=primals,
+        wrt=args.wrt,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    _print_jacobian(result)
+    if args.out:
+        _write_npz(args.out, _jacobian_arrays(result))
+    return 0
+
+
+def _cmd_hvp(client: JVPClient, args: argparse.Namespace) -> int:
+    primals = _parse_assignments(args.primal, "--primal")
+    if primals is None:
+        raise UsageError("hvp: give at least one --primal NAME=FILE.npy")
+    tangents = _parse_assignments(args.tangent, "--tangent")
+    parameter_tangents = _parse_assignments(args.parameter_tangent, "--parameter-tangent")
+    if tangents is None and parameter_tangents is None:
+        raise UsageError("hvp: give at least one --tangent NAME=FILE.npy (the direction v)")
+    result = client.hvp(
+        expression=args.expression,
+        model=args.model,
+        primals=primals,
+        tangents=tangents,
+        parameter_tangents=parameter_tangents,
+        output_index=args.output_index,
+        reduction=args.reduction,
+        tangent_batch=args.tangent_batch,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    _print_hvp(result)
+    if args.out:
+        _write_npz(
+            args.out, {**_arrays("output", result.output), **_named_arrays("hvp", result.hvp)}
+        )
     return 0
 
 
@@ -312,14 +412,47 @@ def _add_connection_options(parser: argparse.ArgumentParser, *, suppress: bool) 
     )
 
 
-def _add_target_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
+def _add_target_options(
+    parser: argparse.ArgumentParser, *, required: bool, jvp_options: bool = True
+) -> None:
     target = parser.add_mutually_exclusive_group(required=required)
     target.add_argument("--expression", "-e", help='an expression, e.g. "x**2 + y**2"')
     target.add_argument("--model", "-m", help="a registered model's name (see `jvp models`)")
     parser.add_argument("--dtype", help="float16 | bfloat16 | float32 | float64")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--engine", choices=["dual", "functional"])
-    parser.add_argument("--fallback", choices=["auto", "none"])
+    if jvp_options:
+        parser.add_argument("--engine", choices=["dual", "functional"])
+        parser.add_argument("--fallback", choices=["auto", "none"])
+
+
+def _add_tensor_options(parser: argparse.ArgumentParser, *, tangents: bool) -> None:
+    parser.add_argument(
+        "--primal",
+        "-p",
+        action="append",
+        metavar="NAME=FILE",
+        help="an input's value (.npy file or JSON); repeat per input",
+    )
+    if not tangents:
+        return
+    parser.add_argument(
+        "--tangent",
+        "-t",
+        action="append",
+        metavar="NAME=FILE",
+        help="an input's tangent; inputs left out get zero",
+    )
+    parser.add_argument(
+        "--parameter-tangent",
+        action="append",
+        metavar="NAME=FILE",
+        help="a model parameter's tangent",
+    )
+    parser.add_argument(
+        "--tangent-batch",
+        action="store_true",
+        help="every tangent has a leading dimension K (K directions in one call)",
+    )
 
 
 def _add_poll_options(parser: argparse.ArgumentParser) -> None:
@@ -348,25 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     call = add(commands, "call", "compute one JVP (POST /jvp)")
     _add_target_options(call, required=True)
+    _add_tensor_options(call, tangents=True)
     call.add_argument(
-        "--primal",
-        "-p",
-        action="append",
-        metavar="NAME=FILE",
-        help="an input's value (.npy file or JSON); repeat per input",
-    )
-    call.add_argument(
-        "--tangent",
-        "-t",
-        action="append",
-        metavar="NAME=FILE",
-        help="an input's tangent; inputs left out get zero",
-    )
-    call.add_argument(
-        "--parameter-tangent",
-        action="append",
-        metavar="NAME=FILE",
-        help="a model parameter's tangent",
+        "--check",
+        action="store_true",
+        help="compare with float64 central finite differences; exit 1 when it does not pass",
     )
     call.add_argument(
         "--out",
@@ -375,6 +494,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="write output and jvp (output_0, jvp_0, ... for several outputs)",
     )
     call.set_defaults(handler=_cmd_call)
+
+    jacobian = add(commands, "jacobian", "compute a full Jacobian (POST /jacobian)")
+    _add_target_options(jacobian, required=True, jvp_options=False)
+    _add_tensor_options(jacobian, tangents=False)
+    jacobian.add_argument(
+        "--wrt",
+        action="append",
+        metavar="NAME",
+        help="an input or parameter to differentiate by; repeat (default: all inputs)",
+    )
+    jacobian.add_argument(
+        "--out",
+        "-o",
+        metavar="FILE.npz",
+        help="write output and jacobian_NAME (output_I, jacobian_I_NAME for several outputs)",
+    )
+    jacobian.set_defaults(handler=_cmd_jacobian)
+
+    hvp = add(commands, "hvp", "compute Hessian-vector products of a scalar (POST /hvp)")
+    _add_target_options(hvp, required=True, jvp_options=False)
+    _add_tensor_options(hvp, tangents=True)
+    hvp.add_argument(
+        "--reduction",
+        choices=["sum", "mean", "none"],
+        default="none",
+        help="how the output becomes a scalar (default: none, it is one)",
+    )
+    hvp.add_argument(
+        "--output-index", type=int, default=0, metavar="I", help="which output (models)"
+    )
+    hvp.add_argument("--out", "-o", metavar="FILE.npz", help="write output and hvp_NAME")
+    hvp.set_defaults(handler=_cmd_hvp)
 
     models = add(commands, "models", "list models, or describe one")
     models.add_argument("name", nargs="?", help="a model's name")
