@@ -37,13 +37,42 @@ def exposure_warning(host: str, settings: Settings) -> str | None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jvp-service", description="The JVP service.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="Serve the HTTP API (settings from JVP_* variables).")
     serve.add_argument("--host", help="Address to bind (default JVP_HOST or 127.0.0.1).")
     serve.add_argument("--port", type=int, help="Port to bind (default JVP_PORT or 8000).")
     serve.add_argument("--log-level", default=os.environ.get("JVP_LOG_LEVEL", "info"))
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="API processes (uvicorn workers; default 1). POST /jvp is stateless; for batch "
+        "jobs across processes use JVP_JOBS_BACKEND=celery (README 'Scaling out').",
+    )
+    worker = sub.add_parser(
+        "worker",
+        help="Run a Celery worker that computes batch-job tasks (JVP_JOBS_BACKEND=celery: "
+        "broker JVP_BROKER_URL, store JVP_DATABASE_URL).",
+    )
+    worker.add_argument(
+        "--device",
+        help="Device of this worker process, e.g. cpu or cuda:1 (default: JVP_DEVICE; with "
+        "auto, one worker process per GPU, or one on the CPU without a GPU).",
+    )
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="Pool processes per worker process, each with its own engine (default 1: the "
+        "device worker thread already computes one batch at a time).",
+    )
+    worker.add_argument("--log-level", default=os.environ.get("JVP_LOG_LEVEL", "info"))
+    sub.add_parser(
+        "worker-ping",
+        help="Exit 0 if a Celery worker of this host answers a ping, else 1 (a healthcheck).",
+    )
     models = sub.add_parser("models", help="Model repository tools.")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     check = models_sub.add_parser(
@@ -52,12 +81,30 @@ def main(argv: list[str] | None = None) -> None:
         "exit code 1 if any fails.",
     )
     check.add_argument("dir", type=Path, help="The repository folder (as JVP_MODEL_DIR).")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     if args.command == "models" and args.models_command == "check":
         from app.models.check import main as check_main  # imports torch: only when asked
 
         raise SystemExit(check_main(args.dir))
+
+    if args.command == "worker":
+        settings = Settings()
+        configure_logging(settings.log_format, args.log_level)
+        from app.jobs.celery_app import worker_main  # imports celery: only when asked
+
+        raise SystemExit(worker_main(args.device, args.concurrency, args.log_level))
+
+    if args.command == "worker-ping":
+        from app.jobs.celery_app import ping_local_workers
+
+        names = ping_local_workers(Settings())
+        print("\n".join(names) or "no worker of this host answered")
+        raise SystemExit(0 if names else 1)
 
     if args.command == "serve":
         settings = Settings()
@@ -66,6 +113,13 @@ def main(argv: list[str] | None = None) -> None:
         warning = exposure_warning(host, settings)
         if warning:
             log.warning(warning)
+        if args.workers > 1 and settings.jobs_backend == "local" and settings.job_runner == "local":
+            log.warning(
+                "--workers %d with the local job runner: each API process runs job tasks and "
+                "puts back those it finds running at start. Use JVP_JOBS_BACKEND=celery "
+                "(README 'Scaling out'), or JVP_JOB_RUNNER=off on all but one process.",
+                args.workers,
+            )
         # uvicorn shuts down gracefully on SIGTERM (stops accepting, finishes requests in
         # flight, then runs the lifespan's shutdown), and then raises the signal again with
         # the handler it found: make that one a no-op so a clean stop exits 0.
@@ -76,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             host=host,
             port=args.port or settings.port,
             log_level=args.log_level,
+            workers=args.workers,
             log_config=None,  # configure_logging above: one format, request ids
         )
 

@@ -25,6 +25,7 @@ STATUS_OF: dict[type[engine_errors.EngineError], tuple[int, str]] = {
     engine_errors.InvalidExpression: (400, "invalid_expression"),
     engine_errors.NotFound: (404, "not_found"),
     engine_errors.TooLarge: (413, "too_large"),
+    engine_errors.UnsupportedMediaType: (415, "unsupported_media_type"),
     engine_errors.InvalidRequest: (422, "invalid_request"),
     engine_errors.ForwardADUnsupported: (501, "forward_ad_unsupported"),
     engine_errors.Overloaded: (503, "overloaded"),

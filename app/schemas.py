@@ -133,7 +133,11 @@ class ModelInfo(BaseModel):
     default_dtype: str = Field(
         "float32", description="The computation dtype when a request gives no options.dtype."
     )
-    max_batch_size: int = Field(0, description="From config.json; 0: no dynamic batching.")
+    max_batch_size: int | None = Field(
+        0,
+        description="From config.json; 0: no dynamic batching; null (built-in models): "
+        "the service's JVP_MAX_BATCH_SIZE.",
+    )
 
 
 class ModelList(BaseModel):

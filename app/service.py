@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from app.binary import encode_response
 from app.codec import Limits, decode_tensor, encode_tensor
 from app.engine.devices import DTYPE_NAMES, parse_device, parse_dtype
 from app.engine.errors import InvalidRequest, TooLarge
@@ -65,6 +66,12 @@ class JVPService:
         self.registry = registry
         self.metrics = metrics
         self.limits = Limits(settings.max_tensor_elements, settings.max_dims)
+        # NOTE [dynamic batching] (app/engine/batching.py); batch sizes go to the metrics.
+        engine.configure_batching(
+            max_batch_size=settings.max_batch_size,
+            batch_wait_us=settings.batch_wait_us,
+            observe_batch=getattr(metrics, "observe_batch", None),
+        )
 
     def target_for(self, request: JVPRequest) -> Target:
         if (request.expression is None) == (request.model is None):
@@ -93,6 +100,18 @@ class JVPService:
             return self.registry.get(request.model).default_dtype or "float32"
         return "float32"
 
+    def batch_limit(self, request: JVPRequest) -> int | None:
+        """The largest batch this request's target may join (NOTE [dynamic batching]):
+        None (the engine's limit) for expressions and built-in models, which are per-sample;
+        a repository model's config.json ``max_batch_size`` (0, the default: never)."""
+        if request.model is None:
+            return None
+        model = self.registry.get(request.model)
+        declared = model.config.get("max_batch_size")
+        if model.source == "builtin" and declared is None:
+            return None
+        return declared if isinstance(declared, int) and not isinstance(declared, bool) else 0
+
     def prepare(self, request: JVPRequest) -> JVPTask:
         """Everything that can be checked before queueing: names, shapes, dtypes, limits."""
         target = self.target_for(request)
@@ -114,6 +133,8 @@ class JVPService:
                 )
 
         def decode(value: Any, param: str) -> torch.Tensor:
+            if isinstance(value, torch.Tensor):  # a safetensors body (app/binary.py checked it)
+                return value
             return decode_tensor(value, param=param, default_dtype=dtype, limits=self.limits)
 
         inputs = tuple(decode(request.primals[n], f"primals.{n}") for n in names)
@@ -181,6 +202,7 @@ class JVPService:
                 check=request.options.check,
             ),
             fallback=request.options.fallback,
+            max_batch_size=self.batch_limit(request),
         )
 
     @staticmethod
@@ -204,19 +226,43 @@ class JVPService:
             )
         return tangent
 
-    async def jvp(self, request: JVPRequest) -> dict[str, Any]:
-        started = time.monotonic()
+    async def _run(self, request: JVPRequest) -> tuple[JVPTask, JVPResult]:
         task = await asyncio.to_thread(self.prepare, request)
         result = await self.engine.run(task, timeout_s=self.settings.request_timeout_s)
         if self.metrics is not None:
             self.metrics.observe_result(task.device, result)
-        body = await asyncio.to_thread(self.render, task, result, request.options.encoding)
-        body["timing_ms"] = {
+        return task, result
+
+    @staticmethod
+    def _timing(result: JVPResult, started: float) -> dict[str, float]:
+        return {
             "queue": round(result.queue_ms, 3),
             "compute": round(result.compute_ms, 3),
             "total": round((time.monotonic() - started) * 1e3, 3),
         }
+
+    async def jvp(self, request: JVPRequest) -> dict[str, Any]:
+        started = time.monotonic()
+        task, result = await self._run(request)
+        body = await asyncio.to_thread(self.render, task, result, request.options.encoding)
+        body["timing_ms"] = self._timing(result, started)
         return body
+
+    async def jvp_safetensors(self, request: JVPRequest) -> bytes:
+        """The JVP as a safetensors body (app/binary.py): tensors ``output`` and ``jvp`` (or
+        ``output/i``, ``jvp/i``), the other response fields as metadata ``"response"``."""
+        started = time.monotonic()
+        task, result = await self._run(request)
+        fields = {
+            "dtype": DTYPE_NAMES[task.dtype],
+            "device": str(task.device),
+            "engine": task.engine,
+            "method": result.method,
+            **(task.operation.report() if task.operation is not None else {}),
+        }
+        single = task.target.single_output and len(result.outputs) == 1
+        fields["timing_ms"] = self._timing(result, started)
+        return await asyncio.to_thread(encode_response, result.outputs, result.jvps, single, fields)
 
     @staticmethod
     def render(task: JVPTask, result: JVPResult, encoding: str) -> dict[str, Any]:

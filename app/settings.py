@@ -49,7 +49,24 @@ class Settings(BaseSettings):
     # Engine.
     max_queue: int = Field(1024, ge=1, description="Work items waiting per device before 503.")
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline of one /jvp request.")
-    num_threads: int = Field(0, ge=0, description="torch.set_num_threads; 0 keeps torch's choice.")
+    num_threads: int = Field(
+        0,
+        ge=0,
+        description="torch.set_num_threads (intra-op threads); 0 keeps torch's default: one "
+        "per physical core, or OMP_NUM_THREADS when set.",
+    )
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Dynamic batching: compatible plain JVPs (same target, dtype, device, "
+        "shapes) waiting together run as one vmapped JVP of at most this many; 1 turns it off.",
+    )
+    batch_wait_us: int = Field(
+        500,
+        ge=0,
+        description="Microseconds a busy device worker waits for more compatible items after "
+        "taking the first (never when it was idle: a lone request runs at once).",
+    )
 
     # Operations.
     metrics_public: bool = Field(
@@ -82,6 +99,48 @@ class Settings(BaseSettings):
     max_job_tasks: int = Field(100_000, ge=1, description="Tasks per job (413 past it).")
     max_job_body_bytes: int = Field(
         268_435_456, ge=1, description="Bytes of one POST /jobs body (256 MiB; 413 past it)."
+    )
+
+    # Scale-out: Celery workers on a Redis broker, PostgreSQL as the job store (app/jobs/celery_*).
+    jobs_backend: Literal["local", "celery"] = Field(
+        "local",
+        description="'local' runs job tasks in the API process (JVP_JOB_RUNNER); 'celery' "
+        "stores jobs in JVP_DATABASE_URL and enqueues their task ids to JVP_BROKER_URL for "
+        "`jvp-service worker` processes (the API then runs no job runner).",
+    )
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="The Celery broker (celery backend only)."
+    )
+    celery_queue: str = Field("jvp", min_length=1, description="The Celery queue of job tasks.")
+    celery_chunk_size: int = Field(
+        16,
+        ge=1,
+        description="Tasks of one job that share a function, options and shapes go to the "
+        "broker in chunks of at most this many; a worker computes a chunk as one batch.",
+    )
+    max_task_attempts: int = Field(
+        3,
+        ge=1,
+        description="Times a task may start on a worker; a task whose worker was lost this "
+        "many times is recorded as failed ('worker lost N times') instead of retried.",
+    )
+    celery_task_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Seconds a worker waits for one chunk; tasks unfinished by then fail "
+        "with a deadline error. Must be below JVP_CELERY_VISIBILITY_TIMEOUT_S.",
+    )
+    celery_visibility_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds before Redis gives a chunk whose worker vanished (no ack) to "
+        "another worker; longer than the longest chunk (JVP_CELERY_TASK_TIMEOUT_S).",
+    )
+    celery_task_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="Test and drill hook: seconds a worker sleeps after starting a chunk, "
+        "before computing it (tests/scaleout kill workers mid-chunk). Keep 0.",
     )
 
     # Beyond one JVP: /jacobian, /hvp, /linearize.

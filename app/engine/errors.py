@@ -28,6 +28,10 @@ class InvalidRequest(EngineError):
     """Shapes, names, dtypes, encodings: anything else malformed (422)."""
 
 
+class UnsupportedMediaType(EngineError):
+    """A request body in a Content-Type the route does not read (415)."""
+
+
 class NotFound(EngineError):
     """Unknown model, job or session (404)."""
 

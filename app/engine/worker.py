@@ -15,17 +15,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
+from app.engine.batching import BatchQueue, VmapWarmUp, batch_key, compute_batch, to_device
 from app.engine.errors import (
     DeadlineExceeded,
     DeviceOutOfMemory,
@@ -67,6 +67,9 @@ class JVPTask:
     # (NOTE [forward-AD fallback] in app/engine/fallback.py).
     fallback: str = "auto"
     method: str = "forward"
+    # Dynamic batching (NOTE [dynamic batching] in app/engine/batching.py): the largest
+    # batch this task's target may join; None: the engine's limit; 0 or 1: never batches.
+    max_batch_size: int | None = None
 
 
 @dataclass
@@ -74,8 +77,9 @@ class JVPResult:
     outputs: tuple[torch.Tensor, ...]  # on the CPU
     jvps: tuple[torch.Tensor, ...]  # on the CPU
     queue_ms: float
-    compute_ms: float
+    compute_ms: float  # of the whole batch when batch_size > 1
     method: str = "forward"
+    batch_size: int = 1  # work items computed together with this one (itself included)
 
 
 @dataclass(order=True)
@@ -86,6 +90,7 @@ class _Item:
     future: Future[JVPResult] = field(compare=False)
     enqueued_at: float = field(compare=False)
     deadline: float | None = field(compare=False)
+    key: Hashable | None = field(default=None, compare=False)  # batch_key(task)
 
 
 def compute(task: JVPTask) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
@@ -115,7 +120,8 @@ def _compute(task: JVPTask) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tenso
         target = task.target.materialize(task.dtype, task.device)
 
         def move(x: torch.Tensor) -> torch.Tensor:
-            return x.to(device=task.device, dtype=task.dtype)
+            # Cast and move once; on CUDA through pinned memory, non-blocking.
+            return to_device(x, task.dtype, task.device)
 
         inputs = tuple(move(x) for x in task.inputs)
         tangents = tuple(None if t is None else move(t) for t in task.tangents)
@@ -169,14 +175,30 @@ _WARM_UP = Target("warm-up", ("x",), True, _build_warm_up)
 
 
 class DeviceWorker:
-    """A thread that takes work items for one device off a priority queue, one at a time."""
+    """A thread that takes work items for one device off a priority queue and runs them, one
+    at a time or, for compatible plain JVPs, stacked into one batch (NOTE [dynamic batching]
+    in app/engine/batching.py)."""
 
-    def __init__(self, device: torch.device, *, max_queue: int) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        max_queue: int,
+        max_batch_size: int = 1,
+        batch_wait_us: int = 0,
+        observe_batch: Callable[[torch.device, int], None] | None = None,
+    ) -> None:
         self.device = device
         self.max_queue = max_queue
-        self._queue: queue.PriorityQueue[_Item] = queue.PriorityQueue()
+        self.max_batch_size = max_batch_size
+        self.batch_wait_us = batch_wait_us
+        self.observe_batch = observe_batch
+        self._queue: BatchQueue[_Item] = BatchQueue()
         self._seq = itertools.count()
         self._thread = threading.Thread(target=self._run, name=f"jvp-worker-{device}", daemon=True)
+        self._last_batch = 1
+        # Keys whose batch failed while every item then succeeded alone: vmap cannot run them.
+        self._unbatchable: dict[Hashable, None] = {}
 
     def start(self) -> None:
         self._thread.start()
@@ -199,7 +221,9 @@ class DeviceWorker:
                 retry_after_s=1,
             )
         future: Future[JVPResult] = Future()
-        self._queue.put(_Item(priority, next(self._seq), task, future, time.monotonic(), deadline))
+        item = _Item(priority, next(self._seq), task, future, time.monotonic(), deadline)
+        item.key = batch_key(task)
+        self._queue.put(item)
         return future
 
     def _run(self) -> None:
@@ -207,40 +231,164 @@ class DeviceWorker:
             item = self._queue.get()
             if item.task is None:
                 return
+            busy = self._queue.qsize() > 0 or self._last_batch > 1
+            items = self._admit([item])
+            if not items:
+                continue
+            limit = self._limit(item)
+            if limit > 1:
+                items += self._gather(item, limit - 1, busy)
+            self._last_batch = len(items)
+            if self.observe_batch is not None:
+                try:
+                    self.observe_batch(self.device, len(items))
+                except Exception:  # noqa: BLE001 - metrics never stop the worker
+                    log.exception("observe_batch failed")
+            if len(items) == 1:
+                self._run_one(items[0])
+            else:
+                self._run_batch(items)
+            del item, items  # a finished request's tensors must not wait here for the next
+
+    def _admit(self, items: list[_Item]) -> list[_Item]:
+        """The items still wanted, marked running; the expired ones get their 504."""
+        now = time.monotonic()
+        admitted = []
+        for item in items:
             if not item.future.set_running_or_notify_cancel():
                 continue  # the caller gave up (deadline or disconnect) before it ran
-            started = time.monotonic()
-            if item.deadline is not None and started > item.deadline:
+            if item.deadline is not None and now > item.deadline:
                 item.future.set_exception(
                     DeadlineExceeded("The request passed its deadline in the queue")
                 )
                 continue
-            try:
-                outputs, jvps = compute(item.task)
-            except BaseException as e:  # noqa: BLE001 - every error goes to the caller
-                item.future.set_exception(e)
-                del item  # a failed request's tensors must not wait here for the next item
-                continue
-            finished = time.monotonic()
-            item.future.set_result(
-                JVPResult(
-                    outputs=outputs,
-                    jvps=jvps,
-                    queue_ms=(started - item.enqueued_at) * 1e3,
-                    compute_ms=(finished - started) * 1e3,
-                    method=getattr(item.task, "method", "forward"),
-                )
+            admitted.append(item)
+        return admitted
+
+    def _limit(self, item: _Item) -> int:
+        if item.key is None or item.key in self._unbatchable:
+            return 1
+        assert item.task is not None
+        cap = item.task.max_batch_size
+        return min(self.max_batch_size, self.max_batch_size if cap is None else cap)
+
+    def _gather(self, first: _Item, want: int, busy: bool) -> list[_Item]:
+        """Up to ``want`` more items that stack with ``first``: those waiting now and, while
+        busy, those arriving within the batch wait (NOTE [dynamic batching])."""
+
+        def match(other: _Item) -> bool:
+            return other.key == first.key and other.priority == first.priority
+
+        got = self._admit(self._queue.take(match, want))
+        if not busy or self.batch_wait_us <= 0:
+            return got
+        until = time.monotonic() + self.batch_wait_us / 1e6
+        seen = self._queue.puts
+        while len(got) < want:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                break
+            seen = self._queue.wait_put(seen, remaining)
+            urgent = self._queue.first_priority()
+            if urgent is not None and urgent < first.priority:
+                break  # a more urgent item waits: run what there is
+            got += self._admit(self._queue.take(match, want - len(got)))
+        return got
+
+    def _run_one(self, item: _Item) -> bool:
+        """Compute one item and resolve its future; whether it succeeded."""
+        task = item.task
+        assert task is not None
+        started = time.monotonic()
+        try:
+            outputs, jvps = compute(task)
+        except BaseException as e:  # noqa: BLE001 - every error goes to the caller
+            item.future.set_exception(e)
+            return False
+        finished = time.monotonic()
+        item.future.set_result(
+            JVPResult(
+                outputs=outputs,
+                jvps=jvps,
+                queue_ms=(started - item.enqueued_at) * 1e3,
+                compute_ms=(finished - started) * 1e3,
+                method=getattr(task, "method", "forward"),
             )
-            del item
+        )
+        return True
+
+    def _run_batch(self, items: list[_Item]) -> None:
+        """Compute compatible items as one vmapped JVP; if that fails, each alone."""
+        tasks = [item.task for item in items if item.task is not None]
+        started = time.monotonic()
+        out_of_memory = False
+        try:
+            results = compute_batch(tasks)
+        except torch.OutOfMemoryError:
+            out_of_memory = True  # NOTE [free on out-of-memory]: handled past the block
+        except Exception as e:  # noqa: BLE001 - each item then runs alone
+            log.debug("batch of %d failed (%s); running each alone", len(items), _first_line(e))
+        else:
+            finished = time.monotonic()
+            for item, (outputs, jvps) in zip(items, results, strict=True):
+                item.future.set_result(
+                    JVPResult(
+                        outputs=outputs,
+                        jvps=jvps,
+                        queue_ms=(started - item.enqueued_at) * 1e3,
+                        compute_ms=(finished - started) * 1e3,
+                        method="forward",
+                        batch_size=len(items),
+                    )
+                )
+            return
+        if out_of_memory and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        succeeded = [self._run_one(item) for item in items]
+        if all(succeeded) and not out_of_memory:
+            if len(self._unbatchable) >= 1024:
+                self._unbatchable.clear()
+            self._unbatchable[items[0].key] = None
 
 
 class Engine:
     """The device workers of this process, one per device."""
 
-    def __init__(self, devices: list[torch.device], *, max_queue: int) -> None:
+    def __init__(
+        self,
+        devices: list[torch.device],
+        *,
+        max_queue: int,
+        max_batch_size: int = 1,
+        batch_wait_us: int = 0,
+        observe_batch: Callable[[torch.device, int], None] | None = None,
+    ) -> None:
         self.devices = devices
         self.workers = {d: DeviceWorker(d, max_queue=max_queue) for d in devices}
+        self.configure_batching(
+            max_batch_size=max_batch_size, batch_wait_us=batch_wait_us, observe_batch=observe_batch
+        )
         self.ready = False
+
+    def configure_batching(
+        self,
+        *,
+        max_batch_size: int,
+        batch_wait_us: int,
+        observe_batch: Callable[[torch.device, int], None] | None = None,
+    ) -> None:
+        """Dynamic batching on every worker (NOTE [dynamic batching]); 1 turns it off.
+
+        ``observe_batch(device, size)`` is called once per worker step (metrics)."""
+        if max_batch_size < 1 or batch_wait_us < 0:
+            raise ValueError(
+                f"Expected max_batch_size >= 1 and batch_wait_us >= 0, got {max_batch_size} "
+                f"and {batch_wait_us}"
+            )
+        for worker in self.workers.values():
+            worker.max_batch_size = max_batch_size
+            worker.batch_wait_us = batch_wait_us
+            worker.observe_batch = observe_batch
 
     def start(self) -> None:
         """Start the workers, run one small JVP on each (so no client waits for first-call
@@ -253,6 +401,10 @@ class Engine:
             for engine in ENGINES:
                 task.engine = engine
                 worker.submit(task).result()
+            # And vmap over torch.func.jvp, what a batch runs (NOTE [dynamic batching]).
+            task = JVPTask(_WARM_UP, (x,), (x,), {}, torch.float32, device, "functional")
+            task.operation = VmapWarmUp()
+            worker.submit(task).result()
         self.ready = True
 
     def stop(self) -> None:

@@ -17,11 +17,16 @@ from app.settings import Settings
 
 
 async def start_jobs(settings: Settings, service: JVPService) -> JobService:
-    """Open the store at JVP_DATABASE_URL (migrated to the newest revision), start the runner."""
+    """Open the store at JVP_DATABASE_URL (migrated to the newest revision), start the runner
+    (or, with JVP_JOBS_BACKEND=celery, the dispatcher that sends task ids to the broker)."""
     store = JobStore(settings.database_url)
     await asyncio.to_thread(store.migrate)
     backend: JobBackend
-    if settings.job_runner == "local":
+    if settings.jobs_backend == "celery":
+        from app.jobs.celery_backend import CeleryBackend  # imports celery: only when asked
+
+        backend = CeleryBackend(store, settings)  # this process runs no job runner
+    elif settings.job_runner == "local":
         backend = LocalRunner(
             store,
             service,

@@ -32,6 +32,13 @@ def metadata(blob: bytes) -> dict[str, str]:
     return meta
 
 
+def header(blob: bytes) -> bytes:
+    """The safetensors header: names, dtypes, shapes and offsets (no numbers). Two blobs
+    with equal headers hold tensors of the same names, dtypes and shapes."""
+    (length,) = struct.unpack("<Q", blob[:8])
+    return blob[8 : 8 + length]
+
+
 def dump_inputs(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> bytes:
     flat = {f"{group}.{name}": t for group in GROUPS for name, t in groups.get(group, {}).items()}
     return save(_contiguous(flat), metadata={"kind": "jvp-task-inputs"})

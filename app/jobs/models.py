@@ -50,6 +50,8 @@ class JobRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    # Celery backend: when the job's task ids were sent to the broker (null: not yet).
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class TaskRow(Base):
@@ -68,6 +70,9 @@ class TaskRow(Base):
     error_type: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     error_param: Mapped[str | None] = mapped_column(Text)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # starts on a worker
+    worker: Mapped[str | None] = mapped_column(String(255))  # "host:pid" of the last start
+    # Tasks of a job with the same key (function, options, shapes) are chunked together.
+    batch_key: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (Index("ix_jvp_job_tasks_job_status_idx", "job_id", "status", "idx"),)

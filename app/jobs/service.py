@@ -11,6 +11,7 @@ Names and shapes are checked when the task runs, by `JVPService.prepare`, like /
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import datetime
 from typing import Any
 
@@ -30,6 +31,19 @@ from app.service import JVPService, expression_target
 
 def body_sha256(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
+
+
+def batch_key(
+    expression: str | None, model: str | None, options: dict[str, Any], inputs: bytes
+) -> str:
+    """Tasks with one key compute the same function with the same options on tensors of the
+    same names, dtypes and shapes: the Celery backend sends them in chunks, to batch."""
+    digest = hashlib.sha256()
+    for part in (expression or "", model or "", json.dumps(options, sort_keys=True)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    digest.update(blobs.header(inputs))
+    return digest.hexdigest()[:32]
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -93,6 +107,7 @@ class JobService:
             new.options = task.options.model_dump(exclude_none=True) or None
             try:
                 new.inputs = self._encode_inputs(task, dtype)
+                new.batch_key = batch_key(expression, model, options, new.inputs)
             except EngineError as e:
                 new.error = error_of(e)
             tasks.append(new)

@@ -40,6 +40,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -129,6 +130,7 @@ class NewTask:
     options: dict[str, Any] | None = None  # only the fields the task sets
     inputs: bytes | None = None
     error: tuple[str, str, str | None] | None = None  # (type, message, param): failed at submit
+    batch_key: str | None = None  # tasks with one key may compute as one batch (celery chunks)
 
 
 @dataclass
@@ -167,6 +169,17 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class Attempt:
+    """What `start_attempt` made of a chunk: tasks to compute now (marked running, their
+    attempt counted and committed), tasks whose worker was lost too often (index, attempts
+    so far), and tasks of a cancelled job that must not run."""
+
+    run: list[TaskSpec]
+    lost: list[tuple[int, int]]
+    cancelled: list[int]
+
+
+@dataclass(frozen=True)
 class StoredTask:
     idx: int
     status: str
@@ -202,6 +215,10 @@ class JobStore:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self._write_engine.begin() as connection:
+            if not self.is_sqlite:
+                # API replicas and workers start together: one migrates, the others wait
+                # (then find the tables at head). SQLite serializes by BEGIN IMMEDIATE.
+                connection.execute(text("SELECT pg_advisory_xact_lock(7315001)"))
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
 
@@ -515,6 +532,103 @@ class JobStore:
                 )
         return len(rows)
 
+    # -- the Celery backend (app/jobs/celery_backend.py) ------------------------------------
+
+    def dispatch_plan(self, job_id: str) -> list[tuple[int, str | None]]:
+        """(index, batch key) of the job's queued tasks, in order: what the broker gets."""
+        with self.reading() as s:
+            rows = s.execute(
+                select(TaskRow.idx, TaskRow.batch_key)
+                .where(TaskRow.job_id == job_id, TaskRow.status == QUEUED)
+                .order_by(TaskRow.idx)
+            ).all()
+        return [(r.idx, r.batch_key) for r in rows]
+
+    def mark_dispatched(self, job_id: str) -> None:
+        with self.writing() as s:
+            s.execute(update(JobRow).where(JobRow.id == job_id).values(dispatched_at=now()))
+
+    def undispatched(self, *, created_before: datetime | None = None) -> list[str]:
+        """Active jobs whose task ids never reached the broker (an API process died between
+        storing a job and sending it), oldest first."""
+        query = (
+            select(JobRow.id)
+            .where(JobRow.status.in_(ACTIVE), JobRow.dispatched_at.is_(None))
+            .order_by(JobRow.seq)
+        )
+        if created_before is not None:
+            query = query.where(JobRow.created_at < created_before)
+        with self.reading() as s:
+            return list(s.scalars(query))
+
+    def start_attempt(
+        self, job_id: str, idxs: Sequence[int], *, worker: str, max_attempts: int
+    ) -> Attempt:
+        """Start a chunk on a worker, committed before anything is computed: each task still
+        queued or running (a delivery after its worker was lost) gets attempts + 1 and this
+        worker, unless it already started `max_attempts` times. Tasks that ended are left
+        alone (a redelivered chunk computes only what is missing)."""
+        run: list[TaskSpec] = []
+        lost: list[tuple[int, int]] = []
+        cancelled: list[int] = []
+        with self.writing() as s:
+            job = s.scalars(select(JobRow).where(JobRow.id == job_id)).first()
+            if job is None:  # purged, or another deployment's message
+                return Attempt(run, lost, cancelled)
+            query = (
+                select(
+                    TaskRow.idx,
+                    TaskRow.status,
+                    TaskRow.attempts,
+                    TaskRow.expression,
+                    TaskRow.model,
+                    TaskRow.options,
+                )
+                .add_columns(TaskRow.inputs)
+                .where(
+                    TaskRow.job_id == job_id,
+                    TaskRow.idx.in_(list(idxs)),
+                    TaskRow.status.in_((QUEUED, RUNNING)),
+                )
+                .order_by(TaskRow.idx)
+            )
+            if not self.is_sqlite:
+                query = query.with_for_update()
+            rows = s.execute(query).all()
+            if job.status not in ACTIVE:
+                return Attempt(run, lost, [r.idx for r in rows])
+            starting = []
+            defaults = json.loads(job.options)
+            for r in rows:
+                if r.attempts >= max_attempts:
+                    lost.append((r.idx, r.attempts))
+                    continue
+                starting.append(r.idx)
+                overridden = r.expression is not None or r.model is not None
+                run.append(
+                    TaskSpec(
+                        job_id=job_id,
+                        idx=r.idx,
+                        expression=r.expression if overridden else job.expression,
+                        model=r.model if overridden else job.model,
+                        options=_merged(defaults, r.options),
+                        inputs=r.inputs or b"",
+                    )
+                )
+            if starting:
+                s.execute(
+                    update(TaskRow)
+                    .where(TaskRow.job_id == job_id, TaskRow.idx.in_(starting))
+                    .values(status=RUNNING, attempts=TaskRow.attempts + 1, worker=worker)
+                )
+                at = now()
+                if job.status == "queued":
+                    job.status = "running"
+                if job.started_at is None:
+                    job.started_at = at
+                job.updated_at = at
+        return Attempt(run, lost, cancelled)
+
     def purge(self, retention_s: float) -> int:
         """Remove jobs finished more than `retention_s` ago. Returns how many."""
         cutoff = now() - timedelta(seconds=retention_s)
@@ -555,6 +669,7 @@ def _task_row(job_id: str, t: NewTask) -> dict[str, Any]:
         "error_message": error[1],
         "error_param": error[2],
         "attempts": 0,
+        "batch_key": t.batch_key,
     }
 
 
@@ -578,4 +693,4 @@ def _sqlite_events(engine: Engine) -> None:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-__all__ = ["ENDED", "JobStore", "JobView", "NewJob", "NewTask", "Outcome", "TaskSpec"]
+__all__ = ["ENDED", "Attempt", "JobStore", "JobView", "NewJob", "NewTask", "Outcome", "TaskSpec"]

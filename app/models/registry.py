@@ -51,7 +51,7 @@ class ServedModel:
         return sum(math.prod(s.shape) for s in self.parameters)
 
     def info(self) -> dict[str, object]:
-        max_batch_size = self.config.get("max_batch_size", 0)
+        max_batch_size = self.config.get("max_batch_size", None if self.source == "builtin" else 0)
         return {
             "name": self.name,
             "description": self.description,
@@ -59,7 +59,7 @@ class ServedModel:
             "state": self.state,
             "parameter_count": self.parameter_count,
             "default_dtype": self.default_dtype or "float32",
-            "max_batch_size": max_batch_size if isinstance(max_batch_size, int) else 0,
+            "max_batch_size": max_batch_size if isinstance(max_batch_size, int | None) else 0,
             "inputs": [
                 {"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in self.inputs
             ],

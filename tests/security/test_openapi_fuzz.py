@@ -17,6 +17,9 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from app.main import create_app
 from app.settings import Settings
 
+# POST /jvp also takes a safetensors body: fuzz it as raw bytes (the parser must answer 4xx).
+schemathesis.serializer.alias("application/x-safetensors", "application/octet-stream")
+
 _DB = Path(tempfile.mkdtemp(prefix="jvp-schemathesis-")) / "jobs.db"
 APP = create_app(Settings(database_url=f"sqlite:///{_DB}"))
 # The schema is read without starting the app; the lifespan starts with the first case.

@@ -1,0 +1,122 @@
+"""The API's side of the Celery backend (`JVP_JOBS_BACKEND=celery`): send stored jobs'
+task ids to the broker. No task is computed in the API process.
+
+`submit` hands the job id to a dispatcher thread (the route has answered 202 by then: the
+job is committed). The dispatcher reads the job's queued tasks (index and batch key),
+groups those that share a key (same function, options and shapes) into chunks of
+JVP_CELERY_CHUNK_SIZE in task order, sends one message per chunk, then marks the job
+dispatched. An API process that dies between storing a job and marking it leaves it
+undispatched: every API process sends such jobs at start, and looks for old ones now and
+then (so a job is never lost; a chunk sent twice is computed once, NOTE [celery delivery]).
+
+Cancelling needs nothing from the broker: `JobStore.cancel` ends the queued tasks, and a
+worker skips a task that has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import defaultdict
+from datetime import datetime, timedelta
+
+from celery import Celery
+
+from app.jobs.celery_app import TASK_NAME, make_celery, ranges_of
+from app.jobs.store import JobStore, now
+from app.settings import Settings
+
+log = logging.getLogger("app.jobs.celery")
+
+SWEEP_INTERVAL_S = 10.0  # look for undispatched jobs this often
+SWEEP_GRACE_S = 30.0  # ... older than this (younger ones may be in another API's hands)
+
+_STOP = object()
+
+
+def chunks(plan: list[tuple[int, str | None]], size: int) -> list[list[int]]:
+    """Task indices grouped by batch key, each group cut in chunks of `size`, in the order of
+    each chunk's first task."""
+    groups: dict[str | None, list[int]] = defaultdict(list)
+    for idx, key in plan:
+        groups[key].append(idx)
+    out = [idxs[i : i + size] for idxs in groups.values() for i in range(0, len(idxs), size)]
+    return sorted(out, key=lambda c: c[0])
+
+
+class CeleryBackend:
+    """A `JobBackend` that sends task ids to Celery workers (app/jobs/celery_app.py)."""
+
+    def __init__(self, store: JobStore, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.celery: Celery = make_celery(settings)
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.dispatched = 0  # chunks sent by this process
+
+    async def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="jobs-dispatcher", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._queue.put(_STOP)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    def submit(self, job_id: str) -> None:
+        self._queue.put(job_id)
+
+    def cancel(self, job_id: str) -> None:
+        return None  # the store ends the queued tasks; workers skip ended tasks
+
+    # -- the dispatcher thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        self._sweep(created_before=None)  # whatever a dead API process left behind
+        while True:
+            try:
+                item = self._queue.get(timeout=SWEEP_INTERVAL_S)
+            except queue.Empty:
+                self._sweep(created_before=now() - timedelta(seconds=SWEEP_GRACE_S))
+                continue
+            if item is _STOP:
+                return
+            assert isinstance(item, str)
+            self._dispatch_logged(item)
+
+    def _sweep(self, *, created_before: datetime | None) -> None:
+        try:
+            ids = self.store.undispatched(created_before=created_before)
+        except Exception:  # noqa: BLE001 - the store is down: the next sweep tries again
+            log.exception("jobs: looking for undispatched jobs failed")
+            return
+        for job_id in ids:
+            self._dispatch_logged(job_id)
+
+    def _dispatch_logged(self, job_id: str) -> None:
+        try:
+            self.dispatch(job_id)
+        except Exception:  # noqa: BLE001 - left undispatched: a later sweep sends it
+            log.exception("jobs: sending job %s to the broker failed; retried later", job_id)
+
+    def dispatch(self, job_id: str) -> int:
+        """Send the job's queued tasks in chunks, then mark it dispatched. Returns chunks sent."""
+        plan = self.store.dispatch_plan(job_id)
+        parts = chunks(plan, self.settings.celery_chunk_size)
+        with self.celery.producer_or_acquire() as producer:
+            for part in parts:
+                self.celery.send_task(
+                    TASK_NAME,
+                    args=(job_id, ranges_of(part)),
+                    queue=self.settings.celery_queue,
+                    producer=producer,
+                )
+        self.store.mark_dispatched(job_id)
+        self.dispatched += len(parts)
+        log.info(
+            "jobs: job %s sent to the broker: %d tasks in %d chunks", job_id, len(plan), len(parts)
+        )
+        return len(parts)
