@@ -1,6 +1,9 @@
 # The JVP service on a CUDA-enabled PyTorch base (falls back to the CPU without a GPU).
 # The base already holds torch (Python 3.11), which satisfies pyproject's torch>=2.4,
-# so pip installs only the web stack.
+# so pip installs only the web stack (and Celery with its Redis client).
+# One image, two roles: `jvp-service serve` (the default command: the HTTP API) and
+# `jvp-service worker` (a Celery worker for batch jobs; docker-compose.yml runs both, and
+# gives the worker its own healthcheck, `jvp-service worker-ping`).
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
