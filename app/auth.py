@@ -30,7 +30,8 @@ def _bearer(request: Request) -> str | None:
     return key.strip() if scheme.lower() == "bearer" and key.strip() else None
 
 
-def require_key(request: Request) -> None:
+async def require_key(request: Request) -> None:
+    # async: FastAPI runs a plain-def dependency in a thread, a hop on every request.
     """Inference routes: with JVP_API_KEYS set, an inference or an admin key."""
     settings: Settings = request.app.state.settings
     if not settings.api_keys:
@@ -42,7 +43,7 @@ def require_key(request: Request) -> None:
         raise Unauthorized("The API key is not valid")
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     """Admin routes: an admin key, always (with no admin keys configured, nobody is admin)."""
     settings: Settings = request.app.state.settings
     key = _bearer(request)

@@ -139,6 +139,59 @@ def batch_key(task: JVPTask) -> Hashable | None:
     )
 
 
+class BatchPayoff:
+    """Whether stacking pays for a batch key, learned from the worker's own timings.
+
+    # NOTE [batching must pay]
+    vmap over ``torch.func.jvp`` has a fixed cost (it dispatches through PyTorch's
+    Python reference kernels), so for tiny work, such as an expression on a 10x10
+    tensor, a batch of eight takes longer than eight dual-tensor JVPs one after
+    another, while for a model it is several times faster. So the worker keeps, per
+    batch key, a moving average of the compute time per item alone (from items that
+    ran alone anyway: a request reaching an idle worker) and per item in a batch,
+    and stacks only while batching is the cheaper of the two, or not yet compared.
+    Every ``probe_every`` chances a key runs the other way once, so both averages
+    stay current and a change of load is noticed. The first run of each way is not
+    counted: it pays one-time costs.
+    """
+
+    def __init__(self, *, alpha: float = 0.2, probe_every: int = 64, max_keys: int = 1024):
+        self.alpha = alpha
+        self.probe_every = probe_every
+        self.max_keys = max_keys
+        self._alone: dict[Hashable, float] = {}  # ms per item, computed alone
+        self._batched: dict[Hashable, float] = {}  # ms per item, computed in a batch
+        self._chances: dict[Hashable, int] = {}
+        self._seen: set[tuple[Hashable, bool]] = set()
+
+    def record(self, key: Hashable, items: int, ms: float) -> None:
+        table = self._alone if items == 1 else self._batched
+        if len(table) >= self.max_keys and key not in table:
+            table.clear()
+            self._seen.clear()
+        if (key, items == 1) not in self._seen:
+            # The first run of a key pays one-time costs (casting weights, binding
+            # constants, vmap's first trace): it says nothing about the next ones.
+            self._seen.add((key, items == 1))
+            return
+        per_item = ms / items
+        old = table.get(key)
+        table[key] = per_item if old is None else old + self.alpha * (per_item - old)
+
+    def worth_batching(self, key: Hashable) -> bool:
+        alone, batched = self._alone.get(key), self._batched.get(key)
+        # Batch until both are measured, then whichever is cheaper per item.
+        prefer = alone is None or batched is None or batched < alone
+        chances = self._chances.get(key, 0) + 1
+        if chances >= self.probe_every:
+            self._chances.pop(key, None)
+            return not prefer  # now and then the other way, to notice a change
+        if len(self._chances) >= self.max_keys:
+            self._chances.clear()
+        self._chances[key] = chances
+        return prefer
+
+
 def to_device(x: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Cast and move a host tensor once; on CUDA through pinned memory, without blocking.
 

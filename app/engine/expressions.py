@@ -309,6 +309,13 @@ def _bind(
             c = constants[node.value]
             return lambda args: c
         impl, ints = node.impl, node.ints
+        if impl is torch.pow and isinstance(node.args[1], _Const):
+            # NOTE [literal exponents]: ``x ** 2`` with a Python float exponent takes
+            # pow's Tensor_Scalar kernel, whose forward-AD formula is C++; a 0-d tensor
+            # exponent goes through PyTorch's Python reference kernels, several times
+            # slower. The float is the literal itself: no arithmetic ran on it.
+            base, exponent = build(node.args[0]), node.args[1].value
+            return lambda args: torch.pow(base(args), exponent)
         subs = tuple(build(arg) for arg in node.args)
         if len(subs) == 1:
             (a,) = subs

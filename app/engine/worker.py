@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from app.engine.batching import BatchQueue, VmapWarmUp, batch_key, compute_batch, to_device
+from app.engine.batching import (
+    BatchPayoff,
+    BatchQueue,
+    VmapWarmUp,
+    batch_key,
+    compute_batch,
+    to_device,
+)
 from app.engine.errors import (
     DeadlineExceeded,
     DeviceOutOfMemory,
@@ -197,6 +204,7 @@ class DeviceWorker:
         self._seq = itertools.count()
         self._thread = threading.Thread(target=self._run, name=f"jvp-worker-{device}", daemon=True)
         self._last_batch = 1
+        self._payoff = BatchPayoff()  # NOTE [batching must pay] in app/engine/batching.py
         # Keys whose batch failed while every item then succeeded alone: vmap cannot run them.
         self._unbatchable: dict[Hashable, None] = {}
 
@@ -268,6 +276,8 @@ class DeviceWorker:
     def _limit(self, item: _Item) -> int:
         if item.key is None or item.key in self._unbatchable:
             return 1
+        if not self._payoff.worth_batching(item.key):
+            return 1
         assert item.task is not None
         cap = item.task.max_batch_size
         return min(self.max_batch_size, self.max_batch_size if cap is None else cap)
@@ -306,6 +316,8 @@ class DeviceWorker:
             item.future.set_exception(e)
             return False
         finished = time.monotonic()
+        if item.key is not None:
+            self._payoff.record(item.key, 1, (finished - started) * 1e3)
         item.future.set_result(
             JVPResult(
                 outputs=outputs,
@@ -330,6 +342,7 @@ class DeviceWorker:
             log.debug("batch of %d failed (%s); running each alone", len(items), _first_line(e))
         else:
             finished = time.monotonic()
+            self._payoff.record(items[0].key, len(items), (finished - started) * 1e3)
             for item, (outputs, jvps) in zip(items, results, strict=True):
                 item.future.set_result(
                     JVPResult(

@@ -33,6 +33,8 @@ _BINARY = {
     "schema": {"type": "string", "format": "binary"},
 }
 
+SMALL_BODY_BYTES = 65_536
+
 
 def _inline(schema: dict[str, Any]) -> dict[str, Any]:
     """A pydantic JSON schema with its ``$defs`` written in place (OpenAPI has no $defs)."""
@@ -125,16 +127,18 @@ async def create_jvp(request: Request, _: KeyDep) -> Response:
     """
     service: JVPService = request.app.state.service
     media = _media_type(request.headers.get("content-type"))
+    raw = await request.body()
+    # A large body is read off the event loop, so it never stalls other requests; a
+    # small one is cheaper to read here (NOTE [small requests inline] in app/service.py).
+    small = len(raw) < SMALL_BODY_BYTES
     if _is_json(media):
-        raw = await request.body()
-        # A large body is parsed off the event loop, so it never stalls other requests.
-        body = (
-            parse_json_body(raw)
-            if len(raw) < 65536
-            else await asyncio.to_thread(parse_json_body, raw)
-        )
+        body = parse_json_body(raw) if small else await asyncio.to_thread(parse_json_body, raw)
     elif media == SAFETENSORS:
-        body = await asyncio.to_thread(decode_request, await request.body(), service.limits)
+        body = (
+            decode_request(raw, service.limits)
+            if small
+            else await asyncio.to_thread(decode_request, raw, service.limits)
+        )
     else:
         raise UnsupportedMediaType(
             f"Unsupported Content-Type {media!r} for POST /jvp; expected application/json "
@@ -142,5 +146,5 @@ async def create_jvp(request: Request, _: KeyDep) -> Response:
             param="Content-Type",
         )
     if _wants_safetensors(request.headers.get("accept")):
-        return Response(await service.jvp_safetensors(body), media_type=SAFETENSORS)
-    return ORJSONResponse(await service.jvp(body))
+        return Response(await service.jvp_safetensors(body, small=small), media_type=SAFETENSORS)
+    return ORJSONResponse(await service.jvp(body, small=small))

@@ -30,7 +30,7 @@ async def read_metrics(request: Request) -> Response:
     """Prometheus metrics: requests, latency (queue and compute), queue depth, memory."""
     settings: Settings = request.app.state.settings
     if not settings.metrics_public:
-        require_key(request)
+        await require_key(request)
     metrics: Metrics = request.app.state.metrics
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)

@@ -321,3 +321,32 @@ def test_operations_and_fallbacks_never_batch() -> None:
     assert batch_key(task) is None
     task.method, task.max_batch_size = "forward", 0
     assert batch_key(task) is None
+
+
+def test_batch_payoff_stops_batching_when_a_batch_costs_more_per_item() -> None:
+    from app.engine.batching import BatchPayoff
+
+    payoff = BatchPayoff(alpha=1.0, probe_every=4)
+    assert payoff.worth_batching("k")  # nothing measured: try a batch
+    payoff.record("k", 1, 50.0)  # the first run of each way pays one-time costs: ignored
+    payoff.record("k", 1, 0.1)  # 0.1 ms alone
+    assert payoff.worth_batching("k")  # no batch measured yet
+    payoff.record("k", 8, 400.0)  # ignored, as above
+    payoff.record("k", 8, 4.0)  # 0.5 ms per item in a batch: worse
+    decisions = [payoff.worth_batching("k") for _ in range(8)]
+    # Batching is off, except a probe every 4th chance (counting the two above).
+    assert decisions == [False, True, False, False, False, True, False, False]
+
+
+def test_batch_payoff_keeps_batching_when_a_batch_is_cheaper_per_item() -> None:
+    from app.engine.batching import BatchPayoff
+
+    payoff = BatchPayoff(alpha=1.0, probe_every=64)
+    for _ in range(2):  # the first of each is not counted
+        payoff.record("mlp", 1, 1.0)
+        payoff.record("mlp", 16, 3.2)  # 0.2 ms per item
+    decisions = [payoff.worth_batching("mlp") for _ in range(128)]
+    # Batching, but one item alone every 64 chances keeps the alone time current.
+    assert decisions.count(False) == 2 and decisions[63] is False and decisions[127] is False
+    payoff.record("mlp", 16, 32.0)  # the machine changed: 2 ms per item now
+    assert not payoff.worth_batching("mlp")
