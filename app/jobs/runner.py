@@ -304,3 +304,9 @@ class LocalRunner:
 
     def _write(self, batch: list[_Finished]) -> None:
         self.store.record([f.outcome() for f in batch])
+        metrics = self.service.metrics
+        if metrics is not None:  # counted once written, so a crash never counts a task twice
+            for kind in (DONE, FAILED, CANCELLED):
+                ended = sum(1 for f in batch if f.kind == kind)
+                if ended:
+                    metrics.job_task_ended(kind, ended)

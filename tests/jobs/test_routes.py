@@ -75,6 +75,8 @@ def test_run_job_matches_torch_jvp(jobs_client: TestClient) -> None:
     assert (created["total"], created["status"]) == (30, "queued")
     job = wait_finished(jobs_client, created["id"])
     assert (job["status"], job["done"], job["failed"], job["eta_s"]) == ("completed", 30, 0, 0.0)
+    metrics = jobs_client.get("/metrics").text
+    assert 'jvp_job_tasks_total{status="done"} 30.0' in metrics
     results = all_results(jobs_client, created["id"], limit=7)
     assert [r["index"] for r in results] == list(range(30))
     for r, (x, y, v) in zip(results, points, strict=True):
