@@ -19,8 +19,9 @@ without a batching rule, or branch on values); built-ins (plain eval-mode
 modules) and expressions batch under the engine's ``JVP_MAX_BATCH_SIZE``.
 
 What never batches: items with an ``operation`` (tangent_batch, check, jacobian,
-hvp, linearize), items whose method is not plain forward AD, and items whose
-target says ``max_batch_size`` 0. The dual engine (``fwAD.make_dual``) has no
+hvp, linearize) and items whose target says ``max_batch_size`` 0; an item that
+needs a forward-AD fallback fails its batch, and so runs alone (below), where the
+fallback applies. The dual engine (``fwAD.make_dual``) has no
 batching rule, so a batch always computes with ``torch.func.jvp``: both take
 every derivative through the same forward-AD formulas, and the response keeps
 reporting the requested engine (tests/engine/test_batching.py holds the two to
@@ -123,7 +124,7 @@ class BatchQueue(Generic[Q]):
 
 def batch_key(task: JVPTask) -> Hashable | None:
     """What items must share to be stacked together; None: this item never batches."""
-    if task.operation is not None or task.method != "forward":
+    if task.operation is not None:
         return None
     if task.max_batch_size is not None and task.max_batch_size <= 1:
         return None

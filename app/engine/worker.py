@@ -70,10 +70,8 @@ class JVPTask:
     # Beyond one JVP (batched tangents, checks, Jacobians, HVPs, linearize): runs in place
     # of ENGINES[engine], with the same error mapping (app/engine/operations.py).
     operation: Operation | None = None
-    # options.fallback ("auto" | "none"), and the method that ran, written by `compute`
-    # (NOTE [forward-AD fallback] in app/engine/fallback.py).
+    # options.fallback ("auto" | "none") (NOTE [forward-AD fallback] in app/engine/fallback.py).
     fallback: str = "auto"
-    method: str = "forward"
     # Dynamic batching (NOTE [dynamic batching] in app/engine/batching.py): the largest
     # batch this task's target may join; None: the engine's limit; 0 or 1: never batches.
     max_batch_size: int | None = None
@@ -100,8 +98,12 @@ class _Item:
     key: Hashable | None = field(default=None, compare=False)  # batch_key(task)
 
 
-def compute(task: JVPTask) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """Run one task on its device (worker thread only) and bring the results to the host."""
+Computed = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], str]
+
+
+def compute(task: JVPTask) -> Computed:
+    """Run one task on its device (worker thread only) and bring the results to the host:
+    ``(outputs, jvps, method)``, the method being how the JVP was computed."""
     try:
         return _compute(task)
     except EngineError:
@@ -122,7 +124,7 @@ def compute(task: JVPTask) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor
     )
 
 
-def _compute(task: JVPTask) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+def _compute(task: JVPTask) -> Computed:
     try:
         target = task.target.materialize(task.dtype, task.device)
 
@@ -135,8 +137,9 @@ def _compute(task: JVPTask) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tenso
         param_tangents = {k: move(t) for k, t in task.parameter_tangents.items()}
         if task.operation is not None:
             outputs, jvps = task.operation(target, inputs, tangents, param_tangents)
+            method = "forward"
         else:
-            outputs, jvps, task.method = jvp_with_fallback(
+            outputs, jvps, method = jvp_with_fallback(
                 ENGINES[task.engine],
                 target,
                 inputs,
@@ -144,7 +147,7 @@ def _compute(task: JVPTask) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tenso
                 param_tangents,
                 fallback=task.fallback,
             )
-        return tuple(o.cpu() for o in outputs), tuple(j.cpu() for j in jvps)
+        return tuple(o.cpu() for o in outputs), tuple(j.cpu() for j in jvps), method
     except (EngineError, torch.OutOfMemoryError):
         raise
     except (RuntimeError, NotImplementedError) as e:
@@ -311,7 +314,7 @@ class DeviceWorker:
         assert task is not None
         started = time.monotonic()
         try:
-            outputs, jvps = compute(task)
+            outputs, jvps, method = compute(task)
         except BaseException as e:  # noqa: BLE001 - every error goes to the caller
             item.future.set_exception(e)
             return False
@@ -324,7 +327,7 @@ class DeviceWorker:
                 jvps=jvps,
                 queue_ms=(started - item.enqueued_at) * 1e3,
                 compute_ms=(finished - started) * 1e3,
-                method=getattr(task, "method", "forward"),
+                method=method,
             )
         )
         return True

@@ -311,15 +311,13 @@ def test_lone_item_runs_alone(engine: Engine, sizes: list[int]) -> None:
     assert sizes == [1]
 
 
-def test_operations_and_fallbacks_never_batch() -> None:
+def test_operations_and_unbatchable_models_never_batch() -> None:
     target = expression_target("sin(x)", 2000, 500, 50)
     task = JVPTask(target, (torch.ones(2),), (torch.ones(2),), {}, torch.float32, CPU)
     assert batch_key(task) is not None
     task.operation = jvp_operation(target, engine="dual", tangent_batch=False, check=True)
     assert batch_key(task) is None
-    task.operation, task.method = None, "decomposed"
-    assert batch_key(task) is None
-    task.method, task.max_batch_size = "forward", 0
+    task.operation, task.max_batch_size = None, 0
     assert batch_key(task) is None
 
 
