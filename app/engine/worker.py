@@ -441,7 +441,9 @@ class Engine:
         """Queue a task and await its result, giving up at the deadline (504)."""
         future = self.submit(task, priority=priority, deadline=time.monotonic() + timeout_s)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+            # asyncio.timeout, not wait_for: wait_for wraps the future in one more task.
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.wrap_future(future)
         except TimeoutError:
             future.cancel()  # a task still queued never runs
             raise DeadlineExceeded(

@@ -574,6 +574,131 @@ async def test_raise_async_errors(async_client: AsyncJVPClient) -> None:
     assert (await async_client.health()).ready
 
 
+# -- safetensors bodies (NOTE [binary bodies] in _base.py) ---------------------------------
+
+SAFETENSORS = "application/x-safetensors"
+
+
+@contextlib.contextmanager
+def _media_types(client: JVPClient) -> Iterator[list[tuple[str, str]]]:
+    """(request, response) Content-Types of what ``client`` sends while inside."""
+    http: httpx.Client = client._client
+    seen: list[tuple[str, str]] = []
+
+    def record(response: httpx.Response) -> None:
+        seen.append(
+            (
+                response.request.headers.get("content-type", ""),
+                response.headers.get("content-type", ""),
+            )
+        )
+
+    hooks = http.event_hooks
+    http.event_hooks = {**hooks, "response": [*hooks["response"], record]}
+    try:
+        yield seen
+    finally:
+        http.event_hooks = hooks
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+def test_jvp_binary_matches_torch_func_jvp(client: JVPClient, dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    x, y, tx, ty = (rng.standard_normal((256, 300)).astype(dtype) for _ in range(4))
+    with _media_types(client) as seen:
+        result = client.jvp(
+            expression="x**2 * sin(y) + exp(x / 4)",
+            primals={"x": x, "y": y},
+            tangents={"x": tx, "y": ty},
+        )
+    assert seen == [(SAFETENSORS, SAFETENSORS)]
+    out, jvp = reference_jvp(lambda a, b: a**2 * torch.sin(b) + torch.exp(a / 4), (x, y), (tx, ty))
+    assert isinstance(result.jvp, np.ndarray) and result.jvp.dtype == dtype
+    assert result.jvp.shape == (256, 300) and result.dtype == np.dtype(dtype).name
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-13}
+    np.testing.assert_allclose(result.output, out.numpy(), **tol)
+    np.testing.assert_allclose(result.jvp, jvp.numpy(), **tol)
+    assert result.device == "cpu" and result.method and result.timing_ms["total"] > 0
+
+
+def test_jvp_binary_tangent_batch_and_check(client: JVPClient) -> None:
+    x = np.linspace(-2.0, 2.0, 30_000)
+    directions = np.stack([np.ones_like(x), x, np.cos(x)])  # K = 3: 120,000 elements in all
+    with _media_types(client) as seen:
+        batched = client.jvp(
+            expression="tanh(x) * x",
+            primals={"x": x},
+            tangents={"x": directions},
+            tangent_batch=True,
+        )
+        checked = client.jvp(
+            expression="tanh(x) * x",
+            primals={"x": np.tile(x, 3)},
+            tangents={"x": np.tile(directions[2], 3)},
+            check=True,
+        )
+    assert seen == [(SAFETENSORS, SAFETENSORS)] * 2
+    assert batched.jvp.shape == (3, 30_000)
+    for k in range(3):
+        _, ref = reference_jvp(lambda a: torch.tanh(a) * a, (x,), (directions[k],))
+        np.testing.assert_allclose(batched.jvp[k], ref.numpy(), rtol=1e-12, atol=1e-14)
+    assert checked.check is not None and checked.check.passed
+    assert checked.check.max_abs_error < 1e-6
+
+
+def test_jvp_binary_model_mlp_parameter_tangents(client: JVPClient) -> None:
+    torch.manual_seed(4)
+    x, t = torch.randn(1024, 64), torch.randn(1024, 64)  # 131,072 elements
+    dw = torch.randn(256, 64)
+    with _media_types(client) as seen:
+        result = client.jvp(
+            model="mlp", primals={"x": x}, tangents={"x": t}, parameter_tangents={"0.weight": dw}
+        )
+    assert seen == [(SAFETENSORS, SAFETENSORS)]
+    out, jvp = module_jvp(mlp_module(), x, t, {"0.weight": dw})
+    assert isinstance(result.jvp, torch.Tensor) and result.jvp.shape == (1024, 64)
+    torch.testing.assert_close(result.output, out.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result.jvp, jvp.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_raise_errors_for_binary_requests(client: JVPClient) -> None:
+    big = np.ones(70_000, np.float32)
+    with _media_types(client) as seen:
+        with pytest.raises(NotFoundError) as not_found:
+            client.jvp(model="no-such-model", primals={"x": big})
+        with pytest.raises(BadRequestError) as bad:
+            client.jvp(expression="x **", primals={"x": big})
+        with pytest.raises(UnprocessableEntityError) as shapes:
+            client.jvp(expression="x * 2", primals={"x": big}, tangents={"x": big[:-1]})
+    assert [request for request, _ in seen] == [SAFETENSORS] * 3
+    _check_error(not_found.value, 404, "not_found")
+    assert "no-such-model" in not_found.value.message
+    _check_error(bad.value, 400, "invalid_expression")
+    assert bad.value.param == "expression"
+    _check_error(shapes.value, 422, "invalid_request")
+    assert "70000" in shapes.value.message and "69999" in shapes.value.message
+
+
+def test_raise_payload_too_large_for_binary_request(restricted) -> None:
+    with pytest.raises(PayloadTooLargeError) as info:
+        restricted(INFERENCE_KEY).jvp(expression="x", primals={"x": np.ones(70_000)})
+    _check_error(info.value, 413, "too_large")
+    assert "1000" in info.value.message and "70000" in info.value.message
+
+
+@pytest.mark.asyncio
+async def test_jvp_async_binary_matches_torch_func_jvp(async_client: AsyncJVPClient) -> None:
+    x = torch.linspace(-1, 1, 100_000, dtype=torch.float64)
+    t = torch.cos(x)
+    result = await async_client.jvp(expression="cos(x) * x", primals={"x": x}, tangents={"x": t})
+    out, jvp = reference_jvp(lambda a: torch.cos(a) * a, (x,), (t,))
+    assert isinstance(result.jvp, torch.Tensor) and result.jvp.dtype == torch.float64
+    torch.testing.assert_close(result.output, out, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(result.jvp, jvp, rtol=1e-12, atol=1e-14)
+    with pytest.raises(NotFoundError, match="no-such-model"):
+        await async_client.jvp(model="no-such-model", primals={"x": x})
+
+
 # -- jobs, CLI, README ----------------------------------------------------------------------
 
 

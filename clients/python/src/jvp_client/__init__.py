@@ -14,7 +14,7 @@ See :mod:`jvp_client._exceptions` for the exception tree.
 
 from __future__ import annotations
 
-from ._base import DEFAULT_BASE_URL, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
+from ._base import BINARY_MIN_ELEMENTS, DEFAULT_BASE_URL, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 from ._client import AsyncJVPClient, JVPClient
 from ._exceptions import (
     APIConnectionError,
@@ -56,6 +56,7 @@ from ._version import __version__
 
 __all__ = [
     "B64_MIN_ELEMENTS",
+    "BINARY_MIN_ELEMENTS",
     "DEFAULT_BASE_URL",
     "DEFAULT_MAX_RETRIES",
     "DEFAULT_TIMEOUT",

@@ -17,6 +17,22 @@ The delay is the response's ``Retry-After`` (seconds or an HTTP date) when
 there is one, capped at ``MAX_RETRY_AFTER_S``; otherwise an exponential backoff
 from ``INITIAL_RETRY_DELAY_S`` doubling up to ``MAX_RETRY_DELAY_S``, less up to
 25% jitter so clients that failed together do not retry together.
+
+# NOTE [binary bodies]
+``POST /jvp`` also takes and gives safetensors files (``application/x-safetensors``,
+README "Binary bodies" of the service): raw little-endian bytes beside a JSON
+header, so no number is written or parsed as text and nothing is base64'd. A
+``jvp()`` whose primals, tangents and parameter tangents hold at least
+``binary_min_elements`` elements in all (65,536 by default; None: never) is sent
+that way: tensors ``primals/<name>``, ``tangents/<name>``,
+``parameter_tangents/<name>``, the rest of the request (``expression`` or
+``model``, ``options``) as JSON in the metadata under ``"request"``; with
+``Accept: application/x-safetensors`` the answer holds tensors ``output`` and
+``jvp`` (``output/0``, ``jvp/0``, ... for several outputs) and the other fields
+as JSON in the metadata under ``"response"``. Each tensor keeps its dtype (Python
+numbers and lists, and integer arrays, go as the computation dtype, else float64;
+the service casts). The other routes are JSON only. Errors are JSON envelopes
+either way. The file is written and read by ``_safetensors.py`` (numpy only).
 """
 
 from __future__ import annotations
@@ -34,9 +50,11 @@ from typing import Any, Literal
 import httpx
 
 from ._exceptions import APIResponseValidationError
+from ._safetensors import SAFETENSORS, decode_safetensors, encode_safetensors
 from ._tensors import (
     B64_MIN_ELEMENTS,
     Array,
+    count_elements,
     decode_tensor,
     decode_tensors,
     encode_tensor_map,
@@ -44,6 +62,8 @@ from ._tensors import (
     is_torch_tensor,
     normalize_dtype,
 )
+from ._tensors import _to_output as to_output
+from ._tensors import _to_wire_array as to_wire_array
 from ._types import (
     GradientCheck,
     HVPResult,
@@ -60,6 +80,7 @@ from ._version import __version__
 
 __all__ = [
     "B64_MIN_ELEMENTS",
+    "BINARY_MIN_ELEMENTS",
     "DEFAULT_BASE_URL",
     "DEFAULT_MAX_RETRIES",
     "DEFAULT_TIMEOUT",
@@ -78,6 +99,8 @@ __all__ = [
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 DEFAULT_MAX_RETRIES = 2
+#: ``POST /jvp`` requests with at least this many elements in all go as safetensors.
+BINARY_MIN_ELEMENTS = 65_536
 INITIAL_RETRY_DELAY_S = 0.5
 MAX_RETRY_DELAY_S = 8.0
 MAX_RETRY_AFTER_S = 60.0
@@ -133,6 +156,7 @@ class BaseClient:
         timeout: TimeoutTypes | _NotGiven,
         max_retries: int,
         b64_min_elements: int,
+        binary_min_elements: int | None = BINARY_MIN_ELEMENTS,
     ) -> None:
         if base_url is None:
             base_url = os.environ.get("JVP_BASE_URL") or DEFAULT_BASE_URL
@@ -142,6 +166,14 @@ class BaseClient:
             raise ValueError(f"max_retries: expected an int >= 0, got {max_retries!r}")
         if not isinstance(b64_min_elements, int) or b64_min_elements < 0:
             raise ValueError(f"b64_min_elements: expected an int >= 0, got {b64_min_elements!r}")
+        if binary_min_elements is not None and (
+            not isinstance(binary_min_elements, int)
+            or isinstance(binary_min_elements, bool)
+            or binary_min_elements < 0
+        ):
+            raise ValueError(
+                f"binary_min_elements: expected an int >= 0 or None, got {binary_min_elements!r}"
+            )
         url = httpx.URL(str(base_url))
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"base_url: expected an http(s) URL, got {str(base_url)!r}")
@@ -151,6 +183,7 @@ class BaseClient:
         self.timeout = DEFAULT_TIMEOUT if isinstance(timeout, _NotGiven) else timeout
         self.max_retries = max_retries
         self.b64_min_elements = b64_min_elements
+        self.binary_min_elements = binary_min_elements
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={str(self.base_url)!r})"
@@ -174,13 +207,17 @@ class BaseClient:
         path: str,
         *,
         json_body: Any = None,
+        content: bytes | None = None,
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: TimeoutTypes | _NotGiven = NOT_GIVEN,
     ) -> dict[str, Any]:
-        """Keyword arguments for ``http_client.build_request`` (sync and async alike)."""
+        """Keyword arguments for ``http_client.build_request`` (sync and async alike).
+
+        The body is ``json_body`` (sent as JSON) or ``content`` (bytes, whose
+        ``Content-Type`` is in ``headers``).
+        """
         all_headers = self._headers(headers)
-        content: bytes | None = None
         if json_body is not None:
             # allow_nan=False: JSON has no NaN; tensors spell it "NaN" (see _tensors.py).
             content = json.dumps(json_body, allow_nan=False, separators=(",", ":")).encode()
@@ -355,6 +392,128 @@ class BaseClient:
         if opts:
             body["options"] = opts
         return body, kind
+
+    def _use_binary(self, *maps: Mapping[str, object] | None) -> bool:
+        """Whether a ``POST /jvp`` goes as safetensors; see NOTE [binary bodies]."""
+        threshold = self.binary_min_elements
+        if threshold is None:
+            return False
+        total = 0
+        for values in maps:
+            if values is None:
+                continue
+            if not isinstance(values, Mapping):
+                return False  # the JSON path raises the usual TypeError
+            total += sum(count_elements(v) for v in values.values())
+        return total >= threshold
+
+    def _jvp_request(
+        self,
+        *,
+        expression: str | None,
+        model: str | None,
+        primals: Mapping[str, object],
+        tangents: Mapping[str, object] | None,
+        parameter_tangents: Mapping[str, object] | None,
+        dtype: object,
+        device: str | None,
+        engine: str | None,
+        fallback: str | None,
+        encoding: Encoding,
+        options: Mapping[str, Any] | None,
+        tangent_batch: bool,
+        check: bool,
+    ) -> tuple[dict[str, Any], OutputKind]:
+        """Keyword arguments of ``_request`` for ``POST /jvp`` (a JSON or a safetensors
+        body, see NOTE [binary bodies]), and how to return its tensors."""
+        args: dict[str, Any] = {
+            "expression": expression,
+            "model": model,
+            "primals": primals,
+            "tangents": tangents,
+            "parameter_tangents": parameter_tangents,
+            "dtype": dtype,
+            "device": device,
+            "engine": engine,
+            "fallback": fallback,
+            "encoding": encoding,
+            "options": options,
+            "tangent_batch": tangent_batch,
+            "check": check,
+        }
+        if not self._use_binary(primals, tangents, parameter_tangents):
+            body, kind = self._jvp_body(**args)
+            return {"json_body": body}, kind
+        content, kind = self._jvp_safetensors_body(**args)
+        headers = {"Content-Type": SAFETENSORS, "Accept": f"{SAFETENSORS}, application/json"}
+        return {"content": content, "headers": headers}, kind
+
+    def _jvp_safetensors_body(
+        self,
+        *,
+        expression: str | None,
+        model: str | None,
+        primals: Mapping[str, object],
+        tangents: Mapping[str, object] | None,
+        parameter_tangents: Mapping[str, object] | None,
+        dtype: object,
+        device: str | None,
+        engine: str | None,
+        fallback: str | None,
+        encoding: Encoding,
+        options: Mapping[str, Any] | None,
+        tangent_batch: bool = False,
+        check: bool = False,
+    ) -> tuple[bytes, OutputKind]:
+        """The ``POST /jvp`` safetensors body, validated as :meth:`_jvp_body` validates."""
+        where = "jvp()"
+        request = _target(expression, model, where=where)
+        if not isinstance(primals, Mapping):
+            raise TypeError(
+                f"{where}: expected primals to be a mapping of input names to tensors, "
+                f"got {type(primals).__name__}"
+            )
+        if parameter_tangents is not None and model is None:
+            raise ValueError(f"{where}: parameter_tangents= is for models only (pass model=)")
+        _check_encoding(encoding, where)
+        wire_dtype = normalize_dtype(dtype)
+        if wire_dtype is None:
+            wire_dtype = infer_dtype(primals.values())
+        tensors: dict[str, tuple[Any, str]] = {}
+        for group, values in (
+            ("primals", primals),
+            ("tangents", tangents),
+            ("parameter_tangents", parameter_tangents),
+        ):
+            if values is None:
+                continue
+            if not isinstance(values, Mapping):
+                raise TypeError(
+                    f"{group}: expected a mapping of names to tensors, got {type(values).__name__}"
+                )
+            for name, value in values.items():
+                if not isinstance(name, str):
+                    raise TypeError(f"{group}: expected string names, got {name!r}")
+                try:
+                    array, wire, _ = to_wire_array(value, wire_dtype or "float64")
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"{group}[{name!r}]: {exc}") from exc
+                tensors[f"{group}/{name}"] = (array, wire)
+        opts = self._options(
+            dtype=wire_dtype,
+            device=device,
+            engine=engine,
+            fallback=fallback,
+            encoding=None,  # the answer is safetensors: no JSON tensor form to choose
+            extra=options,
+        )
+        _set_flag(opts, "tangent_batch", tangent_batch, where)
+        _set_flag(opts, "check", check, where)
+        if opts:
+            request["options"] = opts
+        text = json.dumps(request, allow_nan=False, separators=(",", ":"))
+        kind = OutputKind.of(primals, tangents, parameter_tangents)
+        return encode_safetensors(tensors, {"request": text}), kind
 
     def _jacobian_body(
         self,
@@ -574,6 +733,9 @@ class BaseClient:
     # -- parsing --------------------------------------------------------------------------
 
     def _parse_jvp(self, response: httpx.Response, kind: OutputKind) -> JVPResult:
+        media = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media == SAFETENSORS:
+            return self._parse_jvp_safetensors(response, kind)
         body = self._json(response)
         try:
             output = decode_tensors(body["output"], as_torch=kind.as_torch, device=kind.device)
@@ -587,6 +749,49 @@ class BaseClient:
                 engine=body.get("engine"),
                 method=body.get("method"),
                 timing_ms=timing,
+                check=None if body.get("check") is None else GradientCheck.from_json(body["check"]),
+                raw=body,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise APIResponseValidationError(
+                f"Unexpected /jvp response: {exc}", response=response, body=body
+            ) from exc
+
+    def _parse_jvp_safetensors(self, response: httpx.Response, kind: OutputKind) -> JVPResult:
+        """A safetensors ``POST /jvp`` answer; see NOTE [binary bodies]."""
+        try:
+            tensors, metadata = decode_safetensors(response.content)
+        except ValueError as exc:
+            raise APIResponseValidationError(
+                f"Unexpected /jvp response: not a valid safetensors body: {exc}",
+                response=response,
+            ) from exc
+        body: Any = None
+        try:
+            body = json.loads(metadata.get("response", "{}"))
+            if not isinstance(body, dict):
+                raise TypeError(f"the 'response' metadata is a {type(body).__name__}")
+
+            def pick(key: str) -> Array | list[Array]:
+                def out(name: str) -> Array:
+                    array, wire = tensors[name]
+                    return to_output(array, wire, as_torch=kind.as_torch, device=kind.device)
+
+                if key in tensors:
+                    return out(key)
+                count = sum(1 for name in tensors if name.startswith(f"{key}/"))
+                if not count:
+                    raise KeyError(f"no tensor {key!r} or {key + '/0'!r}")
+                return [out(f"{key}/{i}") for i in range(count)]
+
+            return JVPResult(
+                output=pick("output"),
+                jvp=pick("jvp"),
+                dtype=str(body.get("dtype", "")),
+                device=str(body.get("device", "")),
+                engine=body.get("engine"),
+                method=body.get("method"),
+                timing_ms=_timing(body),
                 check=None if body.get("check") is None else GradientCheck.from_json(body["check"]),
                 raw=body,
             )

@@ -13,6 +13,7 @@ import httpx
 
 from ._base import (
     B64_MIN_ELEMENTS,
+    BINARY_MIN_ELEMENTS,
     DEFAULT_MAX_RETRIES,
     NOT_GIVEN,
     BaseClient,
@@ -49,6 +50,9 @@ class JVPClient(BaseClient):
         http_client: an ``httpx.Client`` to send with (a ``fastapi.testclient.TestClient``
             works too); the client does not close one it was given.
         b64_min_elements: tensors with at least this many elements travel base64.
+        binary_min_elements: a :meth:`jvp` whose tensors hold at least this many
+            elements in all goes as a safetensors file and is answered in one
+            (NOTE [binary bodies] in ``_base.py``); None: always JSON.
 
     Example::
 
@@ -70,6 +74,7 @@ class JVPClient(BaseClient):
         max_retries: int = DEFAULT_MAX_RETRIES,
         http_client: httpx.Client | None = None,
         b64_min_elements: int = B64_MIN_ELEMENTS,
+        binary_min_elements: int | None = BINARY_MIN_ELEMENTS,
     ) -> None:
         super().__init__(
             base_url=base_url,
@@ -77,6 +82,7 @@ class JVPClient(BaseClient):
             timeout=timeout,
             max_retries=max_retries,
             b64_min_elements=b64_min_elements,
+            binary_min_elements=binary_min_elements,
         )
         if http_client is not None and not isinstance(http_client, httpx.Client):
             raise TypeError(
@@ -115,6 +121,7 @@ class JVPClient(BaseClient):
         path: str,
         *,
         json_body: Any = None,
+        content: bytes | None = None,
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: TimeoutTypes = NOT_GIVEN,
@@ -127,6 +134,7 @@ class JVPClient(BaseClient):
                 method,
                 path,
                 json_body=json_body,
+                content=content,
                 params=params,
                 headers=headers,
                 timeout=timeout,
@@ -193,7 +201,8 @@ class JVPClient(BaseClient):
             device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
             engine: ``"dual"`` or ``"functional"``.
             fallback: ``"auto"`` or ``"none"``.
-            encoding: ``"auto"`` (base64 answers when base64 went out), ``"json"``, ``"b64"``.
+            encoding: ``"auto"`` (base64 answers when base64 went out), ``"json"``, ``"b64"``;
+                unused when the request goes as safetensors (``binary_min_elements``).
             tangent_batch: every tangent has a leading dimension K (the same for all):
                 ``jvp`` then has that leading K, J·v for K directions in one call.
             check: also compare the JVP with float64 central finite differences
@@ -205,7 +214,7 @@ class JVPClient(BaseClient):
             :class:`JVPResult` with ``output`` and ``jvp`` (lists for several outputs),
             ``timing_ms``, ``device``, ``dtype``, ``engine``, ``method`` and ``check``.
         """
-        body, kind = self._jvp_body(
+        request, kind = self._jvp_request(
             expression=expression,
             model=model,
             primals=primals,
@@ -220,7 +229,7 @@ class JVPClient(BaseClient):
             tangent_batch=tangent_batch,
             check=check,
         )
-        response = self._request("POST", "jvp", json_body=body, timeout=timeout)
+        response = self._request("POST", "jvp", **request, timeout=timeout)
         return self._parse_jvp(response, kind)
 
     def jacobian(
@@ -444,6 +453,7 @@ class AsyncJVPClient(BaseClient):
         max_retries: int = DEFAULT_MAX_RETRIES,
         http_client: httpx.AsyncClient | None = None,
         b64_min_elements: int = B64_MIN_ELEMENTS,
+        binary_min_elements: int | None = BINARY_MIN_ELEMENTS,
     ) -> None:
         super().__init__(
             base_url=base_url,
@@ -451,6 +461,7 @@ class AsyncJVPClient(BaseClient):
             timeout=timeout,
             max_retries=max_retries,
             b64_min_elements=b64_min_elements,
+            binary_min_elements=binary_min_elements,
         )
         if http_client is not None and not isinstance(http_client, httpx.AsyncClient):
             raise TypeError(
@@ -485,6 +496,7 @@ class AsyncJVPClient(BaseClient):
         path: str,
         *,
         json_body: Any = None,
+        content: bytes | None = None,
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: TimeoutTypes = NOT_GIVEN,
@@ -497,6 +509,7 @@ class AsyncJVPClient(BaseClient):
                 method,
                 path,
                 json_body=json_body,
+                content=content,
                 params=params,
                 headers=headers,
                 timeout=timeout,
@@ -548,7 +561,7 @@ class AsyncJVPClient(BaseClient):
         timeout: TimeoutTypes = NOT_GIVEN,
     ) -> JVPResult:
         """``POST /jvp``; see :meth:`JVPClient.jvp`."""
-        body, kind = self._jvp_body(
+        request, kind = self._jvp_request(
             expression=expression,
             model=model,
             primals=primals,
@@ -563,7 +576,7 @@ class AsyncJVPClient(BaseClient):
             tangent_batch=tangent_batch,
             check=check,
         )
-        response = await self._request("POST", "jvp", json_body=body, timeout=timeout)
+        response = await self._request("POST", "jvp", **request, timeout=timeout)
         return self._parse_jvp(response, kind)
 
     async def jacobian(

@@ -38,6 +38,7 @@ __all__ = [
     "B64_MIN_ELEMENTS",
     "DTYPES",
     "Array",
+    "count_elements",
     "decode_tensor",
     "decode_tensors",
     "encode_tensor",
@@ -135,6 +136,20 @@ def _array_wire_dtype(value: object) -> str | None:
     else:
         return None
     return name if name in _NUMPY_WIRE else None
+
+
+def count_elements(value: object) -> int:
+    """How many elements a tensor, array, number or nested list holds (0 if it is none)."""
+    if is_torch_tensor(value):
+        return int(value.numel())  # type: ignore[attr-defined]
+    if isinstance(value, (np.ndarray, np.generic)):
+        return int(value.size)
+    if isinstance(value, (int, float)):
+        return 1
+    try:
+        return int(np.asarray(value).size)
+    except (TypeError, ValueError):  # not a tensor: encoding says so
+        return 0
 
 
 def infer_dtype(values: Iterable[object]) -> str | None:
