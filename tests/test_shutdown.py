@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import LiveServer
 
-N = 1000  # six 1000 x 1000 matrix powers: a few seconds of CPU, so the request is in flight
+N = 1400  # six 1400 x 1400 matrix powers: a few seconds of CPU, so the request is in flight
 
 
 def b64(t: torch.Tensor) -> dict[str, object]:
