@@ -15,7 +15,6 @@ limits are `TooLarge` (413), as for JSON bodies.
 
 from __future__ import annotations
 
-import math
 import struct
 from typing import Any
 
@@ -25,8 +24,8 @@ import safetensors.torch
 import torch
 from pydantic import ValidationError
 
-from app.codec import Limits
-from app.engine.errors import InvalidRequest, TooLarge
+from app.codec import Limits, check_limits
+from app.engine.errors import InvalidRequest
 from app.schemas import JVPRequest
 
 SAFETENSORS = "application/x-safetensors"
@@ -123,17 +122,7 @@ def _check_entry(name: str, entry: object, limits: Limits) -> tuple[str, str, to
             f"Tensor {name!r} has shape {shape!r}; expected a list of non-negative integers",
             param=param,
         )
-    if len(shape) > limits.max_dims:
-        raise TooLarge(
-            f"Tensor '{param}' has {len(shape)} dimensions; the limit is {limits.max_dims}",
-            param=param,
-        )
-    count = math.prod(shape)
-    if count > limits.max_tensor_elements:
-        raise TooLarge(
-            f"Tensor '{param}' has {count} elements; the limit is {limits.max_tensor_elements}",
-            param=param,
-        )
+    check_limits(shape, param, limits)
     return group, short, dtype
 
 

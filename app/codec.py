@@ -43,6 +43,12 @@ def _check_shape(shape: object, param: str, limits: Limits) -> tuple[int, ...]:
             f"Expected '{param}.shape' as a list of non-negative integers, got {shape!r}",
             param=f"{param}.shape",
         )
+    check_limits(shape, param, limits)
+    return tuple(shape)
+
+
+def check_limits(shape: list[int], param: str, limits: Limits) -> None:
+    """413 when a tensor of ``shape`` passes the dimension or element limit."""
     if len(shape) > limits.max_dims:
         raise TooLarge(
             f"Tensor '{param}' has {len(shape)} dimensions; the limit is {limits.max_dims}",
@@ -54,7 +60,6 @@ def _check_shape(shape: object, param: str, limits: Limits) -> tuple[int, ...]:
             f"Tensor '{param}' has {count} elements; the limit is {limits.max_tensor_elements}",
             param=param,
         )
-    return tuple(shape)
 
 
 def _replace_nonfinite(value: Any, param: str) -> Any:
