@@ -9,13 +9,13 @@ that names the field; size limits are `TooLarge` (413).
 
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pybase64
 import torch
 
 from app.engine.devices import DTYPE_NAMES, parse_dtype
@@ -154,7 +154,7 @@ def _decode_b64(
     if not isinstance(text, str):
         raise InvalidRequest(f"Tensor '{param}.b64' must be a base64 string", param=f"{param}.b64")
     try:
-        raw = base64.b64decode(text, validate=True)
+        raw = pybase64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(
             f"Tensor '{param}.b64' is not valid base64 (standard alphabet, with padding)",
@@ -183,11 +183,12 @@ def encode_tensor(tensor: torch.Tensor, *, encoding: str) -> dict[str, Any]:
         "dtype": DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype).removeprefix("torch.")),
     }
     if encoding == "b64":
-        if tensor.dtype == torch.bfloat16:
-            raw = tensor.view(torch.int16).numpy().astype("<i2").tobytes()
-        else:
-            raw = tensor.numpy().astype(tensor.numpy().dtype.newbyteorder("<")).tobytes()
-        out["b64"] = base64.b64encode(raw).decode("ascii")
+        bits = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+        array = bits.numpy()
+        wire = array.dtype.newbyteorder("<")  # equal to the native order on little-endian
+        if array.dtype != wire:
+            array = array.astype(wire)
+        out["b64"] = pybase64.b64encode_as_string(array.reshape(-1).view(np.uint8).data)
         return out
     # bfloat16 values are exact in float32; orjson writes numpy arrays of finite
     # numbers directly (the shortest repr that reads back to the same value).
