@@ -140,7 +140,9 @@ def test_create_linearized_jvp_after_ttl_is_404() -> None:
 
 
 def test_sweep_drops_expired_sessions() -> None:
-    with make_client(linearize_ttl_s=0.2, linearize_sweep_s=0.05) as c:
+    # A TTL long enough that the three sessions all exist before the first expires,
+    # even on a loaded machine; the sweep runs every 50 ms.
+    with make_client(linearize_ttl_s=3.0, linearize_sweep_s=0.05) as c:
         store = c.app.state.derivatives.store  # type: ignore[attr-defined]
         for _ in range(3):
             post(c, "/linearize", {"expression": "exp(x)", "primals": {"x": [1.0, 2.0]}})
