@@ -23,7 +23,7 @@ from app.engine.operations import jvp_operation, tangent_batch_size
 from app.engine.target import Materialized, Target
 from app.engine.worker import Engine, JVPResult, JVPTask
 from app.metrics import Metrics
-from app.models.registry import ModelRegistry
+from app.models.registry import ModelRegistry, ServedModel
 from app.schemas import JVPRequest
 from app.settings import Settings
 
@@ -88,7 +88,9 @@ class JVPService:
             observe_batch=getattr(metrics, "observe_batch", None),
         )
 
-    def target_for(self, request: JVPRequest) -> Target:
+    def resolve(self, request: JVPRequest) -> tuple[Target, ServedModel | None]:
+        """The request's target, and its model when it names one, read from the registry
+        once, so target, default dtype and batch limit all come from one model version."""
         if (request.expression is None) == (request.model is None):
             raise InvalidRequest("Give exactly one of 'expression' or 'model'", param="expression")
         if request.expression is not None:
@@ -98,30 +100,33 @@ class JVPService:
                     param="parameter_tangents",
                 )
             s = self.settings
-            return expression_target(
+            target = expression_target(
                 request.expression,
                 s.max_expression_length,
                 s.max_expression_nodes,
                 s.max_expression_depth,
             )
+            return target, None
         assert request.model is not None
-        return self.registry.get(request.model).target
+        model = self.registry.get(request.model)
+        return model.target, model
 
-    def dtype_name(self, request: JVPRequest) -> str:
+    @staticmethod
+    def dtype_name(request: JVPRequest, model: ServedModel | None) -> str:
         """options.dtype, else the model's default dtype (config.json), else float32."""
         if request.options.dtype is not None:
             return request.options.dtype
-        if request.model is not None and request.expression is None:
-            return self.registry.get(request.model).default_dtype or "float32"
+        if model is not None:
+            return model.default_dtype or "float32"
         return "float32"
 
-    def batch_limit(self, request: JVPRequest) -> int | None:
+    @staticmethod
+    def batch_limit(model: ServedModel | None) -> int | None:
         """The largest batch this request's target may join (NOTE [dynamic batching]):
         None (the engine's limit) for expressions and built-in models, which are per-sample;
         a repository model's config.json ``max_batch_size`` (0, the default: never)."""
-        if request.model is None:
+        if model is None:
             return None
-        model = self.registry.get(request.model)
         declared = model.config.get("max_batch_size")
         if model.source == "builtin" and declared is None:
             return None
@@ -129,8 +134,8 @@ class JVPService:
 
     def prepare(self, request: JVPRequest) -> JVPTask:
         """Everything that can be checked before queueing: names, shapes, dtypes, limits."""
-        target = self.target_for(request)
-        dtype = parse_dtype(self.dtype_name(request))
+        target, model = self.resolve(request)
+        dtype = parse_dtype(self.dtype_name(request, model))
         device = parse_device(request.options.device, self.engine.devices)
         names = target.input_names
         missing = [n for n in names if n not in request.primals]
@@ -217,7 +222,7 @@ class JVPService:
                 check=request.options.check,
             ),
             fallback=request.options.fallback,
-            max_batch_size=self.batch_limit(request),
+            max_batch_size=self.batch_limit(model),
         )
 
     @staticmethod
