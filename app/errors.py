@@ -135,7 +135,12 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
-def _unexpected(request: Request, exc: Exception) -> Response:
+def unexpected_response(request: Request, exc: BaseException) -> Response:
+    """The logged 500 of an error no handler maps (for app/fastpath.py)."""
+    return _unexpected(request, exc)
+
+
+def _unexpected(request: Request, exc: BaseException) -> Response:
     # Runs outside the request-id middleware (Starlette's outermost error handler), so the
     # response gets its X-Request-ID here; the id is still in the logging context.
     rid = request_id.get()
@@ -154,8 +159,25 @@ def _unexpected(request: Request, exc: Exception) -> Response:
     )
 
 
+# Exception class -> its handler; anything else is a 500 (`_unexpected`).
+_HANDLERS = {
+    engine_errors.EngineError: _engine_error,
+    RequestValidationError: _validation_error,
+    StarletteHTTPException: _http_error,
+}
+
+
+def handled_response(request: Request, exc: Exception) -> Response | None:
+    """The error response the app's handlers give ``exc``, or None for an unexpected error
+    (which the caller re-raises, for the outermost handler to log and answer 500). For code
+    that runs before the router (app/fastpath.py)."""
+    for cls, handler in _HANDLERS.items():
+        if isinstance(exc, cls):
+            return handler(request, exc)
+    return None
+
+
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(engine_errors.EngineError, _engine_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for cls, handler in _HANDLERS.items():
+        app.add_exception_handler(cls, handler)
     app.add_exception_handler(Exception, _unexpected)

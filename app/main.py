@@ -13,6 +13,7 @@ from app import errors
 from app.derivatives import start_derivatives
 from app.engine.devices import available_devices, parse_device
 from app.engine.worker import Engine
+from app.fastpath import JVPApp, JVPEndpoint
 from app.jobs import start_jobs
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -72,11 +73,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sweeper.stop()  # and drops every linearize session
             engine.stop()
 
-    app = FastAPI(
+    app = JVPApp(
         title="JVP service",
         version="0.1.0",
         description="Jacobian-vector products by PyTorch forward-mode AD, over HTTP.",
         lifespan=lifespan,
+        # None: FastAPI's defaults (on whenever an OpenTelemetry provider is configured).
+        telemetry=None
+        if settings.opentelemetry
+        else {"tracing": False, "metrics": False, "logs": False},
         # Served by app/routes/docs.py, which asks for a key when keys are on.
         openapi_url=None,
         docs_url=None,
@@ -89,6 +94,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last = outermost: the request id and metrics see the body limit's 413s too.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=app_metrics)
+    if not settings.opentelemetry:
+        # The same two around POST /jvp, past the framework (NOTE [POST /jvp past the
+        # framework] in app/fastpath.py).
+        app.jvp_stack = RequestContextMiddleware(
+            BodyLimitMiddleware(JVPEndpoint(), max_body_bytes=settings.max_body_bytes),
+            metrics=app_metrics,
+        )
     app.include_router(jvp.router)
     app.include_router(derivatives.router)
     app.include_router(models.router)

@@ -46,6 +46,7 @@ def expression_target(source: str, max_length: int, max_nodes: int, max_depth: i
         input_names=compiled.variables,
         single_output=True,
         build=build,
+        operations=compiled.operations,
     )
 
 
@@ -86,6 +87,7 @@ class JVPService:
             max_batch_size=settings.max_batch_size,
             batch_wait_us=settings.batch_wait_us,
             observe_batch=getattr(metrics, "observe_batch", None),
+            inline_max_us=settings.inline_max_us,
         )
 
     def resolve(self, request: JVPRequest) -> tuple[Target, ServedModel | None]:

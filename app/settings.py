@@ -67,6 +67,13 @@ class Settings(BaseSettings):
         description="Microseconds a busy device worker waits for more compatible items after "
         "taking the first (never when it was idle: a lone request runs at once).",
     )
+    inline_max_us: int = Field(
+        150,
+        ge=0,
+        description="A CPU JVP measured to take at most this many microseconds of CPU time runs "
+        "on the event loop's thread while the device worker is idle, skipping the hand-off "
+        "to the worker thread, which costs more than such work; 0 never.",
+    )
 
     # Operations.
     metrics_public: bool = Field(
@@ -74,6 +81,13 @@ class Settings(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text or as JSON objects (one per line)."
+    )
+    opentelemetry: bool = Field(
+        False,
+        description="FastAPI's own OpenTelemetry spans, metrics and logs through the global "
+        "OpenTelemetry providers (configure them, e.g. with opentelemetry-instrument). Off by "
+        "default: its per-request check costs a small request about 5% of its throughput, "
+        "and GET /metrics already has the service's own Prometheus metrics.",
     )
 
     # Batch jobs (app/jobs).

@@ -124,9 +124,15 @@ class BatchQueue(Generic[Q]):
 
 def batch_key(task: JVPTask) -> Hashable | None:
     """What items must share to be stacked together; None: this item never batches."""
-    if task.operation is not None:
-        return None
     if task.max_batch_size is not None and task.max_batch_size <= 1:
+        return None
+    return work_key(task)
+
+
+def work_key(task: JVPTask) -> Hashable | None:
+    """What plain JVPs computing the same thing on different numbers share (target, dtype,
+    device, engine, fallback, shapes); None for an operation (its cost depends on more)."""
+    if task.operation is not None:
         return None
     return (
         task.target,  # by identity (Target is eq=False)
@@ -178,6 +184,11 @@ class BatchPayoff:
         per_item = ms / items
         old = table.get(key)
         table[key] = per_item if old is None else old + self.alpha * (per_item - old)
+
+    def prefers_batching(self, key: Hashable) -> bool:
+        """Whether both ways were measured and batching was the cheaper per item."""
+        alone, batched = self._alone.get(key), self._batched.get(key)
+        return alone is not None and batched is not None and batched < alone
 
     def worth_batching(self, key: Hashable) -> bool:
         alone, batched = self._alone.get(key), self._batched.get(key)

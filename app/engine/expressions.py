@@ -277,6 +277,17 @@ class CompiledExpression:
         default_factory=dict, init=False, repr=False, compare=False
     )
 
+    @property
+    def operations(self) -> int:
+        """How many operator calls one evaluation makes."""
+        count, stack = 0, [self._program]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, _Apply):
+                count += 1
+                stack.extend(node.args)
+        return count
+
     def bind(self, dtype: torch.dtype, device: torch.device) -> Callable[..., Tensor]:
         """A function of the variables' tensors, positional in ``variables`` order.
 

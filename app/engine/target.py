@@ -42,6 +42,10 @@ class Target:
     # Declared shapes per input (-1 = any size), when known; checked before queueing.
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     parameter_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # An expression's operator calls per evaluation (None for a model): with few of them
+    # on small tensors the work is known to be tiny before it was ever timed (NOTE [tiny
+    # work runs inline] in app/engine/worker.py).
+    operations: int | None = None
     _cache: dict[tuple[torch.dtype, torch.device], Materialized] = field(
         default_factory=dict, repr=False
     )

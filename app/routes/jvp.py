@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from app.auth import KeyDep
+from app.auth import require_key
 from app.binary import SAFETENSORS, decode_request
 from app.engine.errors import UnsupportedMediaType
 from app.responses import ORJSONResponse
@@ -113,18 +113,30 @@ def parse_json_body(body: bytes) -> JVPRequest:
         ) from None
 
 
+JVP_PATH = "/jvp"
+
+
 @router.post(
-    "/jvp",
+    JVP_PATH,
     response_model=JVPResponse,
     responses={**ERRORS, 200: {"content": {SAFETENSORS: _BINARY}}},
     openapi_extra={"requestBody": REQUEST_BODY},
 )
-async def create_jvp(request: Request, _: KeyDep) -> Response:
+async def create_jvp(request: Request) -> Response:
     """Compute f(primals) and the Jacobian-vector product J·tangents by forward-mode AD.
 
     The body is JSON (`JVPRequest`) or, with ``Content-Type: application/x-safetensors``,
     a safetensors file; ``Accept: application/x-safetensors`` answers in safetensors.
     """
+    # Usually answered by app/fastpath.py before FastAPI is reached (NOTE [POST /jvp past
+    # the framework]); this route describes /jvp in the OpenAPI document, and serves it
+    # when that is off (JVP_OPENTELEMETRY, a root path).
+    return await answer_jvp(request)
+
+
+async def answer_jvp(request: Request) -> Response:
+    """POST /jvp: the key, the body in either media type, the JVP, the answer."""
+    await require_key(request)
     service: JVPService = request.app.state.service
     media = _media_type(request.headers.get("content-type"))
     raw = await request.body()

@@ -1,0 +1,164 @@
+"""Tiny CPU work runs on the caller's thread when the worker is idle (NOTE [tiny work runs
+inline] in app/engine/worker.py), with the same numbers, one dual level at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from app.engine.target import Materialized, Target
+from app.engine.worker import FIRST_INLINE_MAX_ELEMENTS, Engine, JVPTask
+
+CPU = torch.device("cpu")
+
+
+def recording_target(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    threads: list[str],
+    *,
+    operations: int | None,
+    key: str = "t",
+) -> Target:
+    """A one-input target that records the thread each evaluation ran on."""
+
+    def build(dtype: torch.dtype, device: torch.device) -> Materialized:
+        def call(args: tuple[torch.Tensor, ...], state: object) -> tuple[torch.Tensor]:
+            threads.append(threading.current_thread().name)
+            return (fn(args[0]),)
+
+        return Materialized(fn=call, parameters={}, buffers={})
+
+    return Target(key, ("x",), True, build, operations=operations)
+
+
+def task_for(target: Target, x: torch.Tensor, t: torch.Tensor) -> JVPTask:
+    return JVPTask(target, (x,), (t,), {}, torch.float64, CPU)
+
+
+def started_engine(inline_max_us: int = 150) -> Engine:
+    engine = Engine([CPU], max_queue=16)
+    engine.configure_batching(max_batch_size=8, batch_wait_us=0, inline_max_us=inline_max_us)
+    engine.start()
+    return engine
+
+
+def run(engine: Engine, task: JVPTask) -> tuple[torch.Tensor, torch.Tensor]:
+    async def go() -> tuple[torch.Tensor, torch.Tensor]:
+        result = await engine.run(task, timeout_s=10)
+        return result.outputs[0], result.jvps[0]
+
+    return asyncio.run(go())
+
+
+def test_small_expression_runs_on_the_callers_thread_with_the_reference_numbers() -> None:
+    engine = started_engine()
+    try:
+        threads: list[str] = []
+        target = recording_target(lambda x: torch.sin(x) * x, threads, operations=2)
+        x = torch.linspace(-2, 2, 50, dtype=torch.float64)
+        t = torch.cos(x)
+        for _ in range(3):
+            out, jvp = run(engine, task_for(target, x, t))
+            ref_out, ref_jvp = torch.func.jvp(lambda v: torch.sin(v) * v, (x,), (t,))
+            torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+            torch.testing.assert_close(jvp, ref_jvp, rtol=1e-15, atol=1e-15)
+        assert threads == [threading.current_thread().name] * 3
+    finally:
+        engine.stop()
+
+
+def test_untimed_model_goes_to_the_worker_and_once_timed_tiny_runs_inline() -> None:
+    engine = started_engine()
+    try:
+        threads: list[str] = []
+        target = recording_target(torch.tanh, threads, operations=None)  # a model: no count
+        x = torch.ones(4, dtype=torch.float64)
+        for _ in range(4):
+            out, jvp = run(engine, task_for(target, x, x))
+            torch.testing.assert_close(jvp, x * (1 - torch.tanh(x) ** 2))
+        assert threads[0] == "jvp-worker-cpu"  # never timed: the worker times it
+        assert threads[-1] == threading.current_thread().name  # timed tiny: inline
+    finally:
+        engine.stop()
+
+
+def test_large_or_long_work_stays_in_the_worker() -> None:
+    engine = started_engine()
+    try:
+        threads: list[str] = []
+        big = torch.ones(FIRST_INLINE_MAX_ELEMENTS + 1, dtype=torch.float64)
+        run(engine, task_for(recording_target(torch.sin, threads, operations=1), big, big))
+        many_ops = recording_target(torch.sin, threads, operations=1000, key="long")
+        run(engine, task_for(many_ops, torch.ones(3), torch.ones(3)))
+        assert threads == ["jvp-worker-cpu"] * 2
+    finally:
+        engine.stop()
+
+
+def test_inline_max_us_zero_turns_it_off() -> None:
+    engine = started_engine(inline_max_us=0)
+    try:
+        threads: list[str] = []
+        target = recording_target(torch.sin, threads, operations=1)
+        for _ in range(3):
+            run(engine, task_for(target, torch.ones(3), torch.ones(3)))
+        assert threads == ["jvp-worker-cpu"] * 3
+    finally:
+        engine.stop()
+
+
+def test_never_inline_while_the_worker_computes_something_longer() -> None:
+    """One dual level per process: a tiny item must not start while the worker is inside
+    a step that is not tiny; it queues behind it instead."""
+    engine = started_engine()
+    try:
+        started, release = threading.Event(), threading.Event()
+
+        def wait(x: torch.Tensor) -> torch.Tensor:
+            started.set()
+            release.wait(10)
+            return x * 2
+
+        slow_threads: list[str] = []
+        slow = recording_target(wait, slow_threads, operations=None, key="slow")
+        running = engine.submit(task_for(slow, torch.ones(3), torch.ones(3)))
+        started.wait(10)
+        threads: list[str] = []
+        tiny = recording_target(torch.sin, threads, operations=1, key="tiny")
+        worker = engine.workers[CPU]
+        assert worker.try_inline(task_for(tiny, torch.ones(3), torch.ones(3))) is None
+        assert threads == []  # nothing ran beside the slow step
+        release.set()
+        running.result(timeout=10)
+        assert worker.try_inline(task_for(tiny, torch.ones(3), torch.ones(3))) is not None
+        assert threads == [threading.current_thread().name]
+    finally:
+        release.set()
+        engine.stop()
+
+
+def test_inline_errors_reach_the_caller_and_the_engine_keeps_serving() -> None:
+    from app.engine.errors import InvalidRequest
+
+    engine = started_engine()
+    try:
+        threads: list[str] = []
+
+        def fails(x: torch.Tensor) -> torch.Tensor:
+            raise ValueError("bad value")
+
+        with pytest.raises(InvalidRequest, match="bad value"):
+            run(
+                engine,
+                task_for(recording_target(fails, threads, operations=1), x := torch.ones(2), x),
+            )
+        assert threads == [threading.current_thread().name]
+        ok = recording_target(torch.exp, threads, operations=1, key="ok")
+        _, jvp = run(engine, task_for(ok, torch.zeros(2, dtype=torch.float64), x.double()))
+        torch.testing.assert_close(jvp, torch.ones(2, dtype=torch.float64))
+    finally:
+        engine.stop()
