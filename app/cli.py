@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
             log_level=args.log_level,
             workers=args.workers,
             log_config=None,  # configure_logging above: one format, request ids
+            # uvicorn builds each access line's arguments even when the level drops it.
+            access_log=logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO),
         )
 
 

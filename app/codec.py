@@ -116,7 +116,16 @@ def decode_tensor(
         )
     array = _numbers(value, param)
     _check_shape(list(array.shape), param, limits)
-    return torch.from_numpy(array).to(default_dtype)
+    return _from_float64(array, default_dtype)
+
+
+def _from_float64(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A float64 array as a tensor of ``dtype``: one rounding, by numpy for float32 (a few
+    µs cheaper than a torch cast), by torch otherwise (numpy rounds float64 to float16
+    directly, torch through float32; the service keeps torch's)."""
+    if dtype == torch.float32 or dtype == torch.float64:
+        return torch.from_numpy(array.astype(_NUMPY_OF[dtype], copy=False))
+    return torch.from_numpy(array).to(dtype)
 
 
 def _decode_object(value: dict[str, Any], *, param: str, limits: Limits) -> torch.Tensor:
@@ -144,7 +153,7 @@ def _decode_object(value: dict[str, Any], *, param: str, limits: Limits) -> torc
                 f"its data has {array.size}",
                 param=param,
             )
-        return torch.from_numpy(array.reshape(shape)).to(dtype)
+        return _from_float64(array.reshape(shape), dtype)
     return _decode_b64(value["b64"], shape, dtype, param)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import os
 import resource
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from prometheus_client import (
@@ -76,6 +76,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # (metric, label values) -> its child: `labels()` checks and locks on every call,
+        # and a small request would make five such calls.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         ProcessCollector(registry=r)
         self.requests = Counter(
@@ -148,13 +151,27 @@ class Metrics:
                 functools.partial(device_memory_bytes, device)
             )
 
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once per distinct label values."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            if len(self._children) >= 10_000:  # label values are bounded; this is a guard
+                self._children.clear()
+            found = self._children[key] = metric.labels(*values)
+        return found
+
+    def observe_request(self, route: str, method: str, status: str, seconds: float) -> None:
+        self.child(self.requests, route, method, status).inc()
+        self.child(self.request_seconds, route).observe(seconds)
+
     def observe_result(self, device: torch.device, result: JVPResult) -> None:
         label = str(device)
-        self.queue_seconds.labels(device=label).observe(result.queue_ms / 1e3)
-        self.compute_seconds.labels(device=label).observe(result.compute_ms / 1e3)
+        self.child(self.queue_seconds, label).observe(result.queue_ms / 1e3)
+        self.child(self.compute_seconds, label).observe(result.compute_ms / 1e3)
 
     def observe_batch(self, device: torch.device, size: int) -> None:
-        self.batch_size.labels(device=str(device)).observe(size)
+        self.child(self.batch_size, str(device)).observe(size)
 
     def job_task_ended(self, status: str, count: int = 1) -> None:
         """Hook for the job runner: ``count`` tasks ended with ``status``."""

@@ -116,11 +116,12 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             self.metrics.in_flight.dec()
-            route = route_label(scope)
-            self.metrics.requests.labels(
-                route=route, method=scope.get("method", ""), status=str(status)
-            ).inc()
-            self.metrics.request_seconds.labels(route=route).observe(time.perf_counter() - started)
+            self.metrics.observe_request(
+                route_label(scope),
+                scope.get("method", ""),
+                str(status),
+                time.perf_counter() - started,
+            )
 
 
 class _BodyTooLarge(Exception):

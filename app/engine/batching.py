@@ -185,11 +185,6 @@ class BatchPayoff:
         old = table.get(key)
         table[key] = per_item if old is None else old + self.alpha * (per_item - old)
 
-    def prefers_batching(self, key: Hashable) -> bool:
-        """Whether both ways were measured and batching was the cheaper per item."""
-        alone, batched = self._alone.get(key), self._batched.get(key)
-        return alone is not None and batched is not None and batched < alone
-
     def worth_batching(self, key: Hashable) -> bool:
         alone, batched = self._alone.get(key), self._batched.get(key)
         # Batch until both are measured, then whichever is cheaper per item.
@@ -214,6 +209,8 @@ def to_device(x: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torc
         if x.device.type == "cpu" and not x.is_pinned():
             x = x.pin_memory()
         return x.to(device=device, dtype=dtype, non_blocking=True)
+    if x.dtype == dtype and x.device == device:
+        return x  # already there: skip the call (a few µs, per tensor, per request)
     return x.to(device=device, dtype=dtype)
 
 

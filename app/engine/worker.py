@@ -30,11 +30,12 @@ request on the slow path. Steps of tiny work never wait to batch.
 
 Known to be tiny: its `work_key` was timed alone at most at the limit, in thread
 CPU time, kept near the lowest seen (a run slowed by the GIL changing hands
-costs more CPU; that is the overhead inlining removes, not the work), and
-batching was not timed cheaper per item. A key never timed goes to the worker,
-except a small expression (a few operator calls on a few thousand elements),
-which is tiny for sure and is timed inline. CUDA work always goes to the worker:
-it waits for the device.
+costs more CPU; that is the overhead inlining removes, not the work). Batching
+might compute such work in less time per item, but never in less than the
+hand-off costs, so tiny work is not sent to the worker to batch. A key never
+timed goes to the worker, except a small expression (a few operator calls on a
+few thousand elements), which is tiny for sure and is timed inline. CUDA work
+always goes to the worker: it waits for the device.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def _compute(task: JVPTask) -> Computed:
                 param_tangents,
                 fallback=task.fallback,
             )
-        return tuple(o.cpu() for o in outputs), tuple(j.cpu() for j in jvps), method
+        return _host(outputs), _host(jvps), method
     except (EngineError, torch.OutOfMemoryError):
         raise
     except (RuntimeError, NotImplementedError) as e:
@@ -197,6 +198,10 @@ def _compute(task: JVPTask) -> Computed:
     except (ValueError, IndexError, AssertionError) as e:
         # torch.export guards raise AssertionError ("Guard failed: x.size()[1] == 3").
         raise InvalidRequest(f"The computation failed for these inputs: {_first_line(e)}") from None
+
+
+def _host(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(t if t.device.type == "cpu" else t.cpu() for t in tensors)
 
 
 def _first_line(e: BaseException) -> str:
@@ -310,7 +315,7 @@ class DeviceWorker:
 
     def _tiny(self, task: JVPTask) -> bool:
         """Whether ``task`` may run inline: CPU, and its work measured to take at most
-        ``inline_max_us`` of CPU time alone, batching not measured to do better."""
+        ``inline_max_us`` of CPU time alone."""
         if self.inline_max_us <= 0 or self.device.type != "cpu":
             return False
         key = work_key(task)
@@ -324,7 +329,9 @@ class DeviceWorker:
                 and ops <= FIRST_INLINE_MAX_OPERATIONS
                 and (sum(x.numel() for x in task.inputs) <= FIRST_INLINE_MAX_ELEMENTS)
             )
-        return cost * 1e3 <= self.inline_max_us and not self._payoff.prefers_batching(key)
+        # Batching may compute such work in less time per item, but not in less than the
+        # hand-off to the worker costs, so tiny work is never sent there to batch.
+        return cost * 1e3 <= self.inline_max_us
 
     def _record_alone(self, key: Hashable | None, started: float, cpu: float) -> None:
         """Timings of an item computed alone (``key``: its `work_key`): for batching (wall
