@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -63,6 +64,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.derivatives, sweeper = start_derivatives(settings, app.state.service)
         app_metrics.bind_engine(engine)
         engine.start()  # warms every device up, then marks the engine ready
+        # Everything made so far (torch, the models, the app) lives as long as the process.
+        # Frozen, the garbage collector stops rescanning it: a full collection took
+        # ~120 ms on this project's 2-core machine (250k objects), a stall that showed as
+        # the p99 latency of small requests under load.
+        gc.collect()
+        gc.freeze()
         try:
             app.state.jobs = await start_jobs(settings, app.state.service)  # after the engine
             try:
