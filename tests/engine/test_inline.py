@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -54,8 +55,12 @@ def run(engine: Engine, task: JVPTask) -> tuple[torch.Tensor, torch.Tensor]:
     return asyncio.run(go())
 
 
+# A limit far above what these tiny targets take, so a loaded machine cannot flip them.
+GENEROUS_US = 20_000
+
+
 def test_small_expression_runs_on_the_callers_thread_with_the_reference_numbers() -> None:
-    engine = started_engine()
+    engine = started_engine(GENEROUS_US)
     try:
         threads: list[str] = []
         target = recording_target(lambda x: torch.sin(x) * x, threads, operations=2)
@@ -72,12 +77,12 @@ def test_small_expression_runs_on_the_callers_thread_with_the_reference_numbers(
 
 
 def test_untimed_model_goes_to_the_worker_and_once_timed_tiny_runs_inline() -> None:
-    engine = started_engine()
+    engine = started_engine(GENEROUS_US)
     try:
         threads: list[str] = []
         target = recording_target(torch.tanh, threads, operations=None)  # a model: no count
         x = torch.ones(4, dtype=torch.float64)
-        for _ in range(4):
+        for _ in range(6):
             out, jvp = run(engine, task_for(target, x, x))
             torch.testing.assert_close(jvp, x * (1 - torch.tanh(x) ** 2))
         assert threads[0] == "jvp-worker-cpu"  # never timed: the worker times it
@@ -99,6 +104,25 @@ def test_large_or_long_work_stays_in_the_worker() -> None:
         engine.stop()
 
 
+def test_work_timed_above_the_limit_stays_in_the_worker() -> None:
+    engine = started_engine(inline_max_us=150)
+    try:
+        threads: list[str] = []
+
+        def busy(x: torch.Tensor) -> torch.Tensor:
+            until = time.thread_time() + 0.002  # 2 ms of CPU time, well past 150 µs
+            while time.thread_time() < until:
+                pass
+            return torch.sin(x)
+
+        target = recording_target(busy, threads, operations=None, key="busy")
+        for _ in range(5):
+            run(engine, task_for(target, torch.ones(3), torch.ones(3)))
+        assert threads == ["jvp-worker-cpu"] * 5
+    finally:
+        engine.stop()
+
+
 def test_inline_max_us_zero_turns_it_off() -> None:
     engine = started_engine(inline_max_us=0)
     try:
@@ -114,7 +138,7 @@ def test_inline_max_us_zero_turns_it_off() -> None:
 def test_never_inline_while_the_worker_computes_something_longer() -> None:
     """One dual level per process: a tiny item must not start while the worker is inside
     a step that is not tiny; it queues behind it instead."""
-    engine = started_engine()
+    engine = started_engine(GENEROUS_US)
     try:
         started, release = threading.Event(), threading.Event()
 
@@ -144,7 +168,7 @@ def test_never_inline_while_the_worker_computes_something_longer() -> None:
 def test_inline_errors_reach_the_caller_and_the_engine_keeps_serving() -> None:
     from app.engine.errors import InvalidRequest
 
-    engine = started_engine()
+    engine = started_engine(GENEROUS_US)
     try:
         threads: list[str] = []
 
