@@ -47,6 +47,7 @@ def expression_target(source: str, max_length: int, max_nodes: int, max_depth: i
         single_output=True,
         build=build,
         operations=compiled.operations,
+        elementwise=compiled.elementwise,
     )
 
 

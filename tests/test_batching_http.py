@@ -66,3 +66,42 @@ def test_concurrent_model_requests_batch_and_each_gets_its_own_jvp() -> None:
         assert steps < total  # some steps computed more than one request
     finally:
         server.stop()
+
+
+async def _small_round(url: str, xs: list[np.ndarray], ts: list[np.ndarray]) -> list[np.ndarray]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+
+        async def one(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+            body = {
+                "expression": "x**2 + y**2",
+                "primals": {"x": x.tolist(), "y": (x + 1).tolist()},
+                "tangents": {"x": t.tolist()},
+            }
+            r = await c.post("/jvp", json=body)
+            assert r.status_code == 200, r.text
+            data = r.json()["jvp"]
+            return np.asarray(data["data"], dtype=np.float32).reshape(data["shape"])
+
+        return await asyncio.gather(*(one(x, t) for x, t in zip(xs, ts, strict=True)))
+
+
+def test_concurrent_small_expressions_stack_and_each_gets_its_own_jvp() -> None:
+    """NOTE [stacking tiny expressions]: requests reaching the engine in one event-loop turn
+    compute as one; each answer is still its own 2 * x * tx."""
+    rng = np.random.default_rng(11)
+    server = LiveServer()
+    try:
+        stacked = False
+        for _ in range(10):
+            xs = [rng.standard_normal((10, 10)).astype(np.float32) for _ in range(CLIENTS)]
+            ts = [rng.standard_normal((10, 10)).astype(np.float32) for _ in range(CLIENTS)]
+            jvps = asyncio.run(_small_round(server.url, xs, ts))
+            for x, t, jvp in zip(xs, ts, jvps, strict=True):
+                np.testing.assert_allclose(jvp, 2 * x * t, rtol=1e-6, atol=1e-6)
+            total, steps = _batch_sizes(httpx.get(server.url + "/metrics").text)
+            if steps < total:
+                stacked = True
+                break
+        assert stacked, "no two concurrent requests ever computed together"
+    finally:
+        server.stop()

@@ -195,6 +195,15 @@ _BINARY_OPS: dict[type[ast.operator], tuple[str, Callable[[Tensor, Tensor], Tens
     ast.MatMult: ("@", torch.matmul),
 }
 ALLOWED_OPERATORS: tuple[str, ...] = tuple(sym for sym, _ in _BINARY_OPS.values())
+# Operators whose every output element depends only on the input elements at the same
+# (broadcast) index: the unary functions, the elementwise binary ones, negation.
+_ELEMENTWISE: frozenset[Callable[..., Tensor]] = frozenset(
+    [
+        *(impl for impl, _ in _UNARY.values()),
+        *(torch.atan2, torch.pow, torch.minimum, torch.maximum, torch.clamp, torch.neg),
+        *(impl for _, impl in _BINARY_OPS.values() if impl is not torch.matmul),
+    ]
+)
 _OTHER_OPERATORS = {
     ast.FloorDiv: "//",
     ast.LShift: "<<",
@@ -276,6 +285,20 @@ class CompiledExpression:
     _bound: dict[tuple[torch.dtype, torch.device], Callable[..., Tensor]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+
+    @property
+    def elementwise(self) -> bool:
+        """Whether every operator acts element by element (with broadcasting): then
+        stacking requests on a new leading dimension computes each one's numbers exactly
+        (NOTE [stacking tiny expressions] in app/engine/stacking.py)."""
+        stack = [self._program]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, _Apply):
+                if node.impl not in _ELEMENTWISE or node.ints:
+                    return False
+                stack.extend(node.args)
+        return True
 
     @property
     def operations(self) -> int:

@@ -46,6 +46,9 @@ class Target:
     # on small tensors the work is known to be tiny before it was ever timed (NOTE [tiny
     # work runs inline] in app/engine/worker.py).
     operations: int | None = None
+    # Every operator elementwise (an expression without reductions, matmul or reshapes):
+    # requests may then be stacked and computed as one (app/engine/stacking.py).
+    elementwise: bool = False
     _cache: dict[tuple[torch.dtype, torch.device], Materialized] = field(
         default_factory=dict, repr=False
     )

@@ -28,12 +28,13 @@ item the caller waits for it (no longer than the limit) rather than queue behind
 it, since a queue that the worker keeps finding non-empty would keep every later
 request on the slow path. Steps of tiny work never wait to batch.
 
-Before computing inline, the request yields to the event loop once
-(``asyncio.sleep(0)``). Without that, a saturated loop runs every waiting request
-from start to end in one iteration (64 clients: ~23 ms) and polls for I/O once
-per iteration, and a new connection's first request waited for one iteration per
-connection ahead of it: up to 800 ms, measured, against 60-100 ms with the yield,
-at the same throughput.
+Before computing inline, the request yields to the event loop once: it is
+computed in the loop's next turn, together with the tiny requests of the same
+turn (NOTE [stacking tiny expressions] in app/engine/stacking.py). Without a
+yield, a saturated loop runs every waiting request from start to end in one turn
+(64 clients: ~23 ms) and polls for I/O once per turn, and a new connection's
+first request waited one turn per connection ahead of it: up to 800 ms,
+measured, against 60-100 ms with the yield, at the same throughput.
 
 Known to be tiny: its `work_key` was timed alone at most at the limit, in thread
 CPU time, kept near the lowest seen (a run slowed by the GIL changing hands
@@ -79,6 +80,7 @@ from app.engine.errors import (
 )
 from app.engine.fallback import jvp_with_fallback
 from app.engine.jvp import ENGINES
+from app.engine.stacking import Stacker
 from app.engine.target import Materialized, Target
 
 if TYPE_CHECKING:
@@ -296,6 +298,12 @@ class DeviceWorker:
         work runs inline]); None: submit it instead. Raises what the computation raises."""
         if not self._tiny(task):
             return None
+        return self.run_inline(task)
+
+    def run_inline(self, task: JVPTask, *, items: int = 1) -> JVPResult | None:
+        """Compute ``task`` on this thread unless the worker is in a step that is not tiny
+        (None then). ``items``: how many requests it holds (app/engine/stacking.py); only
+        a task of one is timed for `_tiny`."""
         # The worker in a tiny step of its own is waited for (about as long as the hand-off
         # would take): queueing behind it would keep it busy with each next arrival, and
         # every later request would queue too. Behind a longer step, the queue it is.
@@ -306,16 +314,18 @@ class DeviceWorker:
         if not acquired:
             return None
         try:
-            self._observe(1)
+            self._observe(items)
             started, cpu = time.monotonic(), time.thread_time()
             outputs, jvps, method = compute(task)
-            self._record_alone(work_key(task), started, cpu)
+            if items == 1:
+                self._record_alone(work_key(task), started, cpu)
             return JVPResult(
                 outputs=outputs,
                 jvps=jvps,
                 queue_ms=0.0,
                 compute_ms=(time.monotonic() - started) * 1e3,
                 method=method,
+                batch_size=items,
             )
         finally:
             self._step.release()
@@ -519,6 +529,7 @@ class Engine:
     ) -> None:
         self.devices = devices
         self.workers = {d: DeviceWorker(d, max_queue=max_queue) for d in devices}
+        self._stacker = Stacker()
         self.configure_batching(
             max_batch_size=max_batch_size, batch_wait_us=batch_wait_us, observe_batch=observe_batch
         )
@@ -585,8 +596,9 @@ class Engine:
         if self.ready:
             worker = self.workers[task.device]
             if worker.may_inline(task):
-                await asyncio.sleep(0)  # see NOTE [tiny work runs inline]: let the loop poll
-                result = worker.try_inline(task)
+                # Computed in the next turn of the event loop, with the tiny requests of this
+                # turn (NOTE [stacking tiny expressions] in app/engine/stacking.py).
+                result = await self._stacker.run(worker, task)
                 if result is not None:
                     return result
         future = self.submit(task, priority=priority, deadline=time.monotonic() + timeout_s)
