@@ -72,16 +72,19 @@ def split(
 
 class Stacker:
     """Groups the tiny requests of one event-loop turn by `work_key` (NOTE [stacking tiny
-    expressions]); used from the event loop only."""
+    expressions])."""
 
     def __init__(self) -> None:
-        self._groups: dict[tuple[int, Hashable], Pending] = {}
+        # (event loop, worker, work key) -> the requests of this turn. The loop is part of
+        # the key: each loop flushes only its own futures (an engine may serve two loops,
+        # the app's and a test's or a job runner's).
+        self._groups: dict[tuple[int, int, Hashable], Pending] = {}
 
     async def run(self, worker: DeviceWorker, task: JVPTask) -> JVPResult | None:
         """The task's result, computed inline with the others of this turn; None when the
         worker was busy (the caller queues the task instead)."""
         loop = asyncio.get_running_loop()
-        key = (id(worker), work_key(task))
+        key = (id(loop), id(worker), work_key(task))
         future: asyncio.Future[JVPResult | None] = loop.create_future()
         group = self._groups.get(key)
         if group is None:
@@ -90,7 +93,8 @@ class Stacker:
         group.append((task, future))
         return await future
 
-    def _flush(self, worker: DeviceWorker, key: tuple[int, Hashable]) -> None:
+    def _flush(self, worker: DeviceWorker, key: tuple[int, int, Hashable]) -> None:
+        # Waiters that gave up (deadline, disconnect) are skipped.
         group = [(t, f) for t, f in self._groups.pop(key, []) if not f.done()]
         if len(group) > 1 and self._together(worker, group):
             return
@@ -105,16 +109,16 @@ class Stacker:
         """Compute the group as one stacked JVP; whether every request got its result."""
         from app.engine.worker import JVPResult
 
-        stacked = stack_tasks([task for task, _ in group])
-        if stacked is None:
-            return False
         try:
+            stacked = stack_tasks([task for task, _ in group])
+            if stacked is None:
+                return False
             result = worker.run_inline(stacked, items=len(group))
+            if result is None:
+                return False
+            parts = split(result.outputs, result.jvps, len(group))
         except Exception:  # noqa: BLE001 - each request then runs alone, for its own error
             return False
-        if result is None:
-            return False
-        parts = split(result.outputs, result.jvps, len(group))
         if parts is None:
             return False
         for (_, future), (outputs, jvps) in zip(group, parts, strict=True):
