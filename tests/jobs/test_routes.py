@@ -373,7 +373,9 @@ def test_cancel_job_stops_tasks_not_started(jobs_client: TestClient) -> None:
     assert [r["index"] for r in results] == list(range(1500))
     ran = [r for r in results if "output" in r]
     assert len(ran) == job["done"]
-    for r in results[len(ran) :]:
+    # Tasks start in index order but need not finish in it (a tiny one may run on the event
+    # loop while an earlier one waits for the device worker): the rest were cancelled.
+    for r in (r for r in results if "output" not in r):
         assert r["error"] == {
             "type": "cancelled",
             "message": "The job was cancelled before this task ran",
