@@ -18,7 +18,7 @@ import numpy as np
 import pybase64
 import torch
 
-from app.engine.devices import DTYPE_NAMES, parse_dtype
+from app.engine.devices import DTYPE_NAMES, api_float, parse_dtype
 from app.engine.errors import InvalidRequest, TooLarge
 
 _NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -203,15 +203,7 @@ def encode_tensor(tensor: torch.Tensor, *, encoding: str) -> dict[str, Any]:
     # numbers directly (the shortest repr that reads back to the same value).
     array = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy().reshape(-1)
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        out["data"] = [_nonfinite_out(float(v)) for v in array]
+        out["data"] = [api_float(float(v)) for v in array]
     else:
         out["data"] = array
     return out
-
-
-def _nonfinite_out(v: float) -> float | str:
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "Infinity" if v > 0 else "-Infinity"
-    return v

@@ -136,11 +136,7 @@ def _allowed_methods(request: Request) -> str:
 
 
 def unexpected_response(request: Request, exc: BaseException) -> Response:
-    """The logged 500 of an error no handler maps (for app/fastpath.py)."""
-    return _unexpected(request, exc)
-
-
-def _unexpected(request: Request, exc: BaseException) -> Response:
+    """The logged 500 of an error no handler maps (also used by app/fastpath.py)."""
     # Runs outside the request-id middleware (Starlette's outermost error handler), so the
     # response gets its X-Request-ID here; the id is still in the logging context.
     rid = request_id.get()
@@ -159,7 +155,7 @@ def _unexpected(request: Request, exc: BaseException) -> Response:
     )
 
 
-# Exception class -> its handler; anything else is a 500 (`_unexpected`).
+# Exception class -> its handler; anything else is a 500 (`unexpected_response`).
 _HANDLERS = {
     engine_errors.EngineError: _engine_error,
     RequestValidationError: _validation_error,
@@ -180,4 +176,4 @@ def handled_response(request: Request, exc: Exception) -> Response | None:
 def install(app: FastAPI) -> None:
     for cls, handler in _HANDLERS.items():
         app.add_exception_handler(cls, handler)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_exception_handler(Exception, unexpected_response)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from app.engine.errors import InvalidRequest
@@ -64,3 +66,13 @@ def parse_device(name: object, available: list[torch.device]) -> torch.device:
             param="options.device",
         )
     return device
+
+
+def api_float(value: float) -> float | str:
+    """A float as the API writes it in JSON: NaN and infinities as "NaN", "Infinity",
+    "-Infinity" (JSON has no such numbers)."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value

@@ -37,6 +37,7 @@ from torch.func import grad_and_value, jacfwd, vmap
 from torch.func import jvp as func_jvp
 from torch.func import linearize as func_linearize
 
+from app.engine.devices import api_float
 from app.engine.errors import InvalidRequest, TooLarge
 from app.engine.jvp import ENGINES
 from app.engine.linearize import LinearizeSession, LinearizeStore
@@ -163,15 +164,6 @@ CHECK_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 }
 
 
-def _finite(value: float) -> float | str:
-    """A float as JSON allows: non-finite values as the API's strings."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "Infinity" if value > 0 else "-Infinity"
-    return value
-
-
 def _central_difference(
     target: Materialized,
     inputs: Tensors,
@@ -291,10 +283,10 @@ class JVPOperation:
             rel_error = abs_error / scale if scale > 0 else 0.0
             passed = abs_error <= atol + rtol * scale
         return {
-            "max_abs_error": _finite(abs_error),
-            "max_rel_error": _finite(rel_error),
+            "max_abs_error": api_float(abs_error),
+            "max_rel_error": api_float(rel_error),
             "passed": bool(passed),
-            "eps": _finite(eps),
+            "eps": api_float(eps),
             "rtol": rtol,
             "atol": atol,
         }

@@ -31,8 +31,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from app.engine.batching import work_key
-
 if TYPE_CHECKING:
     from app.engine.worker import DeviceWorker, JVPResult, JVPTask
 
@@ -80,11 +78,11 @@ class Stacker:
         # the app's and a test's or a job runner's).
         self._groups: dict[tuple[int, int, Hashable], Pending] = {}
 
-    async def run(self, worker: DeviceWorker, task: JVPTask) -> JVPResult | None:
-        """The task's result, computed inline with the others of this turn; None when the
-        worker was busy (the caller queues the task instead)."""
+    async def run(self, worker: DeviceWorker, task: JVPTask, work: Hashable) -> JVPResult | None:
+        """The task's result (``work``: its `work_key`), computed inline with the others of
+        this turn; None when the worker was busy (the caller queues the task instead)."""
         loop = asyncio.get_running_loop()
-        key = (id(loop), id(worker), work_key(task))
+        key = (id(loop), id(worker), work)
         future: asyncio.Future[JVPResult | None] = loop.create_future()
         group = self._groups.get(key)
         if group is None:
@@ -100,7 +98,7 @@ class Stacker:
             return
         for task, future in group:
             try:
-                future.set_result(worker.try_inline(task))
+                future.set_result(worker.try_inline(task, key[2]))
             except Exception as e:  # noqa: BLE001 - each request gets its own error
                 future.set_exception(e)
 

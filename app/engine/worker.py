@@ -293,17 +293,20 @@ class DeviceWorker:
         self._queue.put(item)
         return future
 
-    def try_inline(self, task: JVPTask) -> JVPResult | None:
-        """Compute ``task`` on this thread if it is tiny and the worker idle (NOTE [tiny
-        work runs inline]); None: submit it instead. Raises what the computation raises."""
-        if not self._tiny(task):
+    def try_inline(self, task: JVPTask, key: Hashable | None) -> JVPResult | None:
+        """Compute ``task`` (``key``: its `work_key`) on this thread if it is tiny and the
+        worker idle (NOTE [tiny work runs inline]); None: submit it instead. Raises what the
+        computation raises."""
+        if not self.may_inline(task, key):
             return None
-        return self.run_inline(task)
+        return self.run_inline(task, key=key)
 
-    def run_inline(self, task: JVPTask, *, items: int = 1) -> JVPResult | None:
+    def run_inline(
+        self, task: JVPTask, *, key: Hashable | None = None, items: int = 1
+    ) -> JVPResult | None:
         """Compute ``task`` on this thread unless the worker is in a step that is not tiny
-        (None then). ``items``: how many requests it holds (app/engine/stacking.py); only
-        a task of one is timed for `_tiny`."""
+        (None then). ``items``: how many requests it holds (app/engine/stacking.py); a task
+        of one is timed under ``key`` for `may_inline`."""
         # The worker in a tiny step of its own is waited for (about as long as the hand-off
         # would take): queueing behind it would keep it busy with each next arrival, and
         # every later request would queue too. Behind a longer step, the queue it is.
@@ -318,7 +321,7 @@ class DeviceWorker:
             started, cpu = time.monotonic(), time.thread_time()
             outputs, jvps, method = compute(task)
             if items == 1:
-                self._record_alone(work_key(task), started, cpu)
+                self._record_alone(key, started, cpu)
             return JVPResult(
                 outputs=outputs,
                 jvps=jvps,
@@ -330,16 +333,11 @@ class DeviceWorker:
         finally:
             self._step.release()
 
-    def may_inline(self, task: JVPTask) -> bool:
-        """Whether `try_inline` could take ``task`` (it is tiny), whatever the worker does."""
-        return self._tiny(task)
-
-    def _tiny(self, task: JVPTask) -> bool:
-        """Whether ``task`` may run inline: CPU, and its work measured to take at most
-        ``inline_max_us`` of CPU time alone."""
+    def may_inline(self, task: JVPTask, key: Hashable | None) -> bool:
+        """Whether ``task`` (``key``: its `work_key`) is tiny enough to run inline: CPU, and
+        its work measured to take at most ``inline_max_us`` of CPU time alone."""
         if self.inline_max_us <= 0 or self.device.type != "cpu":
             return False
-        key = work_key(task)
         if key is None:
             return False
         cost = self._cpu_ms.get(key)
@@ -399,7 +397,7 @@ class DeviceWorker:
             return
         assert item.task is not None
         # Tiny work is not worth stacking or waiting for (NOTE [tiny work runs inline]).
-        self._tiny_step = self._tiny(item.task)
+        self._tiny_step = self.may_inline(item.task, item.work)
         limit = 1 if self._tiny_step else self._limit(item)
         if limit > 1:
             items += self._gather(item, limit - 1, busy)
@@ -595,10 +593,11 @@ class Engine:
         may run here at once instead (NOTE [tiny work runs inline])."""
         if self.ready:
             worker = self.workers[task.device]
-            if worker.may_inline(task):
+            key = work_key(task)
+            if worker.may_inline(task, key):
                 # Computed in the next turn of the event loop, with the tiny requests of this
                 # turn (NOTE [stacking tiny expressions] in app/engine/stacking.py).
-                result = await self._stacker.run(worker, task)
+                result = await self._stacker.run(worker, task, key)
                 if result is not None:
                     return result
         future = self.submit(task, priority=priority, deadline=time.monotonic() + timeout_s)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from app.engine.batching import work_key
 from app.engine.target import Materialized, Target
 from app.engine.worker import FIRST_INLINE_MAX_ELEMENTS, Engine, JVPTask
 
@@ -154,11 +155,12 @@ def test_never_inline_while_the_worker_computes_something_longer() -> None:
         threads: list[str] = []
         tiny = recording_target(torch.sin, threads, operations=1, key="tiny")
         worker = engine.workers[CPU]
-        assert worker.try_inline(task_for(tiny, torch.ones(3), torch.ones(3))) is None
+        tiny_task = task_for(tiny, torch.ones(3), torch.ones(3))
+        assert worker.try_inline(tiny_task, work_key(tiny_task)) is None
         assert threads == []  # nothing ran beside the slow step
         release.set()
         running.result(timeout=10)
-        assert worker.try_inline(task_for(tiny, torch.ones(3), torch.ones(3))) is not None
+        assert worker.try_inline(tiny_task, work_key(tiny_task)) is not None
         assert threads == [threading.current_thread().name]
     finally:
         release.set()
