@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._base import OutputKind, job_path
 from ._types import JobInfo, JobResultsPage, JobTaskResult
@@ -66,16 +66,15 @@ def _check_page_args(offset: int, page_size: int) -> None:
         raise ValueError(f"results(): expected page_size >= 1, got {page_size}")
 
 
-class Job:
-    """A batch job. ``info`` is the state last seen; :meth:`status` asks again.
+C = TypeVar("C")
 
-    Results come back in task order as numpy arrays (torch tensors when the job
-    was submitted with torch tensors).
-    """
+
+class _JobHandle(Generic[C]):
+    """What :class:`Job` and :class:`AsyncJob` share: the client, the state last seen."""
 
     def __init__(
         self,
-        client: JVPClient,
+        client: C,
         info: JobInfo,
         *,
         kind: OutputKind | None = None,
@@ -92,7 +91,20 @@ class Job:
 
     def __repr__(self) -> str:
         i = self.info
-        return f"Job(id={i.id!r}, status={i.status!r}, done={i.done}/{i.total}, failed={i.failed})"
+        return (
+            f"{type(self).__name__}(id={i.id!r}, status={i.status!r}, "
+            f"done={i.done}/{i.total}, failed={i.failed})"
+        )
+
+
+class Job(_JobHandle["JVPClient"]):
+    """A batch job. ``info`` is the state last seen; :meth:`status` asks again.
+
+    Results come back in task order as numpy arrays (torch tensors when the job
+    was submitted with torch tensors).
+    """
+
+    _client: JVPClient
 
     def status(self) -> JobInfo:
         """``GET /jobs/{id}``: the job's current state."""
@@ -164,32 +176,10 @@ class Job:
         return info
 
 
-class AsyncJob:
+class AsyncJob(_JobHandle["AsyncJVPClient"]):
     """The async twin of :class:`Job`: the same methods, awaited; results is an async iterator."""
 
-    def __init__(
-        self,
-        client: AsyncJVPClient,
-        info: JobInfo,
-        *,
-        kind: OutputKind | None = None,
-        idempotency_key: str | None = None,
-    ) -> None:
-        self._client = client
-        self.info = info
-        self._kind = kind or OutputKind()
-        self.idempotency_key = idempotency_key
-
-    @property
-    def id(self) -> str:
-        return self.info.id
-
-    def __repr__(self) -> str:
-        i = self.info
-        return (
-            f"AsyncJob(id={i.id!r}, status={i.status!r}, done={i.done}/{i.total}, "
-            f"failed={i.failed})"
-        )
+    _client: AsyncJVPClient
 
     async def status(self) -> JobInfo:
         """``GET /jobs/{id}``: the job's current state."""
