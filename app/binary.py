@@ -6,8 +6,12 @@ request (``expression`` or ``model``, ``options``) as a JSON object in the
 metadata under ``"request"``. A response (with ``Accept: application/x-safetensors``)
 holds ``output`` and ``jvp`` (``output/0``, ``jvp/0``, ... for several outputs), and
 the rest (dtype, device, engine, method, timing_ms, check) as JSON in the metadata
-under ``"response"``. Tensors are read and written by the ``safetensors`` library
-(a JSON header and raw little-endian bytes): nothing is unpickled.
+under ``"response"``. The format is an 8-byte header length, a JSON header
+(names, dtypes, shapes, offsets) and raw little-endian bytes: nothing is
+unpickled. Tensors are read in place from the body and the answer is streamed
+from the tensors' own memory, with the same checks as the ``safetensors``
+library (NOTE [safetensors in place] in app/body.py); tests check both ways
+against that library.
 
 Every malformed body is an `InvalidRequest` (422) saying what was expected; size
 limits are `TooLarge` (413), as for JSON bodies.
@@ -15,14 +19,16 @@ limits are `TooLarge` (413), as for JSON bodies.
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
+import numpy as np
 import orjson
-import safetensors
-import safetensors.torch
 import torch
 from pydantic import ValidationError
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from app.codec import Limits, check_limits
 from app.engine.errors import InvalidRequest
@@ -39,7 +45,7 @@ DTYPES = {
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 
 
-def _header(body: bytes) -> dict[str, Any]:
+def _header(body: np.ndarray) -> tuple[dict[str, Any], int]:
     """The JSON header of a safetensors file (names, dtypes, shapes, offsets, metadata)."""
     if len(body) < 8:
         raise InvalidRequest(
@@ -47,7 +53,7 @@ def _header(body: bytes) -> dict[str, Any]:
             "header length",
             param="body",
         )
-    (size,) = struct.unpack("<Q", body[:8])
+    (size,) = struct.unpack("<Q", body[:8].tobytes())
     if size > min(MAX_HEADER_BYTES, len(body) - 8):
         raise InvalidRequest(
             f"The body is not a safetensors file: its header claims {size} bytes, the body "
@@ -55,7 +61,7 @@ def _header(body: bytes) -> dict[str, Any]:
             param="body",
         )
     try:
-        header = orjson.loads(body[8 : 8 + size])
+        header = orjson.loads(body[8 : 8 + size].data)
     except orjson.JSONDecodeError as e:
         raise InvalidRequest(
             f"The body is not a safetensors file: its header is not JSON ({e})", param="body"
@@ -64,7 +70,7 @@ def _header(body: bytes) -> dict[str, Any]:
         raise InvalidRequest(
             "The body is not a safetensors file: its header is not a JSON object", param="body"
         )
-    return header
+    return header, 8 + size
 
 
 def _request_metadata(header: dict[str, Any]) -> dict[str, Any]:
@@ -126,29 +132,94 @@ def _check_entry(name: str, entry: object, limits: Limits) -> tuple[str, str, to
     return group, short, dtype
 
 
-def decode_request(body: bytes, limits: Limits) -> JVPRequest:
-    """A `JVPRequest` whose tensors are CPU tensors, from a safetensors body."""
-    header = _header(body)
+def _buffer(body: bytes | memoryview) -> np.ndarray:
+    """The body as writable uint8 memory that tensors may view in place.
+
+    A large body arrives writable already (`app.body.read_body`); a small one is bytes,
+    copied once so that the tensors viewing it are writable like any other tensor.
+    """
+    writable = body if isinstance(body, memoryview) and not body.readonly else bytearray(body)
+    return np.frombuffer(writable, dtype=np.uint8)
+
+
+def _data_offsets(
+    name: str, entry: dict[str, Any], dtype: torch.dtype, data_bytes: int
+) -> tuple[int, int]:
+    """``data_offsets`` of one header entry, checked against its dtype, shape and the body."""
+    offsets = entry.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_bytes
+    ):
+        raise InvalidRequest(
+            f"The body is not a valid safetensors file: tensor {name!r} has data_offsets "
+            f"{offsets!r}; expected [begin, end] within the {data_bytes} data bytes",
+            param="body",
+        )
+    begin, end = offsets
+    expected = math.prod(entry["shape"]) * dtype.itemsize
+    if end - begin != expected:
+        raise InvalidRequest(
+            f"The body is not a valid safetensors file: tensor {name!r} holds {end - begin} "
+            f"bytes; its dtype and shape {entry['shape']} need {expected}",
+            param="body",
+        )
+    return begin, end
+
+
+def _tensor(
+    buffer: np.ndarray, start: int, end: int, shape: list[int], dtype: torch.dtype
+) -> torch.Tensor:
+    """The tensor stored at ``buffer[start:end]``, viewing the body in place when aligned."""
+    count = (end - start) // dtype.itemsize
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    if start % dtype.itemsize:
+        # Kernels may assume element alignment; safetensors' own writer pads the header to
+        # 8 bytes, so only a hand-made body lands here, and it pays one copy.
+        return torch.frombuffer(bytearray(buffer[start:end]), dtype=dtype).reshape(shape)
+    return torch.frombuffer(buffer, dtype=dtype, offset=start, count=count).reshape(shape)
+
+
+def decode_request(body: bytes | memoryview, limits: Limits) -> JVPRequest:
+    """A `JVPRequest` whose tensors are CPU tensors viewing the body (NOTE [safetensors in
+    place])."""
+    buffer = _buffer(body)
+    header, data_start = _header(buffer)
     request = _request_metadata(header)
     entries = {k: v for k, v in header.items() if k != "__metadata__"}
     checked = {name: _check_entry(name, entry, limits) for name, entry in entries.items()}
-    try:
-        views = safetensors.deserialize(body)
-    except Exception as e:  # noqa: BLE001 - SafetensorError and friends: the body is malformed
+    data_bytes = len(buffer) - data_start
+    spans = sorted(
+        (_data_offsets(name, entries[name], dtype, data_bytes), name)
+        for name, (_, _, dtype) in checked.items()
+    )
+    # As the safetensors library checks: the tensors tile the data section, no gap, no
+    # overlap, so no tensor reads another's bytes.
+    position = 0
+    for (begin, end), name in spans:
+        if begin != position:
+            raise InvalidRequest(
+                f"The body is not a valid safetensors file: tensor {name!r} starts at data "
+                f"byte {begin}, expected {position} (tensors must be contiguous, without gaps "
+                "or overlaps)",
+                param="body",
+            )
+        position = end
+    if position != data_bytes:
         raise InvalidRequest(
-            f"The body is not a valid safetensors file: {str(e)[:300]}", param="body"
-        ) from None
-    groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GROUPS}
-    for name, view in views:
-        group, short, dtype = checked[name]
-        data, shape = view["data"], view["shape"]
-        # `deserialize` hands out a bytearray per tensor: torch reads it in place, no copy.
-        tensor = (
-            torch.frombuffer(data, dtype=dtype).reshape(shape)
-            if len(data)
-            else torch.empty(shape, dtype=dtype)
+            f"The body is not a valid safetensors file: its tensors end at data byte "
+            f"{position}, the body holds {data_bytes}",
+            param="body",
         )
-        groups[group][short] = tensor
+    groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GROUPS}
+    for (begin, end), name in spans:
+        group, short, dtype = checked[name]
+        groups[group][short] = _tensor(
+            buffer, data_start + begin, data_start + end, entries[name]["shape"], dtype
+        )
     try:
         return JVPRequest.model_validate({**request, **groups})
     except ValidationError as e:
@@ -162,29 +233,79 @@ def decode_request(body: bytes, limits: Limits) -> JVPRequest:
         ) from None
 
 
+# Response dtypes: the float ones requests may use, and whatever else a model returns.
+SAFETENSORS_NAMES = {
+    **{dtype: name for name, dtype in DTYPES.items()},
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+SEND_CHUNK_BYTES = 1 << 20
+
+
+class SafetensorsResponse(Response):
+    """A response streaming a safetensors file from the tensors' own memory.
+
+    The header is built in `encode_response`; the tensor bytes are sent as views of the
+    tensors, 1 MiB at a time, so uvicorn's flow control paces them and nothing is copied
+    into one body first (NOTE [safetensors in place]).
+    """
+
+    media_type = SAFETENSORS
+
+    def __init__(self, header: bytes, tensors: list[torch.Tensor]) -> None:
+        self.status_code = 200
+        self.background = None
+        self.body = header
+        self.tensors = tensors
+        length = len(header) + sum(t.nbytes for t in tensors)
+        self.raw_headers = [
+            (b"content-length", str(length).encode()),
+            (b"content-type", SAFETENSORS.encode()),
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": True})
+        for tensor in self.tensors:
+            data = tensor.reshape(-1).view(torch.uint8).numpy().data
+            for start in range(0, len(data), SEND_CHUNK_BYTES):
+                chunk = data[start : start + SEND_CHUNK_BYTES]
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 def encode_response(
     outputs: tuple[torch.Tensor, ...],
     jvps: tuple[torch.Tensor, ...],
     single: bool,
     fields: dict[str, Any],
-) -> bytes:
+) -> SafetensorsResponse:
     """The safetensors response: ``output``/``jvp`` (or ``output/i``/``jvp/i``) and
     ``fields`` as JSON under the ``"response"`` metadata."""
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-
-    def own(t: torch.Tensor) -> torch.Tensor:
-        # safetensors writes views (a batch's slices) as they are, but refuses one tensor
-        # under two names (an output returned twice): copy only then.
-        t = t.detach().cpu().contiguous()
-        if t.numel() and t.data_ptr() in seen:
-            t = t.clone()
-        seen.add(t.data_ptr())
-        return t
-
     if single:
-        tensors["output"], tensors["jvp"] = own(outputs[0]), own(jvps[0])
+        named = [("output", outputs[0]), ("jvp", jvps[0])]
     else:
-        for i, (o, j) in enumerate(zip(outputs, jvps, strict=True)):
-            tensors[f"output/{i}"], tensors[f"jvp/{i}"] = own(o), own(j)
-    return safetensors.torch.save(tensors, metadata={"response": orjson.dumps(fields).decode()})
+        named = [
+            (f"{kind}/{i}", t)
+            for i, (o, j) in enumerate(zip(outputs, jvps, strict=True))
+            for kind, t in (("output", o), ("jvp", j))
+        ]
+    header: dict[str, Any] = {"__metadata__": {"response": orjson.dumps(fields).decode()}}
+    tensors: list[torch.Tensor] = []
+    offset = 0
+    for name, t in named:
+        t = t.detach().cpu().contiguous()
+        header[name] = {
+            "dtype": SAFETENSORS_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+        tensors.append(t)
+    text = orjson.dumps(header)
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return SafetensorsResponse(struct.pack("<Q", len(text)) + text, tensors)

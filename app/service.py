@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from app.binary import encode_response
+from app.binary import SafetensorsResponse, encode_response
 from app.codec import Limits, decode_tensor, encode_tensor
 from app.engine.devices import DTYPE_NAMES, parse_device, parse_dtype
 from app.engine.errors import InvalidRequest, TooLarge
@@ -274,7 +274,9 @@ class JVPService:
         body["timing_ms"] = self._timing(result, started)
         return body
 
-    async def jvp_safetensors(self, request: JVPRequest, *, small: bool = False) -> bytes:
+    async def jvp_safetensors(
+        self, request: JVPRequest, *, small: bool = False
+    ) -> SafetensorsResponse:
         """The JVP as a safetensors body (app/binary.py): tensors ``output`` and ``jvp`` (or
         ``output/i``, ``jvp/i``), the other response fields as metadata ``"response"``."""
         started = time.monotonic()
@@ -288,7 +290,12 @@ class JVPService:
         }
         single = task.target.single_output and len(result.outputs) == 1
         fields["timing_ms"] = self._timing(result, started)
-        return await asyncio.to_thread(encode_response, result.outputs, result.jvps, single, fields)
+        args = (result.outputs, result.jvps, single, fields)
+        # Building the header is cheap; a copy to the host or into contiguous memory is not.
+        ready = all(
+            t.device.type == "cpu" and t.is_contiguous() for t in result.outputs + result.jvps
+        )
+        return encode_response(*args) if ready else await asyncio.to_thread(encode_response, *args)
 
     @staticmethod
     def render(task: JVPTask, result: JVPResult, encoding: str) -> dict[str, Any]:

@@ -186,6 +186,142 @@ def test_post_jvp_truncated_tensor_data_is_422(client: TestClient) -> None:
     assert "not a valid safetensors file" in r.json()["error"]["message"]
 
 
+def hand_made(
+    entries: dict[str, tuple[str, list[int], list[int]]],
+    data: bytes,
+    pad: bool = True,
+    request: dict[str, object] | None = None,
+) -> bytes:
+    """A safetensors body written by hand: name -> (dtype, shape, data_offsets)."""
+    text = json.dumps(request or {"expression": "x"})
+    header: dict[str, object] = {"__metadata__": {"request": text}}
+    header.update(
+        {n: {"dtype": d, "shape": s, "data_offsets": o} for n, (d, s, o) in entries.items()}
+    )
+    text = json.dumps(header).encode()
+    if pad:
+        text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data
+
+
+@pytest.mark.parametrize(
+    ("entries", "data", "message"),
+    [
+        (
+            {"primals/x": ("F32", [2], [0, 8]), "tangents/x": ("F32", [2], [4, 12])},
+            bytes(12),
+            "tensor 'tangents/x' starts at data byte 4, expected 8",
+        ),
+        (
+            {"primals/x": ("F32", [2], [0, 8]), "tangents/x": ("F32", [2], [12, 20])},
+            bytes(20),
+            "tensor 'tangents/x' starts at data byte 12, expected 8",
+        ),
+        (
+            {"primals/x": ("F32", [2], [0, 8])},
+            bytes(16),
+            "its tensors end at data byte 8, the body holds 16",
+        ),
+        (
+            {"primals/x": ("F32", [3], [0, 8])},
+            bytes(8),
+            "tensor 'primals/x' holds 8 bytes; its dtype and shape [3] need 12",
+        ),
+        (
+            {"primals/x": ("F32", [2], [0, 8])},
+            bytes(4),
+            "tensor 'primals/x' has data_offsets [0, 8]; expected [begin, end] within the 4",
+        ),
+        (
+            {"primals/x": ("F32", [2], [8, 0])},
+            bytes(8),
+            "has data_offsets [8, 0]",
+        ),
+        ({"primals/x": ("F32", [2], [0])}, bytes(8), "has data_offsets [0]"),
+    ],
+)
+def test_post_jvp_safetensors_bad_offsets_are_422_naming_the_tensor(
+    client: TestClient,
+    entries: dict[str, tuple[str, list[int], list[int]]],
+    data: bytes,
+    message: str,
+) -> None:
+    r = client.post("/jvp", content=hand_made(entries, data), headers=BINARY)
+    assert r.status_code == 422, r.text
+    assert "not a valid safetensors file" in r.json()["error"]["message"]
+    assert message in r.json()["error"]["message"]
+    assert client.get("/healthz").status_code == 200
+
+
+def test_post_jvp_safetensors_unaligned_tensor_is_read_correctly(client: TestClient) -> None:
+    # An unpadded header leaves the float64 data off 8-byte alignment: read by copy.
+    x = torch.tensor([0.25, -1.5, 3.0], dtype=torch.float64)
+    tx = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)
+    entries = {"primals/x": ("F64", [3], [0, 24]), "tangents/x": ("F64", [3], [24, 48])}
+    for pad in (True, False):
+        request = {"expression": "x", "options": {"dtype": "float64"}}
+        data = x.numpy().tobytes() + tx.numpy().tobytes()
+        content = hand_made(entries, data, pad=pad, request=request)
+        header_end = 8 + struct.unpack("<Q", content[:8])[0]
+        assert (header_end % 8 == 0) is pad
+        r = client.post("/jvp", content=content, headers=BINARY)
+        assert r.status_code == 200, r.text
+        tensors, _ = read(r.content)
+        torch.testing.assert_close(tensors["output"], x, rtol=0, atol=0)
+        torch.testing.assert_close(tensors["jvp"], tx, rtol=0, atol=0)
+
+
+def test_post_jvp_safetensors_large_body_round_trip_is_exact(client: TestClient) -> None:
+    # Over 64 KiB in and several MiB out: read into one buffer, tensors viewing it, the
+    # answer streamed in 1 MiB pieces. Checked against torch.func.jvp and the analytic
+    # derivative, and every byte of the answer parsed by the safetensors library.
+    g = torch.Generator().manual_seed(5)
+    x, y, tx, ty = (torch.randn(600, 1000, generator=g, dtype=torch.float64) for _ in range(4))
+    content = body(
+        {"primals/x": x, "primals/y": y, "tangents/x": tx, "tangents/y": ty},
+        {"expression": "x * y + sin(x)", "options": {"dtype": "float64"}},
+    )
+    r = client.post("/jvp", content=content, headers=BINARY)
+    assert r.status_code == 200, r.text
+    assert int(r.headers["content-length"]) == len(r.content)
+    tensors, fields = read(r.content)
+    out, jvp = func_jvp(lambda a, b: a * b + torch.sin(a), (x, y), (tx, ty))
+    torch.testing.assert_close(tensors["output"], out, rtol=0, atol=0)
+    torch.testing.assert_close(tensors["jvp"], jvp, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(tensors["jvp"], tx * y + x * ty + torch.cos(x) * tx)
+    assert fields["dtype"] == "float64"
+    # The same body as JSON-b64 (also read into one buffer) gives the same numbers.
+    r2 = client.post(
+        "/jvp",
+        json={
+            "expression": "x * y + sin(x)",
+            "primals": {"x": to_wire(x, "b64"), "y": to_wire(y, "b64")},
+            "tangents": {"x": to_wire(tx, "b64"), "y": to_wire(ty, "b64")},
+            "options": {"dtype": "float64", "encoding": "b64"},
+        },
+    )
+    assert r2.status_code == 200, r2.text
+    torch.testing.assert_close(from_wire(r2.json()["jvp"]), tensors["jvp"], rtol=0, atol=0)
+
+
+def test_concurrent_large_safetensors_requests_get_their_own_numbers(client: TestClient) -> None:
+    # Each request's tensors view its own body buffer: none may read another's bytes.
+    # The reference is analytic: forward AD in the test's threads would share the
+    # service's process-wide dual level (DESIGN.md).
+    def one(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        x, tx = torch.randn(300, 200, generator=g), torch.randn(300, 200, generator=g)
+        content = body({"primals/x": x, "tangents/x": tx}, {"expression": "exp(x) * x"})
+        r = client.post("/jvp", content=content, headers=BINARY)
+        assert r.status_code == 200, r.text
+        tensors, _ = read(r.content)
+        torch.testing.assert_close(tensors["output"], torch.exp(x) * x)
+        torch.testing.assert_close(tensors["jvp"], torch.exp(x) * (1 + x) * tx)
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(one, range(12)))
+
+
 def test_post_jvp_safetensors_over_the_dims_limit_is_413() -> None:
     with make_client(max_dims=2) as c:
         r = c.post(

@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from app.auth import require_key
 from app.binary import SAFETENSORS, decode_request
+from app.body import SMALL_BODY_BYTES, read_body
 from app.engine.errors import UnsupportedMediaType
 from app.responses import ORJSONResponse
 from app.schemas import ErrorBody, JVPRequest, JVPResponse
@@ -32,8 +33,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 _BINARY = {
     "schema": {"type": "string", "format": "binary"},
 }
-
-SMALL_BODY_BYTES = 65_536
 
 
 def _inline(schema: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +84,7 @@ def _wants_safetensors(accept: str | None) -> bool:
     )
 
 
-def parse_json_body(body: bytes) -> JVPRequest:
+def parse_json_body(body: bytes | memoryview) -> JVPRequest:
     """The JSON body as a `JVPRequest`, with FastAPI's validation errors (app/errors.py)."""
     if not body:
         raise RequestValidationError(
@@ -139,12 +138,13 @@ async def answer_jvp(request: Request) -> Response:
     await require_key(request)
     service: JVPService = request.app.state.service
     media = _media_type(request.headers.get("content-type"))
-    raw = await request.body()
+    raw = await read_body(request)
     # A large body is read off the event loop, so it never stalls other requests; a
     # small one is cheaper to read here (NOTE [small requests inline] in app/service.py).
     small = len(raw) < SMALL_BODY_BYTES
     if _is_json(media):
-        body = parse_json_body(raw) if small else await asyncio.to_thread(parse_json_body, raw)
+        text = memoryview(raw)  # orjson reads bytes and numpy buffers alike through it
+        body = parse_json_body(text) if small else await asyncio.to_thread(parse_json_body, text)
     elif media == SAFETENSORS:
         body = (
             decode_request(raw, service.limits)
@@ -158,5 +158,5 @@ async def answer_jvp(request: Request) -> Response:
             param="Content-Type",
         )
     if _wants_safetensors(request.headers.get("accept")):
-        return Response(await service.jvp_safetensors(body, small=small), media_type=SAFETENSORS)
+        return await service.jvp_safetensors(body, small=small)
     return ORJSONResponse(await service.jvp(body, small=small))
