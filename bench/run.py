@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench import loadgen, servers, workloads  # noqa: E402
+from bench import loadgen, roundtrip, servers, workloads  # noqa: E402
 from bench.loadgen import WrkResult  # noqa: E402
 
 LACKS_IT = "n/a (server lacks it)"
@@ -158,7 +158,7 @@ class Fleet:
 # ---- one measurement ------------------------------------------------------------------------
 
 
-def _error_text(response: httpx.Response) -> str:
+def _error_text(response: httpx.Response | roundtrip.Reply) -> str:
     text = response.text.strip().replace("\n", " ")
     return f"error {response.status_code}: {text[:120]}"
 
@@ -213,7 +213,7 @@ def load_cell(
 
 
 def big_cell(
-    client: httpx.Client,
+    client: roundtrip.Client,
     server: servers.Server | str,
     path: str,
     body: bytes,
@@ -229,17 +229,17 @@ def big_cell(
     url = server.url + path
     headers = {"Content-Type": content_type, **({"Accept": accept} if accept else {})}
 
-    def once() -> tuple[float, httpx.Response]:
+    def once() -> tuple[float, roundtrip.Reply]:
         start = time.perf_counter()
         response = client.post(url, content=body, headers=headers)
         return time.perf_counter() - start, response
 
     try:
         first_s, response = once()
-    except httpx.TimeoutException:
+    except TimeoutError:
         return f"timeout (> {config.big_timeout_s:.0f} s)"
-    except httpx.HTTPError as exc:
-        return f"error: {exc}"
+    except roundtrip.ERRORS as exc:
+        return f"error: {exc!r}"
     if binary and response.status_code in LACKS_STATUSES:
         return LACKS_IT
     if response.status_code != 200:
@@ -256,8 +256,8 @@ def big_cell(
     for _ in range(runs):
         try:
             seconds, response = once()
-        except httpx.HTTPError as exc:
-            return f"error after {len(samples)} runs: {exc}"
+        except roundtrip.ERRORS as exc:
+            return f"error after {len(samples)} runs: {exc!r}"
         if response.status_code != 200:
             return _error_text(response)
         samples.append(seconds)
@@ -381,7 +381,7 @@ def section_big(fleet: Fleet, config: Config, results: Results) -> None:
     json_check = close_to(expected, workloads.read_jvp_json)
     tess_check = close_to(expected, workloads.read_tesseract_jvp)
     cells: list[tuple[str, Callable[[], list[float] | str]]] = []
-    with httpx.Client(timeout=config.big_timeout_s) as client:
+    with roundtrip.Client(config.big_timeout_s) as client:
         cells = [
             (
                 RAW_ECHO,
@@ -693,7 +693,9 @@ def report(config: Config, results: Results) -> str:
             "## 3. One 4M-element JVP: x**2 + y**2 on 2048x2048 float32, tangent for x",
             "",
             "Round trip of one request (send 48 MB of tensors, receive output and JVP) "
-            "with httpx, after a warm-up request whose answer is checked against numpy.",
+            "over one kept-open connection (the standard library's http.client, "
+            "bench/roundtrip.py), after a warm-up request whose answer is checked against "
+            "numpy.",
             "",
         ]
         floor = None
