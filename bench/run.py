@@ -67,6 +67,7 @@ class Config:
     big_timeout_s: float
     output: Path
     quick: bool
+    service_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,20 +92,23 @@ def say(text: str) -> None:
 class Fleet:
     """Servers started on first use, stopped when no later section needs them."""
 
-    def __init__(self, workdir: Path, results: Results) -> None:
+    def __init__(
+        self, workdir: Path, results: Results, service_env: dict[str, str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.results = results
+        self.service_env = service_env or {}
         self.running: dict[str, servers.Server] = {}
         self.failed: dict[str, str] = {}
         self.used_for: dict[str, list[str]] = {}
 
     def _make(self, key: str) -> servers.Server:
         if key == "jvp-service":
-            return servers.jvp_service()
+            return servers.jvp_service(env=self.service_env)
         if key == "jvp-service (batching on)":
-            return servers.jvp_service("batch-on", BATCH_ON)
+            return servers.jvp_service("batch-on", {**self.service_env, **BATCH_ON})
         if key == "jvp-service (batching off)":
-            return servers.jvp_service("batch-off", BATCH_OFF)
+            return servers.jvp_service("batch-off", {**self.service_env, **BATCH_OFF})
         if key == "FastAPI echo":
             return servers.uvicorn_app("echo", "bench.peers.echo_app:app")
         if key == "raw echo":
@@ -647,7 +651,9 @@ def report(config: Config, results: Results) -> str:
         "## Machine",
         "",
     ]
-    out += _table(["", ""], [[k, v] for k, v in machine()])
+    env = ", ".join(f"`{k}={v}`" for k, v in config.service_env.items()) or "none"
+    about = [*machine(), ("extra jvp-service environment (--service-env)", env)]
+    out += _table(["", ""], [[k, v] for k, v in about])
     if 1 in config.sections:
         out += ["", "## 1. Small requests: x**2 + y**2 on 10x10, tangent for x", ""]
         out += ["req/s (p50 / p99 latency in ms), wrk, one body per request:", ""]
@@ -762,6 +768,14 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--warmup", type=float, help="Warm-up seconds per load cell (default 1).")
     parser.add_argument("--runs", type=int, help="Timed runs per big request (default 5).")
     parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="An environment variable for every jvp-service server (repeatable), e.g. "
+        "OMP_WAIT_POLICY=PASSIVE; the report lists them.",
+    )
+    parser.add_argument(
         "--output",
         type=Path,
         default=servers.ROOT / "docs" / "benchmarks.md",
@@ -772,6 +786,9 @@ def parse_args(argv: list[str] | None) -> Config:
         sections = {int(s) for s in args.only.split(",") if s.strip()}
     except ValueError:
         parser.error(f"--only expects section numbers such as '1,3', got {args.only!r}")
+    bad = [item for item in args.service_env if "=" not in item]
+    if bad:
+        parser.error(f"--service-env expects NAME=VALUE, got {bad[0]!r}")
     if not sections <= {1, 2, 3, 4}:
         parser.error(f"--only expects sections among 1, 2, 3 (4 always runs), got {args.only!r}")
     return Config(
@@ -785,6 +802,7 @@ def parse_args(argv: list[str] | None) -> Config:
         big_timeout_s=120.0,
         output=args.output,
         quick=args.quick,
+        service_env=dict(item.split("=", 1) for item in args.service_env),
     )
 
 
@@ -803,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         3: {"jvp-service", "raw echo", "Tesseract runtime"},
     }
     with tempfile.TemporaryDirectory(prefix="jvp-bench-") as tmp:
-        fleet = Fleet(Path(tmp), results)
+        fleet = Fleet(Path(tmp), results, config.service_env)
         try:
             for number, run in ((1, section_small), (2, section_mlp), (3, section_big)):
                 if number not in config.sections:
