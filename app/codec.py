@@ -27,6 +27,7 @@ _NUMPY_OF: dict[torch.dtype, np.dtype[Any]] = {
     torch.float32: np.dtype("<f4"),
     torch.float64: np.dtype("<f8"),
 }
+_NATIVE_OF = {t: d.newbyteorder("=") for t, d in _NUMPY_OF.items()}
 
 
 @dataclass(frozen=True)
@@ -169,8 +170,7 @@ def _decode_b64(
             f"Tensor '{param}.b64' is not valid base64 (standard alphabet, with padding)",
             param=f"{param}.b64",
         ) from None
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = math.prod(shape) * itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
         raise InvalidRequest(
             f"Tensor '{param}' of shape {list(shape)} and dtype {DTYPE_NAMES[dtype]} needs "
@@ -180,7 +180,7 @@ def _decode_b64(
     if dtype == torch.bfloat16:  # numpy has no bfloat16: read the bits as int16
         bits = np.frombuffer(raw, dtype="<i2").astype(np.int16, copy=True)
         return torch.from_numpy(bits).view(torch.bfloat16).reshape(shape)
-    array = np.frombuffer(raw, dtype=_NUMPY_OF[dtype]).astype(_NUMPY_OF[dtype].newbyteorder("="))
+    array = np.frombuffer(raw, dtype=_NUMPY_OF[dtype]).astype(_NATIVE_OF[dtype])
     return torch.from_numpy(array).reshape(shape)
 
 
