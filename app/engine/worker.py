@@ -38,7 +38,13 @@ measured, against 60-100 ms with the yield, at the same throughput.
 
 Known to be tiny: its `work_key` was timed alone at most at the limit, in thread
 CPU time, kept near the lowest seen (a run slowed by the GIL changing hands
-costs more CPU; that is the overhead inlining removes, not the work). Batching
+costs more CPU; that is the overhead inlining removes, not the work). Only runs
+on the loop's thread raise the estimate, by at most 2% each: the 10x10 seed
+JVP costs 110-150 µs there, close to the limit, and when any run could raise
+it by 2% of its excess, one run stretched by a garbage collection (3 ms,
+measured) pushed it past the limit; the worker's GIL-slowed runs then kept it
+there, and small requests at 8 clients served 1,500 instead of 3,300 per
+second for the rest of a benchmark cell. Batching
 might compute such work in less time per item, but never in less than the
 hand-off costs, so tiny work is not sent to the worker to batch. A key never
 timed goes to the worker, except a small expression (a few operator calls on a
@@ -321,7 +327,7 @@ class DeviceWorker:
             started, cpu = time.monotonic(), time.thread_time()
             outputs, jvps, method = compute(task)
             if items == 1:
-                self._record_alone(key, started, cpu)
+                self._record_alone(key, started, cpu, inline=True)
             return JVPResult(
                 outputs=outputs,
                 jvps=jvps,
@@ -352,9 +358,11 @@ class DeviceWorker:
         # hand-off to the worker costs, so tiny work is never sent there to batch.
         return cost * 1e3 <= self.inline_max_us
 
-    def _record_alone(self, key: Hashable | None, started: float, cpu: float) -> None:
-        """Timings of an item computed alone (``key``: its `work_key`): for batching (wall
-        time) and for inlining (CPU time)."""
+    def _record_alone(
+        self, key: Hashable | None, started: float, cpu: float, *, inline: bool = False
+    ) -> None:
+        """Timings of an item computed alone (``key``: its `work_key`; ``inline``: on the
+        event loop's thread): for batching (wall time) and for inlining (CPU time)."""
         if key is None:
             return
         self._payoff.record(key, 1, (time.monotonic() - started) * 1e3)
@@ -367,10 +375,14 @@ class DeviceWorker:
             self._timed_once.add(key)
             return
         old = self._cpu_ms.get(key)
-        # Near the lowest seen, rising slowly: a run in the worker thread while the event
-        # loop is busy costs several times the CPU of the same run alone (the GIL changing
-        # hands at every torch call), which is the cost inlining avoids, not the work's.
-        self._cpu_ms[key] = ms if old is None or ms < old else old + 0.02 * (ms - old)
+        # Near the lowest seen, rising slowly and only from inline runs: a run in the worker
+        # thread while the event loop is busy costs several times the CPU of the same run
+        # alone (the GIL changing hands at every torch call), which is the cost inlining
+        # avoids, not the work's; one slow run (a garbage collection) moves it 2% at most.
+        if old is None or ms < old:
+            self._cpu_ms[key] = ms
+        elif inline:
+            self._cpu_ms[key] = old + 0.02 * min(ms - old, old)
 
     def _observe(self, size: int) -> None:
         if self.observe_batch is not None:
