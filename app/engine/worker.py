@@ -37,14 +37,15 @@ first request waited one turn per connection ahead of it: up to 800 ms,
 measured, against 60-100 ms with the yield, at the same throughput.
 
 Known to be tiny: its `work_key` was timed alone at most at the limit, in thread
-CPU time, kept near the lowest seen (a run slowed by the GIL changing hands
-costs more CPU; that is the overhead inlining removes, not the work). Only runs
-on the loop's thread raise the estimate, by at most 2% each: the 10x10 seed
-JVP costs 110-150 µs there, close to the limit, and when any run could raise
-it by 2% of its excess, one run stretched by a garbage collection (3 ms,
-measured) pushed it past the limit; the worker's GIL-slowed runs then kept it
-there, and small requests at 8 clients served 1,500 instead of 3,300 per
-second for the rest of a benchmark cell. Batching
+CPU time, the lowest seen (a run slowed by the GIL changing hands costs more
+CPU; that is the overhead inlining removes, not the work). Once it runs inline
+it stays there while the median of its last 15 inline runs is at most twice the
+limit. The 10x10 seed JVP costs 106-161 µs there (p10-p90), about the limit:
+with one estimate, the lowest seen drifting up 2% of each run's excess, a run
+stretched by a garbage collection (3 ms, measured) or the slow tail pushed it
+past the limit, the worker's GIL-slowed runs never brought it back, and small
+requests at 8 clients served 1,500 instead of 3,300 per second for the rest of
+a benchmark cell. Batching
 might compute such work in less time per item, but never in less than the
 hand-off costs, so tiny work is not sent to the worker to batch. A key never
 timed goes to the worker, except a small expression (a few operator calls on a
@@ -55,6 +56,7 @@ always goes to the worker: it waits for the device.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import re
@@ -267,6 +269,9 @@ class DeviceWorker:
         self.inline_max_us = inline_max_us
         self._step = threading.Lock()
         self._cpu_ms: dict[Hashable, float] = {}  # work key -> CPU ms of one item alone
+        # work key -> CPU ms of its last inline runs, and their median
+        self._inline_runs: dict[Hashable, collections.deque[float]] = {}
+        self._inline_ms: dict[Hashable, float] = {}
         self._timed_once: set[Hashable] = set()
         self._tiny_step = False  # whether the worker's current step is one tiny item
         # Keys whose batch failed while every item then succeeded alone: vmap cannot run them.
@@ -346,6 +351,11 @@ class DeviceWorker:
             return False
         if key is None:
             return False
+        inline_ms = self._inline_ms.get(key)
+        if inline_ms is not None:
+            # It runs inline: it stays while its recent runs there are typically under twice
+            # the limit (a band, so work costing about the limit does not go back and forth).
+            return inline_ms * 1e3 <= 2 * self.inline_max_us
         cost = self._cpu_ms.get(key)
         if cost is None:  # never timed: only a small expression, which is tiny for sure
             ops = task.target.operations
@@ -372,17 +382,22 @@ class DeviceWorker:
             if len(self._timed_once) >= 1024:
                 self._timed_once.clear()
                 self._cpu_ms.clear()
+                self._inline_runs.clear()
+                self._inline_ms.clear()
             self._timed_once.add(key)
             return
+        # Worker runs: the lowest seen. A run in the worker thread while the event loop is
+        # busy costs several times the CPU of the same run alone (the GIL changing hands at
+        # every torch call), which is the cost inlining avoids, not the work's.
         old = self._cpu_ms.get(key)
-        # Near the lowest seen, rising slowly and only from inline runs: a run in the worker
-        # thread while the event loop is busy costs several times the CPU of the same run
-        # alone (the GIL changing hands at every torch call), which is the cost inlining
-        # avoids, not the work's; one slow run (a garbage collection) moves it 2% at most.
         if old is None or ms < old:
             self._cpu_ms[key] = ms
-        elif inline:
-            self._cpu_ms[key] = old + 0.02 * min(ms - old, old)
+        if inline:
+            # Inline runs: the median of the last 15, which one slow run (a garbage
+            # collection) does not move.
+            runs = self._inline_runs.setdefault(key, collections.deque(maxlen=15))
+            runs.append(ms)
+            self._inline_ms[key] = sorted(runs)[len(runs) // 2]
 
     def _observe(self, size: int) -> None:
         if self.observe_batch is not None:

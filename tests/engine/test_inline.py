@@ -225,23 +225,37 @@ def test_one_slow_inline_run_does_not_send_tiny_work_to_the_worker() -> None:
         engine.stop()
 
 
-def test_worker_runs_lower_the_inline_estimate_but_never_raise_it() -> None:
-    engine = started_engine()
+def test_inline_estimate_worker_runs_take_the_lowest_inline_runs_the_median() -> None:
+    engine = started_engine(inline_max_us=150)
     try:
         worker = engine.workers[CPU]
+        task = task_for(recording_target(torch.sin, [], operations=None), *torch.ones(2, 3))
         key = ("some", "work")
-        now = time.monotonic()
-        worker._record_alone(key, now, time.thread_time())  # the first run is not counted
-        worker._record_alone(key, now, time.thread_time() - 0.000_1)  # 100 µs
+
+        def record(seconds: float, inline: bool = False) -> None:
+            worker._record_alone(key, time.monotonic(), time.thread_time() - seconds, inline=inline)
+
+        record(1.0)  # the first run pays one-time costs: not counted
+        assert not worker.may_inline(task, key)
+        record(0.000_2)  # 200 µs in the worker: over the limit
+        assert not worker.may_inline(task, key)
+        record(0.005)  # a GIL-slowed worker run leaves the lowest where it was
+        assert worker._cpu_ms[key] == pytest.approx(0.2, rel=0.05)
+        record(0.000_1)  # a faster one lowers it under the limit: tiny
         assert worker._cpu_ms[key] == pytest.approx(0.1, rel=0.05)
-        # A GIL-slowed run in the worker thread (5 ms of CPU) leaves it where it was ...
-        worker._record_alone(key, now, time.thread_time() - 0.005)
-        assert worker._cpu_ms[key] == pytest.approx(0.1, rel=0.05)
-        # ... a faster one lowers it ...
-        worker._record_alone(key, now, time.thread_time() - 0.000_05)
-        assert worker._cpu_ms[key] == pytest.approx(0.05, rel=0.05)
-        # ... and an inline run raises it by 2% at most, however slow.
-        worker._record_alone(key, now, time.thread_time() - 1.0, inline=True)
-        assert worker._cpu_ms[key] == pytest.approx(0.05 * 1.02, rel=0.05)
+        assert worker.may_inline(task, key)
+        # Inline, the median of the last runs decides: one slow run does not move it ...
+        for seconds in [0.000_12] * 6 + [1.0] + [0.000_12] * 6:
+            record(seconds, inline=True)
+        assert worker._inline_ms[key] == pytest.approx(0.12, rel=0.05)
+        assert worker.may_inline(task, key)
+        # ... runs between the limit and twice it keep it inline (no back and forth) ...
+        for _ in range(15):
+            record(0.000_25, inline=True)
+        assert worker.may_inline(task, key)
+        # ... and runs typically over twice the limit send it to the worker.
+        for _ in range(8):
+            record(0.000_4, inline=True)
+        assert not worker.may_inline(task, key)
     finally:
         engine.stop()
