@@ -416,3 +416,60 @@ def test_jvp_agrees_between_func_jvp_and_dual_tensors(source):
         dual_out, dual_tangent = unpacked.primal, unpacked.tangent
     torch.testing.assert_close(out, dual_out, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(tangent, dual_tangent, rtol=0, atol=0, equal_nan=True)
+
+
+LITERAL_CASES = [
+    # (source, the same written with 0-d tensor constants c(v), as the literals were bound)
+    ("2 * x + x / 3 - 1 + 0.5 * y", lambda x, y, c: c(2) * x + x / c(3) - c(1) + c(0.5) * y),
+    # 1 / x is torch.reciprocal(x): the same output; the JVP by reciprocal's own formula
+    ("3 - x * y + 1 / x", lambda x, y, c: c(3) - x * y + torch.reciprocal(x)),
+    ("0.1 + x - 0.7 * (y - 0.3)", lambda x, y, c: c(0.1) + x - c(0.7) * (y - c(0.3))),
+    ("2.5 / x + y / 0.1", lambda x, y, c: c(2.5) / x + y / c(0.1)),
+]
+
+
+@pytest.mark.parametrize(("source", "written"), LITERAL_CASES, ids=[c[0] for c in LITERAL_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_literal_operands_give_the_numbers_of_tensor_constants(source, written, dtype):
+    # NOTE [literal operands]: literals beside a tensor go to the Scalar overloads (no
+    # zero tangent, no slow path); the output and JVP are bit for bit those of the
+    # expression written with 0-d tensor constants of the dtype, in both engines and
+    # under vmap.
+    g = torch.Generator().manual_seed(11)
+    x = (torch.rand(6, 5, generator=g, dtype=dtype) + 0.5).requires_grad_(False)
+    y = torch.randn(6, 5, generator=g, dtype=dtype)
+    tx, ty = (
+        torch.randn(6, 5, generator=g, dtype=dtype),
+        torch.randn(6, 5, generator=g, dtype=dtype),
+    )
+
+    def c(v: float) -> torch.Tensor:
+        return torch.tensor(v, dtype=dtype)
+
+    f = compile_expression(source).bind(dtype, torch.device("cpu"))
+    ref_out, ref_jvp = jvp(lambda a, b: written(a, b, c), (x, y), (tx, ty))
+    out, got = jvp(f, (x, y), (tx, ty))
+    assert torch.equal(out, ref_out) and torch.equal(got, ref_jvp)
+    with fwAD.dual_level():
+        dual = f(fwAD.make_dual(x, tx), fwAD.make_dual(y, ty))
+        primal, tangent = fwAD.unpack_dual(dual)
+    assert torch.equal(primal, ref_out) and torch.equal(tangent, ref_jvp)
+    xs, ys = torch.stack([x, 2 * x]), torch.stack([y, -y])
+    txs, tys = torch.stack([tx, ty]), torch.stack([ty, tx])
+    _, batched = vmap(lambda a, b, ta, tb: jvp(f, (a, b), (ta, tb)))(xs, ys, txs, tys)
+    for i in range(2):
+        _, one = jvp(lambda a, b: written(a, b, c), (xs[i], ys[i]), (txs[i], tys[i]))
+        torch.testing.assert_close(
+            batched[i], one, rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=0
+        )
+
+
+def test_literal_operands_in_float16_are_close_to_float64():
+    g = torch.Generator().manual_seed(12)
+    x = torch.rand(50, generator=g, dtype=torch.float64) + 0.5
+    tx = torch.randn(50, generator=g, dtype=torch.float64)
+    source = "0.1 * x + 3 - 1 / x"
+    _, ref = jvp(compile_expression(source).bind(torch.float64, torch.device("cpu")), (x,), (tx,))
+    half = compile_expression(source).bind(torch.float16, torch.device("cpu"))
+    _, got = jvp(half, (x.half(),), (tx.half(),))
+    torch.testing.assert_close(got.double(), ref, rtol=2e-3, atol=2e-3)

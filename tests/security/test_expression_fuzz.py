@@ -30,6 +30,8 @@ from torch.overrides import TorchFunctionMode
 from app.engine.errors import InvalidExpression, TooLarge
 from app.engine.expressions import ALLOWED_FUNCTIONS, FunctionSpec, compile_expression
 
+aten = torch.ops.aten
+
 FUZZ = settings(
     max_examples=400,
     deadline=None,
@@ -59,14 +61,28 @@ def _forbidden(name: str) -> Callable[..., Any]:
     return refuse
 
 
+def _import_of_torch_only(real: Callable[..., Any]) -> Callable[..., Any]:
+    # Under a TorchFunctionMode (the Recorder), PyTorch's C++ dispatch of an aten
+    # overload (NOTE [literal operands]) looks up ``torch`` with PyImport: already
+    # loaded, it loads no code. Any other import is refused.
+    def guarded(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "torch" and not (args[2:3] and args[2]):
+            return real(name, *args, **kwargs)
+        raise AssertionError(f"the compiled expression called __import__ ({name!r})")
+
+    return guarded
+
+
 @contextlib.contextmanager
 def no_escape_hatches() -> Iterator[None]:
-    """__import__, open, eval, exec and compile raise while the expression runs."""
+    """__import__ (but of torch itself, already loaded), open, eval, exec and compile
+    raise while the expression runs."""
     names = ("__import__", "open", "eval", "exec", "compile")
     saved = {n: getattr(builtins, n) for n in names}
     try:
         for n in names:
             setattr(builtins, n, _forbidden(n))
+        builtins.__import__ = _import_of_torch_only(saved["__import__"])
         yield
     finally:
         for n, f in saved.items():
@@ -96,6 +112,12 @@ def derive_allowed() -> set[Any]:
                 spec.impl(*args)
         for op in (torch.add, torch.sub, torch.mul, torch.div, torch.pow, torch.remainder):
             op(x, x)
+        # A literal beside a tensor (NOTE [literal operands] in app/engine/expressions.py)
+        for overload in (aten.add.Scalar, aten.sub.Scalar, aten.rsub.Scalar):
+            overload(x, 2.0)
+        aten.mul.Scalar(x, 2.0)
+        aten.div.Scalar(x, 2.0)
+        torch.reciprocal(x)
         torch.matmul(x, x)
         torch.neg(x)
     return recorder.called
