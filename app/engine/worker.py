@@ -39,15 +39,17 @@ measured, against 60-100 ms with the yield, at the same throughput.
 Known to be tiny: its `work_key` was timed alone at most at the limit, in thread
 CPU time, the lowest seen (a run slowed by the GIL changing hands costs more
 CPU; that is the overhead inlining removes, not the work). Once it runs inline
-it stays there while the median of its last 15 inline runs is at most twice the
-limit. The 10x10 seed JVP costs 106-161 µs there (p10-p90), about the limit:
-with one estimate, the lowest seen drifting up 2% of each run's excess, a run
+it stays there while the median of its last 15 inline runs (once there are 5)
+is at most twice the limit; past that it goes back to the worker, and returns
+only after a run under the limit. The 10x10 seed JVP costs 106-161 µs there
+(p10-p90), about the limit, and its first timed inline run 320 µs (cold). With
+one estimate (the lowest seen, drifting up 2% of each run's excess), a run
 stretched by a garbage collection (3 ms, measured) or the slow tail pushed it
 past the limit, the worker's GIL-slowed runs never brought it back, and small
-requests at 8 clients served 1,500 instead of 3,300 per second for the rest of
-a benchmark cell. Batching
-might compute such work in less time per item, but never in less than the
-hand-off costs, so tiny work is not sent to the worker to batch. A key never
+requests at 8 clients served about 1,500 instead of 3,000 per second for the
+rest of a benchmark cell. Batching might compute such work in less time per
+item, but never in less than the hand-off costs, so tiny work is not sent to the
+worker to batch. A key never
 timed goes to the worker, except a small expression (a few operator calls on a
 few thousand elements), which is tiny for sure and is timed inline. CUDA work
 always goes to the worker: it waits for the device.
@@ -269,9 +271,8 @@ class DeviceWorker:
         self.inline_max_us = inline_max_us
         self._step = threading.Lock()
         self._cpu_ms: dict[Hashable, float] = {}  # work key -> CPU ms of one item alone
-        # work key -> CPU ms of its last inline runs, and their median
+        # work key -> CPU ms of its last inline runs, for work that runs inline
         self._inline_runs: dict[Hashable, collections.deque[float]] = {}
-        self._inline_ms: dict[Hashable, float] = {}
         self._timed_once: set[Hashable] = set()
         self._tiny_step = False  # whether the worker's current step is one tiny item
         # Keys whose batch failed while every item then succeeded alone: vmap cannot run them.
@@ -351,11 +352,8 @@ class DeviceWorker:
             return False
         if key is None:
             return False
-        inline_ms = self._inline_ms.get(key)
-        if inline_ms is not None:
-            # It runs inline: it stays while its recent runs there are typically under twice
-            # the limit (a band, so work costing about the limit does not go back and forth).
-            return inline_ms * 1e3 <= 2 * self.inline_max_us
+        if key in self._inline_runs:
+            return True  # it runs inline until its inline runs say otherwise (_record_alone)
         cost = self._cpu_ms.get(key)
         if cost is None:  # never timed: only a small expression, which is tiny for sure
             ops = task.target.operations
@@ -383,7 +381,6 @@ class DeviceWorker:
                 self._timed_once.clear()
                 self._cpu_ms.clear()
                 self._inline_runs.clear()
-                self._inline_ms.clear()
             self._timed_once.add(key)
             return
         # Worker runs: the lowest seen. A run in the worker thread while the event loop is
@@ -393,11 +390,16 @@ class DeviceWorker:
         if old is None or ms < old:
             self._cpu_ms[key] = ms
         if inline:
-            # Inline runs: the median of the last 15, which one slow run (a garbage
-            # collection) does not move.
+            # Inline runs: once five are in, the median of the last 15, which one slow run
+            # (a garbage collection, a cold first run) does not move. Over twice the limit
+            # (a band, so work costing about the limit does not go back and forth), the work
+            # leaves for the worker and comes back only after a run under the limit.
             runs = self._inline_runs.setdefault(key, collections.deque(maxlen=15))
             runs.append(ms)
-            self._inline_ms[key] = sorted(runs)[len(runs) // 2]
+            median = sorted(runs)[len(runs) // 2]
+            if len(runs) >= 5 and median * 1e3 > 2 * self.inline_max_us:
+                del self._inline_runs[key]
+                self._cpu_ms[key] = median
 
     def _observe(self, size: int) -> None:
         if self.observe_batch is not None:
