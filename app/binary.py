@@ -180,6 +180,7 @@ def _tensor(
         # Kernels may assume element alignment; safetensors' own writer pads the header to
         # 8 bytes, so only a hand-made body lands here, and it pays one copy.
         return torch.frombuffer(bytearray(buffer[start:end]), dtype=dtype).reshape(shape)
+    # Read as the bytes lie: safetensors is little-endian, as are the hosts torch runs on.
     return torch.frombuffer(buffer, dtype=dtype, offset=start, count=count).reshape(shape)
 
 
