@@ -304,6 +304,20 @@ def test_post_jvp_safetensors_large_body_round_trip_is_exact(client: TestClient)
     torch.testing.assert_close(from_wire(r2.json()["jvp"]), tensors["jvp"], rtol=0, atol=0)
 
 
+def test_post_jvp_large_safetensors_body_without_content_length_is_read(
+    client: TestClient,
+) -> None:
+    # Chunked transfer (no Content-Length): the body is read whole, then decoded as any.
+    g = torch.Generator().manual_seed(6)
+    x, tx = torch.randn(200, 300, generator=g), torch.randn(200, 300, generator=g)
+    content = body({"primals/x": x, "tangents/x": tx}, {"expression": "x * x"})
+    pieces = [content[i : i + 50_000] for i in range(0, len(content), 50_000)]
+    r = client.post("/jvp", content=iter(pieces), headers=BINARY)
+    assert r.status_code == 200, r.text
+    tensors, _ = read(r.content)
+    torch.testing.assert_close(tensors["jvp"], 2 * x * tx, rtol=0, atol=0)
+
+
 def test_concurrent_large_safetensors_requests_get_their_own_numbers(client: TestClient) -> None:
     # Each request's tensors view its own body buffer: none may read another's bytes.
     # The reference is analytic: forward AD in the test's threads would share the
