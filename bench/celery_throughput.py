@@ -45,7 +45,7 @@ def free_port() -> int:
 
 def b64(a: np.ndarray) -> dict[str, Any]:
     a = np.ascontiguousarray(a, dtype=np.float32)
-    return {"shape": list(a.shape), "dtype": "float32", "b64": base64.b64encode(a).decode()}
+    return {"shape": list(a.shape), "dtype": "float32", "b64": base64.b64encode(a.data).decode()}
 
 
 def job_body(tasks: int) -> dict[str, Any]:

@@ -69,7 +69,7 @@ def time_requests(client: httpx.Client, n: int) -> list[float]:
     return latencies
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: int) -> float:
     return (
         statistics.quantiles(values, n=100, method="inclusive")[q - 1]
         if len(values) > 1

@@ -40,7 +40,7 @@ def free_port() -> int:
 
 def wire(a: np.ndarray) -> dict[str, Any]:
     a = np.ascontiguousarray(a, dtype="<f4")
-    return {"shape": list(a.shape), "dtype": "float32", "b64": base64.b64encode(a).decode()}
+    return {"shape": list(a.shape), "dtype": "float32", "b64": base64.b64encode(a.data).decode()}
 
 
 def unwire(obj: dict[str, Any]) -> np.ndarray:

@@ -233,8 +233,8 @@ def inprocess_mlp(requests: int = 64, batch: int = 32) -> dict[str, float]:
     ts = torch.randn(requests, batch, 64)
 
     def one(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, jvp = torch.func.jvp(module, (x,), (t,))
-        return out, jvp
+        result = torch.func.jvp(module, (x,), (t,))
+        return result[0], result[1]
 
     def separate() -> object:
         return [one(xs[i], ts[i]) for i in range(requests)]
