@@ -32,17 +32,17 @@ def _batch_sizes(metrics: str) -> tuple[float, float]:
     return total, steps
 
 
-async def _concurrent(url: str, xs: list[np.ndarray], ts: list[np.ndarray]) -> list[np.ndarray]:
+async def _concurrent(url: str, bodies: list[dict[str, object]]) -> list[np.ndarray]:
+    """POST every body at once; each answer's JVP."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as c:
 
-        async def one(x: np.ndarray, t: np.ndarray) -> np.ndarray:
-            body = {"model": "mlp", "primals": {"x": x.tolist()}, "tangents": {"x": t.tolist()}}
+        async def one(body: dict[str, object]) -> np.ndarray:
             r = await c.post("/jvp", json=body)
             assert r.status_code == 200, r.text
             data = r.json()["jvp"]
             return np.asarray(data["data"], dtype=np.float32).reshape(data["shape"])
 
-        return await asyncio.gather(*(one(x, t) for x, t in zip(xs, ts, strict=True)))
+        return await asyncio.gather(*(one(body) for body in bodies))
 
 
 def test_concurrent_model_requests_batch_and_each_gets_its_own_jvp() -> None:
@@ -54,8 +54,12 @@ def test_concurrent_model_requests_batch_and_each_gets_its_own_jvp() -> None:
     try:
         # x[32, 64]: above JVP_INLINE_MAX_US, so each request goes to the worker, which stacks
         # the ones waiting together.
+        bodies = [
+            {"model": "mlp", "primals": {"x": x.tolist()}, "tangents": {"x": t.tolist()}}
+            for x, t in zip(xs, ts, strict=True)
+        ]
         for _ in range(3):
-            jvps = asyncio.run(_concurrent(server.url, xs, ts))
+            jvps = asyncio.run(_concurrent(server.url, bodies))
             for x, t, jvp in zip(xs, ts, jvps, strict=True):
                 _, ref = torch.func.jvp(module, (torch.from_numpy(x),), (torch.from_numpy(t),))
                 # Batched (vmap) and alone agree to 1e-6 in float32; a slice of another
@@ -68,23 +72,6 @@ def test_concurrent_model_requests_batch_and_each_gets_its_own_jvp() -> None:
         server.stop()
 
 
-async def _small_round(url: str, xs: list[np.ndarray], ts: list[np.ndarray]) -> list[np.ndarray]:
-    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-
-        async def one(x: np.ndarray, t: np.ndarray) -> np.ndarray:
-            body = {
-                "expression": "x**2 + y**2",
-                "primals": {"x": x.tolist(), "y": (x + 1).tolist()},
-                "tangents": {"x": t.tolist()},
-            }
-            r = await c.post("/jvp", json=body)
-            assert r.status_code == 200, r.text
-            data = r.json()["jvp"]
-            return np.asarray(data["data"], dtype=np.float32).reshape(data["shape"])
-
-        return await asyncio.gather(*(one(x, t) for x, t in zip(xs, ts, strict=True)))
-
-
 def test_concurrent_small_expressions_stack_and_each_gets_its_own_jvp() -> None:
     """NOTE [stacking tiny expressions]: requests reaching the engine in one event-loop turn
     compute as one; each answer is still its own 2 * x * tx."""
@@ -95,7 +82,15 @@ def test_concurrent_small_expressions_stack_and_each_gets_its_own_jvp() -> None:
         for _ in range(10):
             xs = [rng.standard_normal((10, 10)).astype(np.float32) for _ in range(CLIENTS)]
             ts = [rng.standard_normal((10, 10)).astype(np.float32) for _ in range(CLIENTS)]
-            jvps = asyncio.run(_small_round(server.url, xs, ts))
+            bodies = [
+                {
+                    "expression": "x**2 + y**2",
+                    "primals": {"x": x.tolist(), "y": (x + 1).tolist()},
+                    "tangents": {"x": t.tolist()},
+                }
+                for x, t in zip(xs, ts, strict=True)
+            ]
+            jvps = asyncio.run(_concurrent(server.url, bodies))
             for x, t, jvp in zip(xs, ts, jvps, strict=True):
                 np.testing.assert_allclose(jvp, 2 * x * t, rtol=1e-6, atol=1e-6)
             total, steps = _batch_sizes(httpx.get(server.url + "/metrics").text)

@@ -122,11 +122,12 @@ class BatchQueue(Generic[Q]):
             return found
 
 
-def batch_key(task: JVPTask) -> Hashable | None:
-    """What items must share to be stacked together; None: this item never batches."""
+def batch_key(task: JVPTask, work: Hashable | None = None) -> Hashable | None:
+    """What items must share to be stacked together; None: this item never batches.
+    ``work``: the task's `work_key`, when the caller has it already."""
     if task.max_batch_size is not None and task.max_batch_size <= 1:
         return None
-    return work_key(task)
+    return work if work is not None else work_key(task)
 
 
 def work_key(task: JVPTask) -> Hashable | None:

@@ -333,10 +333,11 @@ class CompiledExpression:
 # through PyTorch's Python meta functions. On this project's 2-core machine that
 # took 214 µs for a 10x10 dual tensor, against 7 µs for the Scalar overload, which
 # has no tangent for the literal at all. So a literal beside a tensor in + - * /
-# (but c / x, which has no Scalar form; 1 / x is reciprocal) is passed as the Python float of the
-# literal itself. For float32 and float64 the kernels round it to the tensor's
-# dtype as before, so the numbers are the same; for float16 and bfloat16 they now
-# compute with the literal in float32, as PyTorch does for ``x * 2.0``.
+# is passed as the Python float of the literal itself (but in c / x, which has no
+# Scalar form; 1 / x is reciprocal). For float32 and float64 the kernels round it
+# to the tensor's dtype as before, so the numbers are the same; for float16 and
+# bfloat16 they now compute with the literal in float32, as PyTorch does for
+# ``x * 2.0``.
 _SCALAR_FORMS: dict[Callable[..., Tensor], tuple[Any, Any]] = {
     # impl: (tensor op literal, literal op tensor), each called as f(tensor, literal)
     torch.add: (torch.ops.aten.add.Scalar, torch.ops.aten.add.Scalar),

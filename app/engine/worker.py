@@ -49,10 +49,9 @@ past the limit, the worker's GIL-slowed runs never brought it back, and small
 requests at 8 clients served about 1,500 instead of 3,000 per second for the
 rest of a benchmark cell. Batching might compute such work in less time per
 item, but never in less than the hand-off costs, so tiny work is not sent to the
-worker to batch. A key never
-timed goes to the worker, except a small expression (a few operator calls on a
-few thousand elements), which is tiny for sure and is timed inline. CUDA work
-always goes to the worker: it waits for the device.
+worker to batch. A key never timed goes to the worker, except a small expression
+(a few operator calls on a few thousand elements), which is tiny for sure and is
+timed inline. CUDA work always goes to the worker: it waits for the device.
 """
 
 from __future__ import annotations
@@ -291,8 +290,14 @@ class DeviceWorker:
         return self._queue.qsize()
 
     def submit(
-        self, task: JVPTask, *, priority: int = INTERACTIVE, deadline: float | None = None
+        self,
+        task: JVPTask,
+        *,
+        priority: int = INTERACTIVE,
+        deadline: float | None = None,
+        work: Hashable | None = None,
     ) -> Future[JVPResult]:
+        """Queue ``task`` (``work``: its `work_key`, when the caller has it already)."""
         if self._queue.qsize() >= self.max_queue:
             raise Overloaded(
                 f"The {self.device} queue is full ({self.max_queue} waiting); retry shortly",
@@ -300,8 +305,8 @@ class DeviceWorker:
             )
         future: Future[JVPResult] = Future()
         item = _Item(priority, next(self._seq), task, future, time.monotonic(), deadline)
-        item.key = batch_key(task)
-        item.work = work_key(task)
+        item.work = work if work is not None else work_key(task)
+        item.key = batch_key(task, item.work)
         self._queue.put(item)
         return future
 
@@ -609,27 +614,36 @@ class Engine:
             worker.stop()
 
     def submit(
-        self, task: JVPTask, *, priority: int = INTERACTIVE, deadline: float | None = None
+        self,
+        task: JVPTask,
+        *,
+        priority: int = INTERACTIVE,
+        deadline: float | None = None,
+        work: Hashable | None = None,
     ) -> Future[JVPResult]:
         if not self.ready:
             raise Overloaded("The engine is not ready yet; retry shortly", retry_after_s=1)
-        return self.workers[task.device].submit(task, priority=priority, deadline=deadline)
+        return self.workers[task.device].submit(
+            task, priority=priority, deadline=deadline, work=work
+        )
 
     async def run(
         self, task: JVPTask, *, timeout_s: float, priority: int = INTERACTIVE
     ) -> JVPResult:
         """Queue a task and await its result, giving up at the deadline (504); tiny CPU work
         may run here at once instead (NOTE [tiny work runs inline])."""
+        key = work_key(task)
         if self.ready:
             worker = self.workers[task.device]
-            key = work_key(task)
             if worker.may_inline(task, key):
                 # Computed in the next turn of the event loop, with the tiny requests of this
                 # turn (NOTE [stacking tiny expressions] in app/engine/stacking.py).
                 result = await self._stacker.run(worker, task, key)
                 if result is not None:
                     return result
-        future = self.submit(task, priority=priority, deadline=time.monotonic() + timeout_s)
+        future = self.submit(
+            task, priority=priority, deadline=time.monotonic() + timeout_s, work=key
+        )
         try:
             # asyncio.timeout, not wait_for: wait_for wraps the future in one more task.
             async with asyncio.timeout(timeout_s):

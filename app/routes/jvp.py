@@ -143,8 +143,7 @@ async def answer_jvp(request: Request) -> Response:
     # small one is cheaper to read here (NOTE [small requests inline] in app/service.py).
     small = len(raw) < SMALL_BODY_BYTES
     if _is_json(media):
-        text = memoryview(raw)  # orjson reads bytes and numpy buffers alike through it
-        body = parse_json_body(text) if small else await asyncio.to_thread(parse_json_body, text)
+        body = parse_json_body(raw) if small else await asyncio.to_thread(parse_json_body, raw)
     elif media == SAFETENSORS:
         body = (
             decode_request(raw, service.limits)

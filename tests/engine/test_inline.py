@@ -56,6 +56,13 @@ def run(engine: Engine, task: JVPTask) -> tuple[torch.Tensor, torch.Tensor]:
     return asyncio.run(go())
 
 
+def busy(seconds: float) -> None:
+    """Spend ``seconds`` of this thread's CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
 # A limit far above what these tiny targets take, so a loaded machine cannot flip them.
 GENEROUS_US = 20_000
 
@@ -110,13 +117,11 @@ def test_work_timed_above_the_limit_stays_in_the_worker() -> None:
     try:
         threads: list[str] = []
 
-        def busy(x: torch.Tensor) -> torch.Tensor:
-            until = time.thread_time() + 0.002  # 2 ms of CPU time, well past 150 µs
-            while time.thread_time() < until:
-                pass
+        def slow_sin(x: torch.Tensor) -> torch.Tensor:
+            busy(0.002)  # 2 ms of CPU time, well past 150 µs
             return torch.sin(x)
 
-        target = recording_target(busy, threads, operations=None, key="busy")
+        target = recording_target(slow_sin, threads, operations=None, key="busy")
         for _ in range(5):
             run(engine, task_for(target, torch.ones(3), torch.ones(3)))
         assert threads == ["jvp-worker-cpu"] * 5
@@ -188,13 +193,6 @@ def test_inline_errors_reach_the_caller_and_the_engine_keeps_serving() -> None:
         torch.testing.assert_close(jvp, torch.ones(2, dtype=torch.float64))
     finally:
         engine.stop()
-
-
-def busy(seconds: float) -> None:
-    """Spend ``seconds`` of this thread's CPU time."""
-    end = time.thread_time() + seconds
-    while time.thread_time() < end:
-        pass
 
 
 def test_one_slow_inline_run_does_not_send_tiny_work_to_the_worker() -> None:
