@@ -27,6 +27,17 @@ tries, in order:
 3. Else `ForwardADUnsupported` (501), naming the operator and why each fallback
    failed.
 
+Both are sound by construction, not by hope: before either answers, the graph
+it will run is traced and checked (NOTE [derivative coverage check] in
+app/engine/derivatives.py): every operator a tangent reaches must carry a
+derivative for that argument, per PyTorch's derivatives.yaml. A decomposition
+that ends in a ``prims`` operator (``igamma`` -> ``prims.igamma``, which forward
+AD runs as a constant) or a double-VJP through an argument PyTorch marks
+``not_implemented`` (``igamma``'s ``self``) is refused, and a decomposition
+must also compute the kernel's own values (`_refuse_other_values`). Only the
+operators of `FALLBACK_OPERATORS` get a fallback at all (NOTE [fallback
+coverage]).
+
 ``fallback = "none"`` answers the 501 at once. The method that ran is reported
 as the response's ``method``.
 """
@@ -35,12 +46,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch._decomp import decomposition_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from app.engine.derivatives import NotCovered, first_uncovered
 from app.engine.errors import ForwardADUnsupported
 from app.engine.target import Materialized
 
@@ -60,6 +74,57 @@ _CUSTOM_WITHOUT_JVP = "jvp function for custom autograd.Function"
 _MAX_ROUNDS = 8  # decomposition rounds (each adds the operator the last one hit)
 
 aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Covered:
+    """What the fallbacks do for one operator without a forward-AD formula.
+
+    ``arguments``: the arguments a tangent may be on, answered by ``method``;
+    ``refused``: floating arguments with no derivative in PyTorch (a tangent on
+    one is a 501 naming the operator). Each pair is tested against float64
+    central differences (tests/models/test_fallback_coverage.py).
+    """
+
+    method: str
+    arguments: tuple[str, ...]
+    refused: tuple[str, ...] = ()
+    call: str = ""  # the user-facing call that reaches it
+
+
+# NOTE [fallback coverage]
+# The fallbacks act only on the operators listed here: each (operator, argument)
+# pair is tested (a parametrized test is generated from this table), and the
+# README lists them. Forward AD stopping at any other operator is a 501 at once,
+# even where a fallback might work: exact or refused. The coverage check (NOTE
+# [derivative coverage check]) still vets every graph a fallback runs, so a
+# listed operator inside a model that also runs, say, a prims operator on a
+# tangent is refused too. ``_segment_reduce`` and ``_ctc_loss`` have neither a
+# usable decomposition nor a differentiable backward: listed with no arguments.
+FALLBACK_OPERATORS: Mapping[str, Covered] = MappingProxyType(
+    {
+        "_cdist_forward": Covered("decomposed", ("x1", "x2"), call="torch.cdist"),
+        "_pdist_forward": Covered("decomposed", ("input",), call="F.pdist"),
+        "_embedding_bag": Covered(
+            "decomposed", ("weight", "per_sample_weights"), call="F.embedding_bag"
+        ),
+        "grid_sampler_2d": Covered("decomposed", ("input", "grid"), call="F.grid_sample (4-D)"),
+        "grid_sampler_3d": Covered("double_vjp", ("input", "grid"), call="F.grid_sample (5-D)"),
+        "multi_margin_loss": Covered("decomposed", ("self",), call="F.multi_margin_loss"),
+        # PyTorch's decomposition computes another value (`_refuse_other_values`), and the
+        # backward is not differentiable: refused.
+        "multilabel_margin_loss_forward": Covered(
+            "double_vjp", (), ("self",), call="F.multilabel_margin_loss"
+        ),
+        "igamma": Covered("double_vjp", ("other",), ("self",), call="torch.igamma"),
+        "igammac": Covered("double_vjp", ("other",), ("self",), call="torch.igammac"),
+        "index_reduce": Covered(
+            "double_vjp", ("self", "source"), call="Tensor.index_reduce ('amax', 'amin')"
+        ),
+        "segment_reduce": Covered("double_vjp", (), ("data",), call="torch.segment_reduce"),
+        "_ctc_loss": Covered("double_vjp", (), ("log_probs",), call="F.ctc_loss"),
+    }
+)
 
 
 def unsupported_operator(error: BaseException) -> str | None:
@@ -171,29 +236,133 @@ def decompositions_for(names: set[str]) -> dict[Any, Callable[..., Any]]:
     return table
 
 
-def decompose(target: Materialized, inputs: Tensors, names: set[str]) -> Materialized:
-    """``target`` traced on ``inputs`` with the named operators decomposed.
+def _flat(target: Materialized, n: int) -> Callable[..., Tensors]:
+    """``target.fn`` as a function of positional tensors: inputs, then parameters and buffers."""
+    names = [*target.parameters, *target.buffers]
+
+    def flat(*args: torch.Tensor) -> Tensors:
+        return tuple(target.fn(tuple(args[:n]), dict(zip(names, args[n:], strict=True))))
+
+    return flat
+
+
+def _state_values(target: Materialized) -> list[torch.Tensor]:
+    return [*target.parameters.values(), *target.buffers.values()]
+
+
+def _carrying(
+    target: Materialized,
+    tangents: tuple[torch.Tensor | None, ...],
+    parameter_tangents: Mapping[str, torch.Tensor],
+) -> list[int]:
+    """Positions, among `_flat`'s arguments, of the tensors that carry a tangent."""
+    n = len(tangents)
+    carrying = [i for i, t in enumerate(tangents) if t is not None]
+    carrying += [n + i for i, k in enumerate(target.parameters) if k in parameter_tangents]
+    return carrying
+
+
+def decompose(
+    target: Materialized, inputs: Tensors, names: set[str]
+) -> tuple[Materialized, torch.fx.GraphModule]:
+    """``target`` traced on ``inputs`` with the named operators decomposed, and its graph.
 
     The result computes the same function (for inputs of these shapes and, where
     the model branches on values, these values) with other operators.
     """
-    param_names = list(target.parameters)
-    buffer_names = list(target.buffers)
-    n = len(inputs)
-
-    def flat(*args: torch.Tensor) -> Tensors:
-        state = dict(zip(param_names + buffer_names, args[n:], strict=True))
-        return tuple(target.fn(tuple(args[:n]), state))
-
-    state_values = [*target.parameters.values(), *target.buffers.values()]
-    graph = make_fx(flat, decomposition_table=decompositions_for(names), tracing_mode="real")(
-        *inputs, *state_values
-    )
+    state_names = [*target.parameters, *target.buffers]
+    graph = make_fx(
+        _flat(target, len(inputs)),
+        decomposition_table=decompositions_for(names),
+        tracing_mode="real",
+    )(*inputs, *_state_values(target))
 
     def fn(args: Tensors, state: dict[str, torch.Tensor]) -> Tensors:
-        return tuple(graph(*args, *(state[k] for k in param_names + buffer_names)))
+        return tuple(graph(*args, *(state[k] for k in state_names)))
 
-    return Materialized(fn=fn, parameters=target.parameters, buffers=target.buffers)
+    return Materialized(fn=fn, parameters=target.parameters, buffers=target.buffers), graph
+
+
+def _refuse_uncovered(graph: torch.fx.GraphModule, carrying: list[int], what: str) -> None:
+    """Raise `_Uncovered` when the graph drops a tangent (NOTE [derivative coverage check])."""
+    gap = first_uncovered(graph.graph, carrying)
+    if gap is not None:
+        raise _Uncovered(gap, what)
+
+
+def _refuse_other_values(target: Materialized, inputs: Tensors, outputs: Tensors) -> None:
+    """Raise `_Uncovered` unless the decomposition computes the kernels' values.
+
+    A decomposition is another program for the same function, and PyTorch's are
+    not all faithful: in 2.13 ``multilabel_margin_loss_forward``'s counts the
+    labels after a target row's ``-1``. Its derivative is then the derivative of
+    another function. One run of the original (no AD) is the reference; the
+    tolerance is `torch.testing.assert_close`'s for the dtype.
+    """
+    with torch.no_grad():
+        want = tuple(target.fn(inputs, {**target.parameters, **target.buffers}))
+    for i, (got, ref) in enumerate(zip(outputs, want, strict=True)):
+        try:
+            torch.testing.assert_close(got, ref, equal_nan=True)
+        except AssertionError:
+            gap = NotCovered("the decomposition", f"its output {i} differs from the kernel's")
+            raise _Uncovered(gap, "the decomposition") from None
+
+
+class _Uncovered(Exception):
+    """A fallback's graph runs an operator without a derivative for a tangent it gets."""
+
+    def __init__(self, gap: NotCovered, what: str) -> None:
+        super().__init__(f"{what} runs {gap}")
+        self.gap = gap
+
+
+def check_double_vjp(
+    target: Materialized,
+    inputs: Tensors,
+    tangents: tuple[torch.Tensor | None, ...],
+    parameter_tangents: Mapping[str, torch.Tensor],
+) -> None:
+    """Refuse (`_Uncovered`) unless both passes of `jvp_double_vjp` carry every tangent.
+
+    Checks the function's graph (each argument with a tangent needs a backward
+    formula) and the traced first pass ``u -> J^T u`` (each operator the
+    cotangents ``u`` reach needs a formula for them), per NOTE [derivative
+    coverage check].
+    """
+    n = len(inputs)
+    carrying = _carrying(target, tangents, parameter_tangents)
+    args = [*inputs, *_state_values(target)]
+    forward = make_fx(_flat(target, n), tracing_mode="real")(*args)
+    _refuse_uncovered(forward, carrying, "the function")
+    outputs = forward(*args)
+    live = [i for i, o in enumerate(outputs) if _differentiable(o)]
+    if not live:
+        return
+    flat = _flat(target, n)
+
+    def first_pass(*us_and_args: torch.Tensor) -> Tensors:
+        us, rest = us_and_args[: len(live)], list(us_and_args[len(live) :])
+        with torch.enable_grad():
+            for i in carrying:
+                rest[i] = rest[i].detach().requires_grad_()
+            outs = flat(*rest)
+            grads = torch.autograd.grad(
+                [outs[i] for i in live],
+                [rest[i] for i in carrying],
+                list(us),
+                create_graph=True,
+                allow_unused=True,
+            )
+        return tuple(g for g in grads if g is not None)
+
+    us = [torch.zeros_like(outputs[i]) for i in live]
+    backward = make_fx(first_pass, tracing_mode="real")(*us, *args)
+    _refuse_uncovered(backward, list(range(len(live))), "the first backward pass")
+
+
+def _differentiable(t: torch.Tensor) -> bool:
+    return t.dtype.is_floating_point or t.dtype.is_complex
 
 
 def jvp_double_vjp(
@@ -268,6 +437,12 @@ def jvp_with_fallback(
             "then reverse-over-reverse)"
         ) from None
 
+    if operator not in FALLBACK_OPERATORS and unsupported_operator(first) is not None:
+        raise ForwardADUnsupported(
+            f"Operator {operator} has no forward-AD formula in PyTorch {version}, and no "
+            "fallback is tested for it in this service (the README lists those that are)"
+        ) from None
+
     why_not: list[str] = []
     # 1. Decompose the operators forward AD stops at, one round per operator.
     names: set[str] = set()
@@ -279,10 +454,17 @@ def jvp_with_fallback(
             break
         names.add(missing)
         try:
-            traced = decompose(target, inputs, names)
+            traced, graph = decompose(target, inputs, names)
+            _refuse_uncovered(
+                graph, _carrying(target, tangents, parameter_tangents), "the decomposition"
+            )
             result = engine(traced, inputs, tangents, parameter_tangents)
+            _refuse_other_values(target, inputs, result[0])
         except torch.OutOfMemoryError:
             raise
+        except _Uncovered as e:
+            why_not.append(f"{e}, which would drop the tangent")
+            break
         except (RuntimeError, NotImplementedError) as e:
             missing = unsupported_operator(e)
             if missing is None:
@@ -296,11 +478,16 @@ def jvp_with_fallback(
 
     # 2. Reverse mode twice.
     try:
+        check_double_vjp(target, inputs, tangents, parameter_tangents)
         result = jvp_double_vjp(target, inputs, tangents, parameter_tangents)
     except torch.OutOfMemoryError:
         raise
+    except _Uncovered as e:
+        why_not.append(f"reverse-over-reverse: {e}, which would drop the tangent")
     except (RuntimeError, NotImplementedError) as e:
         why_not.append(f"reverse-over-reverse failed: {_first_line(e)}")
+    except Exception as e:  # noqa: BLE001 - a program the check cannot trace is not proven
+        why_not.append(f"reverse-over-reverse could not be checked: {_first_line(e)}")
     else:
         return (*result, DOUBLE_VJP)
 
