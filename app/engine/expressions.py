@@ -52,7 +52,6 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from app.engine import functions
@@ -107,40 +106,42 @@ def _unary(name: str, impl: Callable[[Tensor], Tensor], description: str) -> Fun
     return FunctionSpec(f"{name}(x)", description, impl)
 
 
+# Functions whose native formula loses accuracy take their accurate form from
+# functions.ACCURATE (NOTE [accurate elementwise functions]).
 _UNARY: dict[str, tuple[Callable[[Tensor], Tensor], str]] = {
     "sin": (torch.sin, "sine"),
     "cos": (torch.cos, "cosine"),
     "tan": (torch.tan, "tangent"),
-    "asin": (torch.asin, "inverse sine, domain [-1, 1]"),
-    "acos": (torch.acos, "inverse cosine, domain [-1, 1]"),
+    "asin": (functions.ACCURATE["asin"], "inverse sine, domain [-1, 1]"),
+    "acos": (functions.ACCURATE["acos"], "inverse cosine, domain [-1, 1]"),
     "atan": (torch.atan, "inverse tangent"),
-    "sinh": (torch.sinh, "hyperbolic sine"),
-    "cosh": (torch.cosh, "hyperbolic cosine"),
-    "tanh": (torch.tanh, "hyperbolic tangent"),
-    "asinh": (torch.asinh, "inverse hyperbolic sine"),
-    "acosh": (torch.acosh, "inverse hyperbolic cosine, domain [1, inf)"),
-    "atanh": (torch.atanh, "inverse hyperbolic tangent, domain (-1, 1)"),
+    "sinh": (functions.ACCURATE["sinh"], "hyperbolic sine"),
+    "cosh": (functions.ACCURATE["cosh"], "hyperbolic cosine"),
+    "tanh": (functions.ACCURATE["tanh"], "hyperbolic tangent"),
+    "asinh": (functions.ACCURATE["asinh"], "inverse hyperbolic sine"),
+    "acosh": (functions.ACCURATE["acosh"], "inverse hyperbolic cosine, domain [1, inf)"),
+    "atanh": (functions.ACCURATE["atanh"], "inverse hyperbolic tangent, domain (-1, 1)"),
     "exp": (torch.exp, "e**x"),
-    "expm1": (torch.expm1, "e**x - 1, accurate near 0"),
+    "expm1": (functions.ACCURATE["expm1"], "e**x - 1, accurate near 0"),
     "log": (torch.log, "natural logarithm"),
     "log1p": (torch.log1p, "log(1 + x), accurate near 0"),
-    "log2": (torch.log2, "base-2 logarithm"),
-    "log10": (torch.log10, "base-10 logarithm"),
+    "log2": (functions.ACCURATE["log2"], "base-2 logarithm"),
+    "log10": (functions.ACCURATE["log10"], "base-10 logarithm"),
     "sqrt": (torch.sqrt, "square root"),
     "rsqrt": (torch.rsqrt, "1 / sqrt(x)"),
     "abs": (torch.abs, "absolute value"),
-    "sigmoid": (torch.sigmoid, "1 / (1 + e**-x)"),
+    "sigmoid": (functions.ACCURATE["sigmoid"], "1 / (1 + e**-x)"),
     "relu": (torch.relu, "max(x, 0)"),
     "softplus": (functions.softplus, "log(1 + e**x), exact for all x (no threshold)"),
-    "gelu": (F.gelu, "x * Phi(x), the exact (erf) form"),
-    "silu": (F.silu, "x * sigmoid(x)"),
+    "gelu": (functions.ACCURATE["gelu"], "x * Phi(x), the exact (erf) form"),
+    "silu": (functions.ACCURATE["silu"], "x * sigmoid(x)"),
     "erf": (torch.erf, "error function"),
 }
 
 ALLOWED_FUNCTIONS: Mapping[str, FunctionSpec] = MappingProxyType(
     {name: _unary(name, impl, doc) for name, (impl, doc) in _UNARY.items()}
     | {
-        "atan2": FunctionSpec("atan2(y, x)", "angle of the point (x, y)", torch.atan2, 2),
+        "atan2": FunctionSpec("atan2(y, x)", "angle of the point (x, y)", functions.atan2, 2),
         "pow": FunctionSpec("pow(a, b)", "a ** b", torch.pow, 2),
         "minimum": FunctionSpec("minimum(a, b)", "elementwise minimum", torch.minimum, 2),
         "maximum": FunctionSpec("maximum(a, b)", "elementwise maximum", torch.maximum, 2),
@@ -200,7 +201,7 @@ ALLOWED_OPERATORS: tuple[str, ...] = tuple(sym for sym, _ in _BINARY_OPS.values(
 _ELEMENTWISE: frozenset[Callable[..., Tensor]] = frozenset(
     [
         *(impl for impl, _ in _UNARY.values()),
-        *(torch.atan2, torch.pow, torch.minimum, torch.maximum, torch.clamp, torch.neg),
+        *(functions.atan2, torch.pow, torch.minimum, torch.maximum, torch.clamp, torch.neg),
         *(impl for _, impl in _BINARY_OPS.values() if impl is not torch.matmul),
     ]
 )

@@ -16,12 +16,22 @@ tensors, so they are themselves differentiable (higher-order derivatives work).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["LogSumExp", "Softplus", "logsumexp", "softplus"]
+__all__ = [
+    "ACCURATE",
+    "LogSumExp",
+    "Softplus",
+    "atan2",
+    "logsumexp",
+    "sigmoid",
+    "softplus",
+]
 
 
 class Softplus(torch.autograd.Function):
@@ -51,12 +61,12 @@ class Softplus(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, x_t: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
-        return torch.sigmoid(x) * x_t
+        return _sigmoid(x) * x_t
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
-        return grad * torch.sigmoid(x)
+        return grad * _sigmoid(x)
 
 
 def _softmax_weights(x: Tensor, result: Tensor, dim: int) -> Tensor:
@@ -119,4 +129,251 @@ def softplus(x: Tensor) -> Tensor:
 def logsumexp(x: Tensor, dim: int) -> Tensor:
     """log(sum(exp(x), dim)) with zero derivatives on all -inf slices; see :class:`LogSumExp`."""
     out: Tensor = LogSumExp.apply(x, dim)
+    return out
+
+
+# NOTE [accurate elementwise functions]
+# Where PyTorch's float64 value or derivative formula of an expression function
+# loses more than 1e-12 relative (bench/accuracy_survey.py measures each one
+# against mpmath at 50 digits), the language uses one of the Functions below: the
+# value from a form that does not cancel or overflow, the derivative from its own
+# formula (``jvp`` and ``backward``), both written with torch operations so
+# higher derivatives and vmap work. What each one mends (PyTorch 2.13, float64):
+#
+# - gelu: ``x/2 (1 + erf(x/sqrt 2))`` cancels for x < -5 (1.8% off at -8, -0.0
+#   below -9; its derivative too). Here ``x/2 erfc(-x/sqrt 2)``, no cancellation
+#   anywhere, and ``Phi(x) + x phi(x)`` with Phi from erfc.
+# - sigmoid: the derivative ``s (1 - s)`` is 0 from x = 37 on (true e**-x) and
+#   loses digits from 15; the value underflows to 0 below -709.78 (true ~1e-309).
+#   Here ``s(x) s(-x)`` and ``where(x >= 0, 1, e) / (1 + e)``, ``e = exp(-|x|)``.
+#   silu (``x sigmoid(x)``, 0 below -709.78 where the true value is ~1e-306) and
+#   softplus's derivative use the same sigmoid.
+# - tanh: ``1 - tanh**2`` is 0 from |x| = 19 on; here ``4 e / (1 + e)**2``, ``e =
+#   exp(-2|x|)``.
+# - sinh, cosh: tensors of 16 or more elements (the vectorized kernel) overflow to
+#   inf for 709.78 < |x| <= 710.47, where the true value is finite and a tensor of
+#   one element gets it. Here ``(exp(|x|/2) / 2) exp(|x|/2)`` there, the same for
+#   every length; each is the other's derivative.
+# - asin, acos, atanh: ``1 - x**2`` in the derivative cancels near |x| = 1 (2.5e-11
+#   off at 1 - 1e-10); here ``(1 - x)(1 + x)``.
+# - asinh, acosh: ``x**2 +- 1`` overflows for |x| > 1e154 (derivative 0, true 1/|x|)
+#   and cancels near 1 (acosh); here ``1 / hypot(x, 1)`` and
+#   ``rsqrt(x - 1) rsqrt(x + 1)``.
+# - expm1: the derivative ``expm1(x) + 1`` is 0 below -37 (true e**x); here exp(x).
+# - log2, log10: ``x * log(10)`` overflows for x > 7.8e307 (derivative 0); here
+#   ``(1 / x) / log(10)``.
+# - atan2: ``y**2 + x**2`` in the derivatives overflows or underflows for large and
+#   tiny arguments (inf at y = 1e-300, x = 0); here scaled by ``hypot(y, x)``.
+# A Function costs one Python call more than the native operator (a few µs; see
+# bench/README.md, "Expression functions"); operators outside these keep their
+# native kernel, so the ``x**2 + y**2`` path is unchanged.
+
+_SQRT1_2 = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_INV_LN2 = 1.0 / math.log(2.0)
+_INV_LN10 = 1.0 / math.log(10.0)
+_SINH_NATIVE_MAX = 709.0  # below, torch's kernels are exact at every length
+
+
+def _sigmoid(x: Tensor) -> Tensor:
+    """1 / (1 + e**-x) without overflow or underflow before the result's own."""
+    e = torch.exp(-torch.abs(x))
+    return torch.where(x >= 0, torch.ones_like(e), e) / (1 + e)
+
+
+def _sigmoid_pair(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(sigmoid(x), sigmoid(-x)), each accurate (no ``1 - s``)."""
+    e = torch.exp(-torch.abs(x))
+    one = torch.ones_like(e)
+    positive = x >= 0
+    denominator = 1 + e
+    return torch.where(positive, one, e) / denominator, torch.where(positive, e, one) / denominator
+
+
+def _gelu(x: Tensor) -> Tensor:
+    return 0.5 * x * torch.special.erfc(-_SQRT1_2 * x)
+
+
+def _gelu_derivative(x: Tensor) -> Tensor:
+    # Phi(x) + x phi(x). At x = +-inf, inf * 0 is NaN, as in PyTorch's own formula.
+    return 0.5 * torch.special.erfc(-_SQRT1_2 * x) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+def _silu(x: Tensor) -> Tensor:
+    return x * _sigmoid(x)
+
+
+def _silu_derivative(x: Tensor) -> Tensor:
+    s, s_minus = _sigmoid_pair(x)
+    return s * (1 + x * s_minus)
+
+
+def _sigmoid_derivative(x: Tensor) -> Tensor:
+    s, s_minus = _sigmoid_pair(x)
+    return s * s_minus
+
+
+def _tanh_derivative(x: Tensor) -> Tensor:
+    e = torch.exp(-2 * torch.abs(x))
+    return 4 * e / ((1 + e) * (1 + e))
+
+
+def _half_exp_squared(x: Tensor) -> Tensor:
+    """exp(|x|) / 2 as (exp(|x|/2) / 2) * exp(|x|/2): finite up to |x| = 710.47."""
+    h = torch.exp(0.5 * torch.abs(x))
+    return (0.5 * h) * h
+
+
+def _sinh(x: Tensor) -> Tensor:
+    big = torch.sign(x) * _half_exp_squared(x)
+    return torch.where(torch.abs(x) < _SINH_NATIVE_MAX, torch.sinh(x), big)
+
+
+def _cosh(x: Tensor) -> Tensor:
+    return torch.where(torch.abs(x) < _SINH_NATIVE_MAX, torch.cosh(x), _half_exp_squared(x))
+
+
+def _one_minus_square(x: Tensor) -> Tensor:
+    return (1 - x) * (1 + x)
+
+
+def _asin_derivative(x: Tensor) -> Tensor:
+    return torch.rsqrt(_one_minus_square(x))
+
+
+def _acos_derivative(x: Tensor) -> Tensor:
+    return -torch.rsqrt(_one_minus_square(x))
+
+
+def _atanh_derivative(x: Tensor) -> Tensor:
+    return torch.reciprocal(_one_minus_square(x))
+
+
+def _asinh_derivative(x: Tensor) -> Tensor:
+    return torch.reciprocal(torch.hypot(x, torch.ones_like(x)))
+
+
+def _acosh_derivative(x: Tensor) -> Tensor:
+    return torch.rsqrt(x - 1) * torch.rsqrt(x + 1)
+
+
+def _log2_derivative(x: Tensor) -> Tensor:
+    return torch.reciprocal(x) * _INV_LN2
+
+
+def _log10_derivative(x: Tensor) -> Tensor:
+    return torch.reciprocal(x) * _INV_LN10
+
+
+def _elementwise(
+    name: str, value: Callable[[Tensor], Tensor], derivative: Callable[[Tensor], Tensor]
+) -> Callable[[Tensor], Tensor]:
+    """``value`` as a function whose JVP and VJP multiply by ``derivative(x)``."""
+
+    def forward(x: Tensor) -> Tensor:
+        return value(x)
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        (x,) = inputs
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+
+    def jvp(ctx: Any, x_t: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return derivative(x) * x_t
+
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * derivative(x)
+
+    function: Any = type(
+        name,
+        (torch.autograd.Function,),
+        {
+            "generate_vmap_rule": True,
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "jvp": staticmethod(jvp),
+            "backward": staticmethod(backward),
+            "__doc__": f"{name.lower()}: NOTE [accurate elementwise functions]",
+            "__module__": __name__,
+        },
+    )
+
+    def apply(x: Tensor) -> Tensor:
+        out: Tensor = function.apply(x)
+        return out
+
+    apply.__name__ = name.lower()
+    apply.__qualname__ = name.lower()
+    return apply
+
+
+sigmoid = _elementwise("Sigmoid", _sigmoid, _sigmoid_derivative)
+
+ACCURATE: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": _elementwise("Gelu", _gelu, _gelu_derivative),
+    "sigmoid": sigmoid,
+    "silu": _elementwise("Silu", _silu, _silu_derivative),
+    "tanh": _elementwise("Tanh", torch.tanh, _tanh_derivative),
+    "sinh": _elementwise("Sinh", _sinh, _cosh),
+    "cosh": _elementwise("Cosh", _cosh, _sinh),
+    "asin": _elementwise("Asin", torch.asin, _asin_derivative),
+    "acos": _elementwise("Acos", torch.acos, _acos_derivative),
+    "atanh": _elementwise("Atanh", torch.atanh, _atanh_derivative),
+    "asinh": _elementwise("Asinh", torch.asinh, _asinh_derivative),
+    "acosh": _elementwise("Acosh", torch.acosh, _acosh_derivative),
+    "expm1": _elementwise("Expm1", torch.expm1, torch.exp),
+    "log2": _elementwise("Log2", torch.log2, _log2_derivative),
+    "log10": _elementwise("Log10", torch.log10, _log10_derivative),
+}
+"""Expression function name -> its accurate form (NOTE [accurate elementwise functions])."""
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    return grad if grad.shape == shape else grad.sum_to_size(shape)
+
+
+class Atan2(torch.autograd.Function):
+    """atan2(y, x) with derivatives scaled by hypot(y, x): no overflow or underflow
+    of ``y**2 + x**2`` (NOTE [accurate elementwise functions])."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(y: Tensor, x: Tensor) -> Tensor:
+        return torch.atan2(y, x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        y, x = inputs
+        ctx.save_for_backward(y, x)
+        ctx.save_for_forward(y, x)
+
+    @staticmethod
+    def _partials(y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = torch.hypot(y, x)
+        return (x / h) / h, -(y / h) / h
+
+    @staticmethod
+    def jvp(ctx: Any, y_t: Tensor | None, x_t: Tensor | None) -> Tensor:
+        y, x = ctx.saved_tensors
+        dy, dx = Atan2._partials(y, x)
+        out = torch.zeros_like(torch.atan2(y, x))
+        if y_t is not None:
+            out = out + dy * y_t
+        if x_t is not None:
+            out = out + dx * x_t
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        y, x = ctx.saved_tensors
+        dy, dx = Atan2._partials(y, x)
+        return _sum_to(grad * dy, y.shape), _sum_to(grad * dx, x.shape)
+
+
+def atan2(y: Tensor, x: Tensor) -> Tensor:
+    """The angle of the point (x, y); see :class:`Atan2`."""
+    out: Tensor = Atan2.apply(y, x)
     return out
