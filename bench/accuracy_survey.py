@@ -109,6 +109,20 @@ BINARY: dict[str, tuple[str, _B, _B, _B, Callable[[float, float], bool]]] = {
         lambda a, b: a**b * mpmath.log(a),
         lambda a, b: a > 0,
     ),
+    "/": (
+        "a / b",
+        lambda a, b: a / b,
+        lambda a, b: 1 / b,
+        lambda a, b: -a / b**2,
+        lambda a, b: b != 0,
+    ),
+    "%": (
+        "a % b",
+        lambda a, b: a - b * mpmath.floor(a / b),
+        lambda a, b: M(1),
+        lambda a, b: -mpmath.floor(a / b),
+        lambda a, b: b != 0 and not float(a / b).is_integer(),
+    ),
     "atan2": (
         "atan2(a, b)",
         mpmath.atan2,
@@ -176,9 +190,9 @@ def survey() -> list[Row]:
                 row.add("value", n, relative_error(v, want_v), f"x={x!r}")
                 row.add("derivative", n, relative_error(d, want_d), f"x={x!r}")
         rows.append(row)
-    for name, (source, value, da, db, domain) in BINARY.items():
+    for source, value, da, db, domain in BINARY.values():
         for wrt, partial, arg in ((0, da, "a"), (1, db, "b")):
-            row = Row(f"{name} (d/d{arg})", {}, {})
+            row = Row(f"{source} (d/d{arg})", {}, {})
             for a, b in PAIRS:
                 if not domain(a, b):
                     continue

@@ -44,3 +44,16 @@ def test_readme_lists_exactly_the_allowed_functions() -> None:
     first_cells = re.findall(r"^\| (.*?) \|", table, re.M)
     listed = {name for cell in first_cells for name in re.findall(r"`([a-z0-9_]+)\(", cell)}
     assert listed == set(ALLOWED_FUNCTIONS)
+
+
+def test_readme_accuracy_table_rows_are_the_surveyed_functions_all_within_1e_12() -> None:
+    from bench.accuracy_survey import BINARY, UNARY
+
+    section = README.split("<!-- accuracy:", 1)[1]
+    rows = [line for line in section.splitlines()[1:40] if line.startswith("| `")]
+    names = [row.split("`")[1] for row in rows]
+    binary = [f"{source} (d/d{arg})" for source, *_ in BINARY.values() for arg in "ab"]
+    assert names == [*UNARY, *binary]
+    for row in rows:
+        cells = [c.strip() for c in row.strip()[1:-1].split("|")][2:]
+        assert all(float(c) <= 1e-12 for c in cells), row

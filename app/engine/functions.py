@@ -145,7 +145,7 @@ def logsumexp(x: Tensor, dim: int) -> Tensor:
 #   anywhere, and ``Phi(x) + x phi(x)`` with Phi from erfc.
 # - sigmoid: the derivative ``s (1 - s)`` is 0 from x = 37 on (true e**-x) and
 #   loses digits from 15; the value underflows to 0 below -709.78 (true ~1e-309).
-#   Here ``s(x) s(-x)`` and ``where(x >= 0, 1, e) / (1 + e)``, ``e = exp(-|x|)``.
+#   Here ``s(x) s(-x) = e / (1 + e)**2``, ``e = exp(-|x|)``, and e**x below -708.
 #   silu (``x sigmoid(x)``, 0 below -709.78 where the true value is ~1e-306) and
 #   softplus's derivative use the same sigmoid.
 # - tanh: ``1 - tanh**2`` is 0 from |x| = 19 on; here ``4 e / (1 + e)**2``, ``e =
@@ -175,19 +175,19 @@ _INV_LN10 = 1.0 / math.log(10.0)
 _SINH_NATIVE_MAX = 709.0  # below, torch's kernels are exact at every length
 
 
+_SIGMOID_NATIVE_MIN = -708.0  # above, 1 + exp(-x) is finite and torch.sigmoid exact
+
+
 def _sigmoid(x: Tensor) -> Tensor:
-    """1 / (1 + e**-x) without overflow or underflow before the result's own."""
-    e = torch.exp(-torch.abs(x))
-    return torch.where(x >= 0, torch.ones_like(e), e) / (1 + e)
+    """1 / (1 + e**-x), also where e**-x overflows (x < -709.78: then it is e**x itself)."""
+    return torch.where(x < _SIGMOID_NATIVE_MIN, torch.exp(x), torch.sigmoid(x))
 
 
-def _sigmoid_pair(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(sigmoid(x), sigmoid(-x)), each accurate (no ``1 - s``)."""
+def _sigmoid_slope(x: Tensor) -> Tensor:
+    """sigmoid(x) sigmoid(-x) = e / (1 + e)**2 with e = exp(-|x|): no ``1 - s``."""
     e = torch.exp(-torch.abs(x))
-    one = torch.ones_like(e)
-    positive = x >= 0
-    denominator = 1 + e
-    return torch.where(positive, one, e) / denominator, torch.where(positive, e, one) / denominator
+    one_plus = 1 + e
+    return e / (one_plus * one_plus)
 
 
 def _gelu(x: Tensor) -> Tensor:
@@ -204,13 +204,8 @@ def _silu(x: Tensor) -> Tensor:
 
 
 def _silu_derivative(x: Tensor) -> Tensor:
-    s, s_minus = _sigmoid_pair(x)
-    return s * (1 + x * s_minus)
-
-
-def _sigmoid_derivative(x: Tensor) -> Tensor:
-    s, s_minus = _sigmoid_pair(x)
-    return s * s_minus
+    # sigmoid(x) + x sigmoid(x) sigmoid(-x)
+    return _sigmoid(x) + x * _sigmoid_slope(x)
 
 
 def _tanh_derivative(x: Tensor) -> Tensor:
@@ -309,7 +304,7 @@ def _elementwise(
     return apply
 
 
-sigmoid = _elementwise("Sigmoid", _sigmoid, _sigmoid_derivative)
+sigmoid = _elementwise("Sigmoid", _sigmoid, _sigmoid_slope)
 
 ACCURATE: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": _elementwise("Gelu", _gelu, _gelu_derivative),
