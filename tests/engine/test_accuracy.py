@@ -228,3 +228,61 @@ def test_service_gelu_at_minus_ten_and_sinh_past_709_are_exact_at_any_length(
             for o, j in zip(out, jvp, strict=True):
                 assert relative_error(o, value(mpmath.mpf(x))) < TOLERANCE, (source, n, o)
                 assert relative_error(j, derivative(mpmath.mpf(x))) < TOLERANCE, (source, n, j)
+
+
+STACKED = ["gelu", "sinh", "cosh", "sigmoid", "tanh", "acosh", "expm1"]
+
+
+@pytest.mark.parametrize("name", STACKED)
+def test_stacked_requests_get_the_mpmath_numbers(name: str) -> None:
+    # Tiny requests computed as one (NOTE [stacking tiny expressions]) go through the same forms.
+    from app.engine.stacking import split, stack_tasks
+    from app.engine.worker import JVPTask, compute
+    from app.service import expression_target
+
+    value, derivative, points = CASES[name]
+    target = expression_target(f"{name}(x)", 2000, 500, 50)
+    tasks = [
+        JVPTask(target, (torch.tensor([x], dtype=F64),), (torch.ones(1, dtype=F64),), {}, F64,
+                torch.device("cpu"))
+        for x in points
+    ]  # fmt: skip
+    stacked = stack_tasks(tasks)
+    assert stacked is not None
+    outputs, jvps, _ = compute(stacked)
+    parts = split(outputs, jvps, len(tasks))
+    assert parts is not None
+    got_v = torch.cat([out[0] for out, _ in parts])
+    got_d = torch.cat([jvp[0] for _, jvp in parts])
+    _assert_close(
+        got_v, torch.tensor([float(value(mpmath.mpf(x))) for x in points], dtype=F64), name
+    )
+    _assert_close(
+        got_d, torch.tensor([float(derivative(mpmath.mpf(x))) for x in points], dtype=F64), name
+    )
+
+
+@pytest.mark.parametrize("name", ["gelu", "sinh", "sigmoid", "atanh"])
+def test_tangent_batch_through_the_accurate_forms_matches_mpmath(
+    client: TestClient, name: str
+) -> None:
+    # tangent_batch vmaps the JVP over K directions: each row is derivative * direction.
+    value, derivative, points = CASES[name]
+    directions = [[1.0] * len(points), [0.5] * len(points), [-0.25] * len(points)]
+    r = client.post(
+        "/jvp",
+        json={
+            "expression": f"{name}(x)",
+            "primals": {"x": points},
+            "tangents": {"x": directions},
+            "options": {"dtype": "float64", "tangent_batch": True},
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    jvp = torch.tensor(body["jvp"]["data"], dtype=F64).reshape(3, len(points))
+    want_d = torch.tensor([float(derivative(mpmath.mpf(x))) for x in points], dtype=F64)
+    for k, scale in enumerate((1.0, 0.5, -0.25)):
+        _assert_close(jvp[k], want_d * scale, f"{name} direction {k}")
+    out = torch.tensor(body["output"]["data"], dtype=F64)
+    _assert_close(out, torch.tensor([float(value(mpmath.mpf(x))) for x in points], dtype=F64), name)
