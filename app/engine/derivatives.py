@@ -23,7 +23,9 @@ when a formula names it and the formula is not ``non_differentiable`` and not
 output) is refused. Anything else is refused: operators outside ``aten``
 (``prims``, custom ops), aten operators with no entry (their autograd kernel is
 hand-written or absent), arguments no formula names. The only exceptions are
-the few operators in `_EXACT_WITHOUT_ENTRY`, checked by hand.
+the few operators in `_EXACT_WITHOUT_ENTRY`, checked by hand, and those in
+`_VALUE_INDEPENDENT` (``ones_like`` and kin), whose result does not depend on
+the values of their argument at all.
 
 Why static and not a run-time test ("an output lost its tangent"): a run-time
 test sees only whether *some* tangent reached an output, so an operator whose
@@ -69,6 +71,16 @@ _EXACT_WITHOUT_ENTRY: dict[str, str] = {
     # and plain forward AD on the same program drops the tangent there too.
     "detach": "a stop-gradient, as in plain forward AD",
 }
+
+
+# Operators whose result depends on their tensor argument's shape, dtype and
+# device only, never on its values: a zero derivative is exact, no tangent flows.
+_VALUE_INDEPENDENT = frozenset(
+    {
+        "ones_like", "zeros_like", "empty_like", "full_like", "rand_like", "randn_like",
+        "randint_like", "new_ones", "new_zeros", "new_empty", "new_full", "new_empty_strided",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -195,6 +207,8 @@ def first_uncovered(graph: fx.Graph, carrying: Iterable[int]) -> NotCovered | No
         outputs = _outputs(node)
         if not any(_is_float(v) for v in outputs):
             continue  # integer or boolean results carry no tangent in any mode
+        if _base_name(node.target) in _VALUE_INDEPENDENT:
+            continue
         problem = _check_node(node, live)
         if problem is not None:
             return problem
@@ -231,6 +245,13 @@ def _check_node(node: fx.Node, live: set[fx.Node]) -> NotCovered | None:
         carries = any(n in live for n in _nodes_in(value))
         if carries and not entry.arguments.get(arg, False):
             return NotCovered(name, f"no derivative for its argument {arg!r}")
+    return None
+
+
+def _base_name(target: Any) -> str | None:
+    if isinstance(target, torch._ops.OpOverload):
+        namespace, _, base = target._schema.name.partition("::")
+        return base if namespace == "aten" else None
     return None
 
 

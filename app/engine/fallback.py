@@ -104,6 +104,10 @@ class Covered:
 FALLBACK_OPERATORS: Mapping[str, Covered] = MappingProxyType(
     {
         "_cdist_forward": Covered("decomposed", ("x1", "x2"), call="torch.cdist"),
+        # cdist with p = 2 on more than 25 rows takes the matrix-product form.
+        "_euclidean_dist": Covered(
+            "decomposed", ("x1", "x2"), call="torch.cdist (p = 2, more than 25 rows)"
+        ),
         "_pdist_forward": Covered("decomposed", ("input",), call="F.pdist"),
         "_embedding_bag": Covered(
             "decomposed", ("weight", "per_sample_weights"), call="F.embedding_bag"

@@ -48,6 +48,14 @@ def _cdist() -> tuple[Callable[..., torch.Tensor], Inputs]:
     }
 
 
+def _euclidean() -> tuple[Callable[..., torch.Tensor], Inputs]:
+    g = _g()  # more than 25 rows: cdist takes the |x|**2 + |y|**2 - 2 x.y form
+    return torch.cdist, {
+        "x1": torch.randn(30, 4, generator=g, dtype=D),
+        "x2": torch.randn(27, 4, generator=g, dtype=D),
+    }
+
+
 def _pdist() -> tuple[Callable[..., torch.Tensor], Inputs]:
     return F.pdist, {"input": torch.randn(5, 3, generator=_g(), dtype=D)}
 
@@ -139,6 +147,7 @@ def _ctc() -> tuple[Callable[..., torch.Tensor], Inputs]:
 
 MAKERS: dict[str, Callable[[], tuple[Callable[..., torch.Tensor], Inputs]]] = {
     "_cdist_forward": _cdist,
+    "_euclidean_dist": _euclidean,
     "_pdist_forward": _pdist,
     "_embedding_bag": _embedding_bag,
     "grid_sampler_2d": _grid_sample(2),
