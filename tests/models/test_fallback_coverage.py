@@ -318,3 +318,23 @@ def test_readme_lists_exactly_the_covered_operators_and_arguments() -> None:
         for op, c in FALLBACK_OPERATORS.items()
     }
     assert table == want
+
+
+@pytest.mark.parametrize("engine", ["dual", "functional"])
+@pytest.mark.parametrize(("op", "sign"), [(torch.igamma, 1.0), (torch.igammac, -1.0)])
+def test_incomplete_gamma_above_65536_elements_is_the_closed_form(
+    op: Callable[..., torch.Tensor], sign: float, engine: str
+) -> None:
+    g = _g()
+    n = 70_000
+    a = torch.rand(n, generator=g, dtype=D) * 4 + 0.25
+    x = torch.rand(n, generator=g, dtype=D) * 6 + 1e-3
+    v = torch.randn(n, generator=g, dtype=D)
+
+    outputs, jvps, method = jvp_with_fallback(ENGINES[engine], _target(op), (a, x), (None, v), {})
+
+    assert method == "double_vjp"
+    torch.testing.assert_close(outputs[0], op(a, x), rtol=0, atol=0)
+    torch.testing.assert_close(jvps[0], sign * _closed_form(a, x) * v, rtol=1e-12, atol=0)
+    with pytest.raises(ForwardADUnsupported, match=f"Operator {op.__name__} has no"):
+        jvp_with_fallback(ENGINES[engine], _target(op), (a, x), (v, None), {})
