@@ -11,7 +11,7 @@ from app.auth import KeyDep
 from app.body import JSONBodyRoute
 from app.engine.errors import TooLarge
 from app.jobs.schemas import Job, JobCreate, JobList, JobResults, JobStatus
-from app.jobs.service import JobService, body_sha256, job_body
+from app.jobs.service import JobService, job_body
 from app.responses import ORJSONResponse
 from app.schemas import ErrorBody
 
@@ -71,10 +71,7 @@ async def create_job(
 ) -> ORJSONResponse:
     """Submit a batch job: many JVPs sharing job-wide defaults. Answered once it is stored."""
     jobs = _jobs(request)
-    sha = body_sha256(await request.body())
-    job, created = await asyncio.to_thread(
-        jobs.create, body, idempotency_key=idempotency_key, sha256=sha
-    )
+    job, created = await asyncio.to_thread(jobs.create, body, idempotency_key=idempotency_key)
     if created:
         jobs.backend.submit(job.id)
     headers = {"Location": f"/jobs/{job.id}"}
