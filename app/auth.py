@@ -64,27 +64,36 @@ async def require_admin(request: Request) -> None:
     raise Unauthorized("The API key is not valid")
 
 
+async def require_metrics_key(request: Request) -> None:
+    """GET /metrics: as inference routes, unless JVP_METRICS_PUBLIC opens it."""
+    settings: Settings = request.app.state.settings
+    if not settings.metrics_public:
+        await require_key(request)
+
+
 KeyDep = Annotated[None, Depends(require_key)]
 AdminDep = Annotated[None, Depends(require_admin)]
+MetricsKeyDep = Annotated[None, Depends(require_metrics_key)]
 
 
 Guard = Callable[[Request], Awaitable[None]]
 
 
+GUARDS: tuple[Guard, ...] = (require_admin, require_key, require_metrics_key)  # strictest first
+
+
 def declared_guard(dependant: object) -> Guard | None:
-    """The key check a route declares among its dependencies: `require_admin`,
-    `require_key`, or None for an open route."""
-    found: Guard | None = None
+    """The key check a route declares among its dependencies (the strictest of `GUARDS`),
+    or None for an open route."""
+    found: set[Guard] = set()
     stack = [dependant]
     while stack:
         d = stack.pop()
         call = getattr(d, "call", None)
-        if call is require_admin:
-            return require_admin
-        if call is require_key:
-            found = require_key
+        if call in GUARDS:
+            found.add(call)
         stack.extend(getattr(d, "dependencies", []))
-    return found
+    return next((g for g in GUARDS if g in found), None)
 
 
 _GuardTable = list[tuple[re.Pattern[str], frozenset[str], Guard]]
