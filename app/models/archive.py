@@ -28,7 +28,7 @@ So `read_program` opens the zip first and refuses any member but those of the
 list above (by name, and ``use_pickle`` false in both configs), then hands
 torch a copy of the archive whose sample inputs are empty (torch then reads
 none; the service takes its example shapes from config.json) and without
-``extra/`` files. Nothing of the archive is unpickled, and no code in it runs.
+``extra/`` files. Nothing of the archive is unpickled, and no library in it is loaded.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from app.schemas import (
 
 router = APIRouter(tags=["derivatives"], route_class=JSONBodyRoute)
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 501, 503, 504, 507)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 408, 413, 422, 501, 503, 504, 507)}
 
 
 def _service(request: Request) -> DerivativeService:

@@ -62,7 +62,9 @@ def _jobs(request: Request) -> JobService:
     return jobs
 
 
-@router.post("", status_code=202, response_model=Job, responses=ERRORS)
+@router.post(
+    "", status_code=202, response_model=Job, responses={**ERRORS, 408: {"model": ErrorBody}}
+)
 async def create_job(
     body: JobCreate,
     request: Request,

@@ -27,7 +27,7 @@ from app.service import JVPService
 router = APIRouter(tags=["jvp"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 501, 503, 504, 507)
+    code: {"model": ErrorBody} for code in (400, 401, 404, 408, 413, 415, 422, 501, 503, 504, 507)
 }
 _BINARY = {
     "schema": {"type": "string", "format": "binary"},
