@@ -193,7 +193,7 @@ class _BodyTimeout(Exception):
     """Raised into the app from ``receive`` once the body is late (JVP_BODY_TIMEOUT_S)."""
 
 
-def loop_time() -> float:
+def _loop_time() -> float:
     return asyncio.get_running_loop().time()
 
 
@@ -204,10 +204,10 @@ class _BodyDeadlines:
     # NOTE [one timer for every body]
     ``asyncio.timeout_at`` around each ``receive()`` schedules and cancels a timer per
     call: 8-11 µs each on this project's 2-core machine, 4% of a small /jvp. Instead a
-    read registers its task and deadline (a dict entry), and one sweep, scheduled only
-    while some read is waiting and at most once per `period_s`, cancels the reads past
-    their deadline; the cancelled read turns that into the 408. A small body is usually
-    in before the first ``receive()`` is called, so its read never waits at all.
+    read registers its task and deadline (a dict entry), and one sweep every `period_s`
+    (armed by a read when none is, re-armed only while reads wait: at most one timer per
+    period under any load, none when idle) cancels the reads past their deadline; the
+    cancelled read turns that into the 408, at most `period_s` late.
     """
 
     def __init__(self, timeout_s: float) -> None:
@@ -305,7 +305,7 @@ class BodyLimitMiddleware:
         body_done = False
         response_started = False
         deadlines = self._deadlines
-        deadline = 0.0 if deadlines is None else loop_time() + deadlines.timeout_s
+        deadline = 0.0 if deadlines is None else _loop_time() + deadlines.timeout_s
 
         async def limited_receive() -> Message:
             nonlocal received, exceeded, late, body_done
