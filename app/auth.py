@@ -3,14 +3,22 @@
 With ``JVP_API_KEYS`` set, every route but /healthz and /readyz needs a key;
 admin routes need one of ``JVP_ADMIN_KEYS`` (an inference key gets 403). An
 admin key also works on inference routes.
+
+A route says which check it needs by its dependencies (`KeyDep`, `AdminDep`);
+`guard_for` reads that declaration so that `app.middleware.KeyFirstMiddleware`
+runs the same check from the headers alone, before anything reads the body
+(NOTE [the key before the body] in app/middleware.py).
 """
 
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+import re
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from starlette.routing import compile_path
 
 from app.errors import Forbidden, Unauthorized
 from app.settings import Settings
@@ -56,5 +64,65 @@ async def require_admin(request: Request) -> None:
     raise Unauthorized("The API key is not valid")
 
 
+async def require_metrics_key(request: Request) -> None:
+    """GET /metrics: as inference routes, unless JVP_METRICS_PUBLIC opens it."""
+    settings: Settings = request.app.state.settings
+    if not settings.metrics_public:
+        await require_key(request)
+
+
 KeyDep = Annotated[None, Depends(require_key)]
 AdminDep = Annotated[None, Depends(require_admin)]
+MetricsKeyDep = Annotated[None, Depends(require_metrics_key)]
+
+
+Guard = Callable[[Request], Awaitable[None]]
+
+
+GUARDS: tuple[Guard, ...] = (require_admin, require_key, require_metrics_key)  # strictest first
+
+
+def declared_guard(dependant: object) -> Guard | None:
+    """The key check a route declares among its dependencies (the strictest of `GUARDS`),
+    or None for an open route."""
+    found: set[Guard] = set()
+    stack = [dependant]
+    while stack:
+        d = stack.pop()
+        call = getattr(d, "call", None)
+        if call in GUARDS:
+            found.add(call)
+        stack.extend(getattr(d, "dependencies", []))
+    return next((g for g in GUARDS if g in found), None)
+
+
+_GuardTable = list[tuple[re.Pattern[str], frozenset[str], Guard]]
+
+
+def _guard_table(app: Any) -> _GuardTable:
+    cached: _GuardTable | None = getattr(app.state, "_route_guards", None)
+    if cached is not None:
+        return cached
+    from fastapi import routing
+
+    routes = app.routes
+    # FastAPI >= 0.12x wraps included routers; iter_route_contexts unwraps them.
+    contexts = (
+        routing.iter_route_contexts(routes) if hasattr(routing, "iter_route_contexts") else routes
+    )
+    table: _GuardTable = []
+    for route in contexts:
+        path, methods = getattr(route, "path", None), getattr(route, "methods", None)
+        guard = declared_guard(getattr(route, "dependant", None))
+        if path and methods and guard is not None:
+            table.append((compile_path(path)[0], frozenset(methods), guard))
+    app.state._route_guards = table
+    return table
+
+
+def guard_for(app: Any, method: str, path: str) -> Guard | None:
+    """The key check of the route that will serve ``method path``, or None."""
+    for regex, methods, guard in _guard_table(app):
+        if method in methods and regex.fullmatch(path):
+            return guard
+    return None

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.codec import Limits, check_limits
+from app.codec import Limits, checked_shape
 from app.engine.errors import InvalidRequest
 from app.schemas import JVPRequest
 
@@ -122,13 +122,7 @@ def _check_entry(name: str, entry: object, limits: Limits) -> tuple[str, str, to
             f"{', '.join(DTYPES)}",
             param=param,
         )
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise InvalidRequest(
-            f"Tensor {name!r} has shape {shape!r}; expected a list of non-negative integers",
-            param=param,
-        )
-    check_limits(shape, param, limits)
+    checked_shape(entry.get("shape"), param, limits, what=f"the shape of tensor {name!r}")
     return group, short, dtype
 
 
@@ -218,9 +212,16 @@ def decode_request(body: bytes | memoryview, limits: Limits) -> JVPRequest:
     groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GROUPS}
     for (begin, end), name in spans:
         group, short, dtype = checked[name]
-        groups[group][short] = _tensor(
-            buffer, data_start + begin, data_start + end, entries[name]["shape"], dtype
-        )
+        try:
+            groups[group][short] = _tensor(
+                buffer, data_start + begin, data_start + end, entries[name]["shape"], dtype
+            )
+        except (ValueError, TypeError, OverflowError, IndexError) as e:
+            # As in app.codec.decode_tensor: what torch raises on a malformed tensor is a 422.
+            raise InvalidRequest(
+                f"Tensor {name!r} cannot be built: {type(e).__name__}: {str(e)[:200]}",
+                param=f"{group}.{short}",
+            ) from None
     try:
         return JVPRequest.model_validate({**request, **groups})
     except ValidationError as e:

@@ -131,6 +131,11 @@ def main(argv: list[str] | None = None) -> None:
             port=args.port or settings.port,
             log_level=args.log_level,
             workers=args.workers,
+            # Connections: at most this many at once (uvicorn answers 503 past it), and idle
+            # kept-alive ones closed after this long; a body that stops arriving is closed
+            # by app/middleware.py (JVP_BODY_TIMEOUT_S).
+            limit_concurrency=settings.limit_concurrency,
+            timeout_keep_alive=settings.timeout_keep_alive_s,
             log_config=None,  # configure_logging above: one format, request ids
             # uvicorn builds each access line's arguments even when the level drops it.
             access_log=logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO),

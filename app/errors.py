@@ -6,6 +6,7 @@ Every error is ``{"error": {"type", "message", "param"}}``.
 from __future__ import annotations
 
 import logging
+import reprlib
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -102,8 +103,15 @@ def _validation_error(_: Request, exc: Exception) -> Response:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # JSON nested ~1000 deep (orjson's limit is 1024): the outer levels
+        text = _OUTER.repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+_OUTER = reprlib.Repr()
+_OUTER.maxlevel = 3
 
 
 def _http_error(request: Request, exc: Exception) -> Response:

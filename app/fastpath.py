@@ -7,7 +7,7 @@ middlewares, the router and its included-router wrappers, the dependency
 solver) added about as much again to every request on this project's 2-core
 machine (measured in process on a 10x10 request: 353 µs per request through the
 route against 200 µs for the handler's own work). So `JVPApp` hands ``POST /jvp``
-to a short stack of its own: the same request-id/metrics and body-limit
+to a short stack of its own: the same request-id/metrics, key and body-limit
 middlewares as every other route (app/middleware.py), then `JVPEndpoint`, which
 calls the route's handler (`app.routes.jvp.answer_jvp`) and maps its errors with
 the app's one mapping (app/errors.py), the unexpected ones to the same logged 500.

@@ -17,7 +17,7 @@ from app.engine.worker import Engine
 from app.fastpath import JVPApp, JVPEndpoint
 from app.jobs import start_jobs
 from app.metrics import Metrics
-from app.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from app.middleware import BodyLimitMiddleware, KeyFirstMiddleware, RequestContextMiddleware
 from app.models.builtin import BUILTINS
 from app.models.registry import ModelRegistry
 from app.models.repository import load_repository
@@ -98,14 +98,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app_metrics = Metrics()
     app.state.metrics = app_metrics
     errors.install(app)
-    # Added last = outermost: the request id and metrics see the body limit's 413s too.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    # Added last = outermost: the request id and metrics see the 401s, 413s and 408s too;
+    # the key is checked before the body limits (NOTE [the key before the body]).
+    limits = settings.max_body_bytes, settings.body_timeout_s
+    app.add_middleware(BodyLimitMiddleware, *limits)
+    app.add_middleware(KeyFirstMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=app_metrics)
     if not settings.opentelemetry:
-        # The same two around POST /jvp, past the framework (NOTE [POST /jvp past the
+        # The same three around POST /jvp, past the framework (NOTE [POST /jvp past the
         # framework] in app/fastpath.py).
         app.jvp_stack = RequestContextMiddleware(
-            BodyLimitMiddleware(JVPEndpoint(), max_body_bytes=settings.max_body_bytes),
+            KeyFirstMiddleware(BodyLimitMiddleware(JVPEndpoint(), *limits)),
             metrics=app_metrics,
         )
     app.include_router(jvp.router)

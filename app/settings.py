@@ -46,6 +46,26 @@ class Settings(BaseSettings):
         268_435_456, ge=1, description="Bytes per request body (256 MiB), counted while it streams."
     )
 
+    # Connections (app/middleware.py, and uvicorn through app/cli.py).
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a request's body may take to arrive, from its headers; past it "
+        "408 and the connection is closed (a client that stops sending holds nothing).",
+    )
+    limit_concurrency: int = Field(
+        2048,
+        ge=1,
+        description="uvicorn's limit_concurrency: connections (or requests in flight) one "
+        "server process holds at once; past it uvicorn answers 503 at once.",
+    )
+    timeout_keep_alive_s: int = Field(
+        5,
+        ge=1,
+        description="uvicorn's timeout_keep_alive: seconds an idle kept-alive connection "
+        "stays open between requests.",
+    )
+
     # Engine.
     max_queue: int = Field(1024, ge=1, description="Work items waiting per device before 503.")
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline of one /jvp request.")

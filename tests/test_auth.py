@@ -188,3 +188,60 @@ def test_docs_routes_are_open_without_keys(client: TestClient) -> None:
     assert "swagger-ui" in client.get("/docs").text
     assert "redoc" in client.get("/redoc").text
     assert client.get("/metrics").status_code == 200
+
+
+# --- the key before the body (issue 15, reproducer 4) -----------------------------------
+
+
+def _call_unread(app: object, method: str, path: str, headers: list[tuple[bytes, bytes]]):
+    """Call the ASGI app with a body it must not read; (status, body read?)."""
+    import asyncio
+
+    read = []
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        read.append(True)
+        return {"type": "http.request", "body": b"[" * 1000, "more_body": True}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "scheme": "http",
+        "query_string": b"",
+        "headers": [(b"content-length", b"104857600"), *headers],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))  # type: ignore[operator]
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], dict(start["headers"]), bool(read)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fastpath", "routed"])
+def test_every_route_refuses_a_missing_or_inference_key_without_reading_the_body(
+    fast: bool,
+) -> None:
+    from app.main import create_app
+    from app.settings import Settings
+
+    app = create_app(
+        Settings(api_keys=["inference-key"], admin_keys=["admin-key"], opentelemetry=not fast)
+    )
+    routes = [r for r in app_routes(app) if r[1] not in OPEN_ROUTES]
+    assert {p for _, p, _ in routes} >= {"/jvp", "/jobs", "/jacobian", "/hvp", "/linearize"}
+    inference = [(b"authorization", b"Bearer inference-key")]
+    for method, path, admin in routes:
+        status, headers, read = _call_unread(app, method, path, [])
+        assert (status, read) == (401, False), (method, path)
+        assert headers[b"connection"] == b"close"  # uvicorn drops the rest of the body
+        if admin:
+            assert _call_unread(app, method, path, inference)[::2] == (403, False), path

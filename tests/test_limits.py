@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import weakref
 from collections.abc import Iterator
 
@@ -108,6 +109,59 @@ def test_body_limit_stops_reading_once_chunks_pass_limit() -> None:
     assert json.loads(messages[1]["body"])["error"]["message"] == (
         "The request body passed 120 bytes; the limit is 120 bytes (JVP_MAX_BODY_BYTES)"
     )
+
+
+def _run_with_body(chunks: list[bytes | None], app_waits_for_disconnect: bool = False):
+    """BodyLimitMiddleware (1 s body deadline) over an app that reads the whole body;
+    None in ``chunks`` is a body that stops arriving there. (status, body, reads)."""
+    sent: list[dict] = []
+    reads: list[int] = []
+
+    async def receive() -> dict:
+        if len(reads) < len(chunks) and chunks[len(reads)] is None:
+            await asyncio.sleep(3600)  # stops arriving
+        i = len(reads)
+        reads.append(i)
+        if i >= len(chunks):
+            await asyncio.sleep(1.5)  # the client goes away, later than the deadline
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": chunks[i], "more_body": i < len(chunks) - 1}
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        while (await receive())["more_body"]:  # type: ignore[operator]
+            await asyncio.sleep(0.05)
+        if app_waits_for_disconnect:
+            assert (await receive())["type"] == "http.disconnect"  # type: ignore[operator]
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    limit = BodyLimitMiddleware(app, max_body_bytes=1000, body_timeout_s=1.0)
+    scope = {"type": "http", "method": "POST", "path": "/jvp", "headers": []}
+    started = time.monotonic()
+    asyncio.run(limit(scope, receive, send))
+    return sent[0]["status"], sent[1]["body"], time.monotonic() - started
+
+
+def test_body_that_stops_arriving_is_408_within_the_deadline() -> None:
+    status, body, took = _run_with_body([b"abc", b"de", None])
+    assert status == 408
+    assert json.loads(body)["error"] == {
+        "type": "timeout",
+        "message": "The request body stopped arriving: 5 bytes came in 1 s, the limit "
+        "(JVP_BODY_TIMEOUT_S)",
+        "param": "body",
+    }
+    assert 0.99 <= took < 3.0  # the sweep runs every 0.1 s
+
+
+def test_body_deadline_stops_counting_once_the_body_is_in() -> None:
+    # Five chunks 0.05 s apart arrive within 1 s; waiting for the client to go away
+    # afterwards (1.5 s) is not reading a body.
+    status, body, _ = _run_with_body([b"a"] * 5, app_waits_for_disconnect=True)
+    assert (status, body) == (200, b"ok")
 
 
 def test_create_jvp_chunked_body_under_limit_is_served(limited: TestClient) -> None:

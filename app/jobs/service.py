@@ -15,6 +15,7 @@ import json
 from datetime import datetime
 from typing import Any
 
+import orjson
 import torch
 
 from app.codec import decode_tensor, encode_tensor
@@ -29,8 +30,12 @@ from app.models.registry import ModelRegistry
 from app.service import JVPService, expression_target
 
 
-def body_sha256(body: bytes) -> str:
-    return hashlib.sha256(body).hexdigest()
+def job_sha256(body: JobCreate) -> str:
+    """The digest an Idempotency-Key is bound to: of the parsed job in one canonical JSON
+    spelling (every field, defaults included, keys sorted, no spaces), so the same job sent
+    again with other whitespace, key order or omitted defaults is the same job."""
+    canonical = orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()
 
 
 def batch_key(
@@ -79,9 +84,7 @@ class JobService:
 
     # -- submit --------------------------------------------------------------------------
 
-    def create(
-        self, body: JobCreate, *, idempotency_key: str | None, sha256: str | None
-    ) -> tuple[JobView, bool]:
+    def create(self, body: JobCreate, *, idempotency_key: str | None) -> tuple[JobView, bool]:
         """Check, decode and store a job (blocking: run it in a thread)."""
         limit = self.jvp.settings.max_job_tasks
         if len(body.tasks) > limit:
@@ -117,7 +120,7 @@ class JobService:
             options=job_options,
             tasks=tasks,
             idempotency_key=idempotency_key,
-            body_sha256=sha256,
+            body_sha256=None if idempotency_key is None else job_sha256(body),
         )
         return self.store.create_job(job)
 

@@ -1,7 +1,10 @@
 """The model repository: ``<JVP_MODEL_DIR>/<name>/model.pt2`` (+ optional ``config.json``).
 
 Programs are read with `torch.export.load`, which needs no Python class of the
-model; nothing is unpickled from a client, and nothing is fetched from a URL.
+model, after app/models/archive.py has refused any archive with a pickled part
+(NOTE [nothing unpickled from a .pt2]); nothing is fetched from a URL. A folder or
+file that is a symbolic link out of the repository is not served, and messages
+name files relative to the repository (``<name>/model.pt2``), never by absolute path.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.engine.devices import DTYPE_NAMES, parse_dtype
 from app.engine.errors import InvalidRequest, NotFound
+from app.models.archive import UnreadableProgram, read_program
 from app.models.registry import ModelRegistry, ServedModel, TensorSpec, module_target
 
 log = logging.getLogger(__name__)
@@ -129,22 +133,38 @@ def _dim(size: object) -> int:
     return size if isinstance(size, int) else -1  # a SymInt: the dimension may vary
 
 
+def _inside(repository: Path, path: Path) -> bool:
+    """Whether ``path``, its links resolved, lies in the repository."""
+    return path.resolve().is_relative_to(repository.resolve())
+
+
 def load_model(path: Path) -> ServedModel:
     """Load one repository entry (a folder) as a served model, or raise ModelLoadError."""
     name = path.name
+    repository = path.parent
     program = path / PROGRAM_FILE
+    shown = f"{name}/{PROGRAM_FILE}"  # relative to the repository: never an absolute path
+    for part, label in (
+        (path, name),
+        (program, shown),
+        (path / CONFIG_FILE, f"{name}/{CONFIG_FILE}"),
+    ):
+        if part.exists() and not _inside(repository, part):
+            raise ModelLoadError(
+                f"{label}: a symbolic link out of the model repository; not served"
+            )
     if not program.is_file():
-        raise ModelLoadError(f"{path}: no {PROGRAM_FILE}")
+        raise ModelLoadError(f"{name}: no {PROGRAM_FILE}")
     config = ModelConfig()
     if (path / CONFIG_FILE).is_file():
         try:
             config = ModelConfig.model_validate_json((path / CONFIG_FILE).read_bytes())
         except ValidationError as e:
-            raise ModelLoadError(f"{path / CONFIG_FILE}: {e}") from None
+            raise ModelLoadError(f"{name}/{CONFIG_FILE}: {e}") from None
     try:
-        ep = torch.export.load(program)
-    except Exception as e:  # noqa: BLE001 - any failure to read the file is the same answer
-        raise ModelLoadError(f"{program}: cannot be read by torch.export.load: {e}") from None
+        ep = read_program(program)
+    except UnreadableProgram as e:
+        raise ModelLoadError(f"{shown}: {e}") from None
 
     signature = ep.graph_signature
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
@@ -155,18 +175,18 @@ def load_model(path: Path) -> ServedModel:
         arg_names = input_names
     if len(arg_names) != len(input_names):
         raise ModelLoadError(
-            f"{program}: only programs whose inputs are plain tensor arguments are supported "
+            f"{shown}: only programs whose inputs are plain tensor arguments are supported "
             f"(got inputs {arg_names})"
         )
     inputs = []
     for arg, placeholder in zip(arg_names, input_names, strict=True):
         val = placeholders[placeholder].meta.get("val")
         if not isinstance(val, torch.Tensor):
-            raise ModelLoadError(f"{program}: input {arg!r} is not a tensor")
+            raise ModelLoadError(f"{shown}: input {arg!r} is not a tensor")
         shape = tuple(_dim(s) for s in val.shape)
         inputs.append(TensorSpec(arg, shape, DTYPE_NAMES.get(val.dtype, str(val.dtype))))
     outputs = len(signature.user_outputs)
-    _check_config(config, program, inputs, outputs)
+    _check_config(config, name, inputs, outputs)
 
     state = ep.state_dict
     parameters = [
@@ -196,15 +216,14 @@ def load_model(path: Path) -> ServedModel:
     )
 
 
-def _check_config(
-    config: ModelConfig, program: Path, inputs: list[TensorSpec], outputs: int
-) -> None:
+def _check_config(config: ModelConfig, name: str, inputs: list[TensorSpec], outputs: int) -> None:
     """What config.json says must agree with the program."""
+    shown = f"{name}/{CONFIG_FILE}"
     declared = {s.name: s.shape for s in inputs}
     for name, shape in config.example_inputs.items():
         if name not in declared:
             raise ModelLoadError(
-                f"{program.parent / CONFIG_FILE}: example_inputs names {name!r}, "
+                f"{shown}: example_inputs names {name!r}, "
                 f"but the program's inputs are {list(declared)}"
             )
         want = declared[name]
@@ -213,14 +232,14 @@ def _check_config(
         )
         if not fits:
             raise ModelLoadError(
-                f"{program.parent / CONFIG_FILE}: example_inputs[{name!r}] is {shape}, "
+                f"{shown}: example_inputs[{name!r}] is {shape}, "
                 f"but the program declares {list(want)} (-1: any size)"
             )
     if config.outputs is not None:
         bad = [i for i in config.outputs if i >= outputs]
         if bad:
             raise ModelLoadError(
-                f"{program.parent / CONFIG_FILE}: outputs {config.outputs} names index {bad[0]}, "
+                f"{shown}: outputs {config.outputs} names index {bad[0]}, "
                 f"but the program has {outputs} output(s) (indices 0-{outputs - 1})"
             )
 
@@ -259,14 +278,14 @@ def load_into(registry: ModelRegistry, model_dir: Path | None, name: str) -> Ser
         )
     path = model_dir / name
     if not path.is_dir():
-        raise NotFound(f"No folder {name!r} in the model repository {model_dir}", param="name")
+        raise NotFound(f"No folder {name!r} in the model repository (JVP_MODEL_DIR)", param="name")
     try:
         model = load_model(path)
     except ModelLoadError as e:
         kept = "; the version already loaded keeps serving" if existing is not None else ""
         raise InvalidRequest(f"Model {name!r} failed to load{kept}: {e}", param="name") from None
     registry.add(model)
-    log.info("model %s %s from %s", name, "reloaded" if existing else "loaded", path)
+    log.info("model %s %s", name, "reloaded" if existing else "loaded")
     return model
 
 

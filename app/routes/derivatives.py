@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from app.auth import KeyDep
+from app.body import JSONBodyRoute
 from app.derivatives import DerivativeService
 from app.responses import ORJSONResponse
 from app.schemas import (
@@ -19,9 +20,9 @@ from app.schemas import (
     LinearizeResponse,
 )
 
-router = APIRouter(tags=["derivatives"])
+router = APIRouter(tags=["derivatives"], route_class=JSONBodyRoute)
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 501, 503, 504, 507)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 408, 413, 422, 501, 503, 504, 507)}
 
 
 def _service(request: Request) -> DerivativeService:

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Header, Query, Request
 
 from app.auth import KeyDep
+from app.body import JSONBodyRoute
 from app.engine.errors import TooLarge
 from app.jobs.schemas import Job, JobCreate, JobList, JobResults, JobStatus
-from app.jobs.service import JobService, body_sha256, job_body
+from app.jobs.service import JobService, job_body
 from app.responses import ORJSONResponse
 from app.schemas import ErrorBody
 
 
-async def read_body_limited(request: Request, limit: int) -> None:
+async def read_body_limited(request: Request, limit: int) -> bytes:
     """Read the body, answering 413 as soon as it passes `limit` bytes (chunked bodies too)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -37,21 +36,15 @@ async def read_body_limited(request: Request, limit: int) -> None:
                 param="body",
             )
         chunks.append(chunk)
-    request._body = b"".join(chunks)  # Starlette's cache: FastAPI parses it from here
+    request._body = b"".join(chunks)  # Starlette's cache: FastAPI reads it from here
+    return request._body
 
 
-class LimitedBodyRoute(APIRoute):
-    """A route whose body is read with the job body limit before FastAPI parses it."""
+class LimitedBodyRoute(JSONBodyRoute):
+    """A route whose body is read with the job body limit, then parsed as every JSON body."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def limited(request: Request) -> Response:
-            if request.method == "POST":
-                await read_body_limited(request, request.app.state.settings.max_job_body_bytes)
-            return await handler(request)
-
-        return limited
+    async def read_body(self, request: Request) -> bytes:
+        return await read_body_limited(request, request.app.state.settings.max_job_body_bytes)
 
 
 # Offsets past this are a 422: offset + limit must fit a database integer (BIGINT, SQLite).
@@ -69,7 +62,9 @@ def _jobs(request: Request) -> JobService:
     return jobs
 
 
-@router.post("", status_code=202, response_model=Job, responses=ERRORS)
+@router.post(
+    "", status_code=202, response_model=Job, responses={**ERRORS, 408: {"model": ErrorBody}}
+)
 async def create_job(
     body: JobCreate,
     request: Request,
@@ -78,10 +73,7 @@ async def create_job(
 ) -> ORJSONResponse:
     """Submit a batch job: many JVPs sharing job-wide defaults. Answered once it is stored."""
     jobs = _jobs(request)
-    sha = body_sha256(await request.body())
-    job, created = await asyncio.to_thread(
-        jobs.create, body, idempotency_key=idempotency_key, sha256=sha
-    )
+    job, created = await asyncio.to_thread(jobs.create, body, idempotency_key=idempotency_key)
     if created:
         jobs.backend.submit(job.id)
     headers = {"Location": f"/jobs/{job.id}"}

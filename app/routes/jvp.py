@@ -11,15 +11,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from app.auth import require_key
+from app.auth import KeyDep
 from app.binary import SAFETENSORS, decode_request
-from app.body import SMALL_BODY_BYTES, read_body
+from app.body import SMALL_BODY_BYTES, is_json, media_type, parse_json, read_body
 from app.engine.errors import UnsupportedMediaType
 from app.responses import ORJSONResponse
 from app.schemas import ErrorBody, JVPRequest, JVPResponse
@@ -28,7 +27,7 @@ from app.service import JVPService
 router = APIRouter(tags=["jvp"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 501, 503, 504, 507)
+    code: {"model": ErrorBody} for code in (400, 401, 404, 408, 413, 415, 422, 501, 503, 504, 507)
 }
 _BINARY = {
     "schema": {"type": "string", "format": "binary"},
@@ -67,20 +66,9 @@ REQUEST_BODY = {
 }
 
 
-def _media_type(header: str | None) -> str | None:
-    if not header:
-        return None
-    return header.split(";", 1)[0].strip().lower()
-
-
-def _is_json(media: str | None) -> bool:
-    # No Content-Type is read as JSON, as FastAPI does.
-    return media is None or media == "application/json" or media.endswith("+json")
-
-
 def _wants_safetensors(accept: str | None) -> bool:
     return bool(accept) and any(
-        _media_type(part) == SAFETENSORS for part in (accept or "").split(",")
+        media_type(part) == SAFETENSORS for part in (accept or "").split(",")
     )
 
 
@@ -90,20 +78,7 @@ def parse_json_body(body: bytes | memoryview) -> JVPRequest:
         raise RequestValidationError(
             [{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}]
         )
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "json_invalid",
-                    "loc": ("body", e.pos),
-                    "msg": "JSON decode error",
-                    "input": {},
-                    "ctx": {"error": e.msg},
-                }
-            ]
-        ) from None
+    data = parse_json(body)
     try:
         return JVPRequest.model_validate(data)
     except ValidationError as e:
@@ -121,7 +96,7 @@ JVP_PATH = "/jvp"
     responses={**ERRORS, 200: {"content": {SAFETENSORS: _BINARY}}},
     openapi_extra={"requestBody": REQUEST_BODY},
 )
-async def create_jvp(request: Request) -> Response:
+async def create_jvp(request: Request, _: KeyDep) -> Response:
     """Compute f(primals) and the Jacobian-vector product J·tangents by forward-mode AD.
 
     The body is JSON (`JVPRequest`) or, with ``Content-Type: application/x-safetensors``,
@@ -134,15 +109,15 @@ async def create_jvp(request: Request) -> Response:
 
 
 async def answer_jvp(request: Request) -> Response:
-    """POST /jvp: the key, the body in either media type, the JVP, the answer."""
-    await require_key(request)
+    """POST /jvp: the body in either media type, the JVP, the answer (the key was checked
+    before, by app.middleware.KeyFirstMiddleware)."""
     service: JVPService = request.app.state.service
-    media = _media_type(request.headers.get("content-type"))
+    media = media_type(request.headers.get("content-type"))
     raw = await read_body(request)
     # A large body is read off the event loop, so it never stalls other requests; a
     # small one is cheaper to read here (NOTE [small requests inline] in app/service.py).
     small = len(raw) < SMALL_BODY_BYTES
-    if _is_json(media):
+    if is_json(media):
         body = parse_json_body(raw) if small else await asyncio.to_thread(parse_json_body, raw)
     elif media == SAFETENSORS:
         body = (

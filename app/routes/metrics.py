@@ -10,10 +10,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app.auth import require_key
+from app.auth import MetricsKeyDep
 from app.metrics import Metrics
 from app.schemas import ErrorBody
-from app.settings import Settings
 
 router = APIRouter(tags=["operations"])
 
@@ -26,11 +25,8 @@ router = APIRouter(tags=["operations"])
         401: {"model": ErrorBody},
     },
 )
-async def read_metrics(request: Request) -> Response:
+async def read_metrics(request: Request, _: MetricsKeyDep) -> Response:
     """Prometheus metrics: requests, latency (queue and compute), queue depth, memory."""
-    settings: Settings = request.app.state.settings
-    if not settings.metrics_public:
-        await require_key(request)
     metrics: Metrics = request.app.state.metrics
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -279,6 +280,35 @@ def test_create_job_with_idempotency_key_returns_same_job(jobs_client: TestClien
         f"Idempotency-Key 'submit-7' was used for job {first.json()['id']} with a different body",
         "Idempotency-Key",
     )
+
+
+def test_idempotency_key_compares_the_parsed_job_not_its_bytes(jobs_client: TestClient) -> None:
+    body = {"expression": "x * 2", "tasks": [{"primals": {"x": [1.0, 2.0]}}]}
+    headers = {"Idempotency-Key": "submit-8", "content-type": "application/json"}
+    first = jobs_client.post("/jobs", content=json.dumps(body), headers=headers)
+    assert first.status_code == 202, first.text
+    # The same job: other whitespace, other key order, a default spelled out.
+    respelled = (
+        '{ "tasks" : [ { "options": {}, "primals" : { "x" : [ 1.0 ,\n 2.0 ] } } ] ,\n'
+        '  "options": {}, "expression" : "x * 2" }'
+    )
+    assert json.loads(respelled) != body
+    again = jobs_client.post("/jobs", content=respelled, headers=headers)
+    assert again.status_code == 202, again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    # A different job under the same key is still refused.
+    other = json.dumps({**body, "tasks": [{"primals": {"x": [1.0, 3.0]}}]})
+    assert_error(
+        jobs_client.post("/jobs", content=other, headers=headers),
+        422,
+        "invalid_request",
+        f"Idempotency-Key 'submit-8' was used for job {first.json()['id']} with a different body",
+        "Idempotency-Key",
+    )
+    wait_finished(jobs_client, first.json()["id"])
+    results = jobs_client.get(f"/jobs/{first.json()['id']}/results").json()["results"]
+    assert results[0]["output"]["data"] == [2.0, 4.0]
 
 
 def test_list_jobs_newest_first_paged_and_filtered(jobs_client: TestClient) -> None:

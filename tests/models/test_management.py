@@ -79,8 +79,11 @@ def test_load_model_reload_replaces_and_failed_reload_keeps_old(
     r = keyed_client.post("/models/affine/load", headers=ADMIN)
     assert r.status_code == 422
     message = r.json()["error"]["message"]
-    assert "Model 'affine' failed to load; the version already loaded keeps serving" in message
-    assert "torch.export.load" in message
+    assert message == (
+        "Model 'affine' failed to load; the version already loaded keeps serving: "
+        "affine/model.pt2: not a zip archive as torch.export.save writes "
+        "(File is not a zip file)"
+    )
     r = _jvp(keyed_client, "affine", x, v, dtype="float64")
     assert r.status_code == 200
     torch.testing.assert_close(from_wire(r.json()["jvp"]), central_difference(newer, [x], [v])[0])
@@ -108,7 +111,9 @@ def test_load_model_bad_config_is_422_with_pydantic_message(
 def test_load_model_errors_404_403_401_and_builtin(repo: Path, keyed_client: TestClient) -> None:
     r = keyed_client.post("/models/nothere/load", headers=ADMIN)
     assert r.status_code == 404
-    assert r.json()["error"]["message"] == f"No folder 'nothere' in the model repository {repo}"
+    assert r.json()["error"]["message"] == (
+        "No folder 'nothere' in the model repository (JVP_MODEL_DIR)"
+    )
     r = keyed_client.post("/models/nothere/load", headers=INFERENCE)
     assert r.status_code == 403
     assert "needs an admin key" in r.json()["error"]["message"]
