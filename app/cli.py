@@ -11,6 +11,7 @@ from pathlib import Path
 
 import uvicorn
 
+from app.engine import cpu_budget  # imports no torch
 from app.logs import configure_logging
 from app.settings import Settings
 
@@ -95,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "worker":
         settings = Settings()
         configure_logging(settings.log_format, args.log_level)
+        # Before torch is imported (NOTE [CPU threads] in app/engine/cpu_budget.py).
+        cpu_budget.apply_to_environ(
+            cpu_budget.plan(settings.num_threads, processes=args.concurrency)
+        )
         from app.jobs.celery_app import worker_main  # imports celery: only when asked
 
         raise SystemExit(worker_main(args.device, args.concurrency, args.log_level))
@@ -120,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
                 "(README 'Scaling out'), or JVP_JOB_RUNNER=off on all but one process.",
                 args.workers,
             )
+        # OpenMP reads its pool size and wait policy once, when torch is imported (in
+        # app.main, below): set them first, for this process and uvicorn's workers alike
+        # (NOTE [CPU threads] in app/engine/cpu_budget.py).
+        cpu_budget.apply_to_environ(cpu_budget.plan(settings.num_threads, processes=args.workers))
         # uvicorn shuts down gracefully on SIGTERM (stops accepting, finishes requests in
         # flight, then runs the lifespan's shutdown), and then raises the signal again with
         # the handler it found: make that one a no-op so a clean stop exits 0.

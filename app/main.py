@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from app import errors
 from app.derivatives import start_derivatives
+from app.engine import cpu_budget
 from app.engine.devices import available_devices, parse_device
 from app.engine.worker import Engine
 from app.fastpath import JVPApp, JVPEndpoint
@@ -54,8 +55,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.num_threads:
-            torch.set_num_threads(settings.num_threads)
+        cpu = cpu_budget.plan(settings.num_threads)  # NOTE [CPU threads]
+        if torch.get_num_threads() != cpu.threads:
+            torch.set_num_threads(cpu.threads)
+        log.info("CPU: %s", cpu.describe())
+        app_metrics.set_cpu(cpu.usable, torch.get_num_threads())
         engine = Engine(select_devices(settings.device), max_queue=settings.max_queue)
         registry = build_registry(settings)
         app.state.engine = engine
