@@ -61,6 +61,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("CPU: %s", cpu.describe())
         app_metrics.set_cpu(cpu.usable, torch.get_num_threads())
         engine = Engine(select_devices(settings.device), max_queue=settings.max_queue)
+        cpu_worker = engine.workers.get(torch.device("cpu"))
+        if cpu_worker is not None and cpu.source == "auto" and cpu.threads > 1:
+            # Small work on one thread, large on the pool (NOTE [CPU threads]).
+            cpu_worker.step_threads = cpu_budget.StepThreads(cpu.threads, torch.set_num_threads)
         registry = build_registry(settings)
         app.state.engine = engine
         app.state.registry = registry

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Hashable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,3 +165,49 @@ def _positive_int(text: str | None) -> int | None:
     except ValueError:
         return None
     return value if value > 0 else None
+
+
+# NOTE [CPU threads]: work under this much CPU time on one thread runs on one thread.
+LARGE_WORK_MS = 2.0
+
+
+class StepThreads:
+    """Per device-worker step, the intra-op threads: one for small work, the pool for large
+    (NOTE [CPU threads]). Small work gains nothing from a team, and a team is what stalls
+    beside a busy core; large work (at least ``large_ms`` of CPU time on one thread) is
+    split. Work never timed runs on one thread, and is timed there. ``set_threads`` is
+    `torch.set_num_threads`, which sets the calling thread's OpenMP team size only (and
+    costs well under a microsecond), so call `before` on the worker's own thread."""
+
+    def __init__(
+        self,
+        pool: int,
+        set_threads: Callable[[int], None],
+        *,
+        large_ms: float = LARGE_WORK_MS,
+        max_keys: int = 1024,
+    ) -> None:
+        self.pool = pool
+        self.large_ms = large_ms
+        self.max_keys = max_keys
+        self._set = set_threads
+        self._now = 0  # what was last set (0: not yet)
+        self._single_ms: dict[Hashable, float] = {}  # CPU ms of one item on one thread
+
+    def before(self, key: Hashable | None, items: int = 1) -> int:
+        """Set the threads for a step of ``items`` items of work ``key``; the count set."""
+        cost = self._single_ms.get(key) if key is not None else None
+        want = self.pool if cost is not None and cost * items >= self.large_ms else 1
+        if want != self._now:
+            self._set(want)
+            self._now = want
+        return want
+
+    def record(self, key: Hashable | None, cpu_ms: float) -> None:
+        """The thread CPU time of one item that ran alone, on one thread (else ignored)."""
+        if key is None or self._now != 1:
+            return
+        if len(self._single_ms) >= self.max_keys and key not in self._single_ms:
+            self._single_ms.clear()
+        old = self._single_ms.get(key)
+        self._single_ms[key] = cpu_ms if old is None else min(old, cpu_ms)

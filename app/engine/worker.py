@@ -79,6 +79,7 @@ from app.engine.batching import (
     to_device,
     work_key,
 )
+from app.engine.cpu_budget import StepThreads
 from app.engine.errors import (
     DeadlineExceeded,
     DeviceOutOfMemory,
@@ -276,6 +277,9 @@ class DeviceWorker:
         self._tiny_step = False  # whether the worker's current step is one tiny item
         # Keys whose batch failed while every item then succeeded alone: vmap cannot run them.
         self._unbatchable: dict[Hashable, None] = {}
+        # NOTE [CPU threads] in app/engine/cpu_budget.py: one thread for small work, set by
+        # the app when this process has a pool of several.
+        self.step_threads: StepThreads | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -394,6 +398,8 @@ class DeviceWorker:
         old = self._cpu_ms.get(key)
         if old is None or ms < old:
             self._cpu_ms[key] = ms
+        if self.step_threads is not None and not inline:
+            self.step_threads.record(key, ms)
         if inline:
             # Inline runs: once five are in, the median of the last 15, which one slow run
             # (a garbage collection, a cold first run) does not move. Over twice the limit
@@ -441,6 +447,8 @@ class DeviceWorker:
             waited_ms = (time.monotonic() - gathering) * 1e3 if wait else None
         self._last_batch = len(items)
         self._observe(len(items))
+        if self.step_threads is not None:
+            self.step_threads.before(item.work, len(items))
         if len(items) == 1:
             self._run_one(items[0])
             if waited_ms is not None:

@@ -7,9 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from app.engine.cpu_budget import (
     CHOSEN_BY,
+    StepThreads,
     apply_to_environ,
     auto_threads,
     cgroup_cpu_limit,
@@ -18,6 +20,10 @@ from app.engine.cpu_budget import (
     this_process_cpus,
     usable_cpus,
 )
+from app.engine.target import Materialized, Target
+from app.engine.worker import Engine, JVPTask
+
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize(
@@ -140,3 +146,49 @@ def test_apply_to_environ_sets_what_is_unset_and_keeps_the_rest() -> None:
     mine = {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}
     apply_to_environ(plan(0, environ=mine, usable=8), mine)
     assert mine == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_step_threads_small_work_on_one_thread_large_on_the_pool() -> None:
+    calls: list[int] = []
+    steps = StepThreads(4, calls.append, large_ms=2.0)
+    assert steps.before("mlp") == 1  # never timed: one thread, and timed there
+    steps.record("mlp", 0.4)
+    assert steps.before("mlp") == 1  # 0.4 ms: small
+    assert steps.before("mlp", items=8) == 4  # a batch of eight is 3.2 ms of work
+    steps.record("mlp", 0.1)  # timed on the pool: not a one-thread time, ignored
+    assert steps.before("mlp") == 1
+    steps.record("big", 30.0)
+    assert steps.before("big") == 4
+    assert steps.before(None) == 1  # an operation (no work key): one thread
+    assert calls == [1, 4, 1, 4, 1]  # set only when it changes
+
+
+def _threads_target(seen: list[int]) -> Target:
+    def build(dtype: torch.dtype, device: torch.device) -> Materialized:
+        def call(args: tuple[torch.Tensor, ...], state: object) -> tuple[torch.Tensor]:
+            seen.append(torch.get_num_threads())  # on the worker's thread, computing
+            return (torch.sin(args[0]),)
+
+        return Materialized(call, {}, {})
+
+    return Target("threads", ("x",), True, build)
+
+
+@pytest.mark.parametrize(("large_ms", "third"), [(1e9, 1), (0.0, 2)])
+def test_device_worker_sets_its_threads_from_the_works_size(large_ms: float, third: int) -> None:
+    before = torch.get_num_threads()
+    engine = Engine([CPU], max_queue=16)
+    worker = engine.workers[CPU]
+    worker.step_threads = StepThreads(2, torch.set_num_threads, large_ms=large_ms)
+    engine.start()
+    try:
+        seen: list[int] = []
+        target = _threads_target(seen)
+        x = torch.linspace(-1, 1, 5, dtype=torch.float64)
+        for _ in range(3):  # the first run is not timed, the second is: the third decides
+            result = engine.submit(JVPTask(target, (x,), (torch.ones_like(x),), {}, x.dtype, CPU))
+            torch.testing.assert_close(result.result(timeout=30).jvps[0], torch.cos(x))
+        assert seen == [1, 1, third]
+    finally:
+        engine.stop()
+        torch.set_num_threads(before)
