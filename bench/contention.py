@@ -1,10 +1,13 @@
 """Throughput beside a busy core: quiet against one CPU kept busy by another process.
 
-    .venv/bin/python -m bench.contention            # about 3-4 minutes on 2 cores
+    .venv/bin/python -m bench.contention            # about 4 minutes on 2 cores
 
 For each server configuration, a small expression (``x**2 + y**2`` on 10x10,
 JSON lists) and a 64-256-64 MLP from the model repository (a `torch.export`
-program on x[32, 64], base64) at 16 clients (wrk), each measured quiet and
+program on x[32, 64], base64), once as a repository model is by default (no
+batching: ``max_batch_size`` 0) and once with ``max_batch_size`` 64 in its
+``config.json`` (dynamic batching on the engine's defaults), at 16 clients
+(wrk), each measured quiet and
 beside a bounded busy loop in another process. All servers are started first;
 each round then visits every configuration and workload in turn, quiet and busy
 (busy first in every other round), so a drift of the machine's other load hits
@@ -52,8 +55,10 @@ from bench.loadgen import WrkResult  # noqa: E402
 from bench.run import Config, close_to, load_cell  # noqa: E402
 
 MODEL = "mlp64"
+BATCHED_MODEL = "mlp64-batched"  # the same program, its config.json allowing batches of 64
 SMALL = "small expression"
 MLP = "MLP (repository)"
+BATCHED = "MLP, batching"
 
 
 def say(text: str) -> None:
@@ -83,10 +88,15 @@ def export_mlp(root: Path) -> tuple[bytes, np.ndarray]:
         module = MLP().eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(module, (torch.randn(32, 64),), dynamic_shapes={"x": {0: batch}})
-    (root / MODEL).mkdir(parents=True)
-    torch.export.save(program, root / MODEL / "model.pt2")
-    config = {"description": "64-256-64 MLP (bench)", "example_inputs": {"x": [32, 64]}}
-    (root / MODEL / "config.json").write_text(json.dumps(config))
+    for name, batch_size in ((MODEL, 0), (BATCHED_MODEL, 64)):
+        (root / name).mkdir(parents=True)
+        torch.export.save(program, root / name / "model.pt2")
+        config = {
+            "description": "64-256-64 MLP (bench)",
+            "example_inputs": {"x": [32, 64]},
+            "max_batch_size": batch_size,
+        }
+        (root / name / "config.json").write_text(json.dumps(config))
     body = workloads.mlp_body(model=MODEL)
     request = json.loads(body)
 
@@ -319,6 +329,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="An extra environment variable for the 'default' configuration (repeatable).",
     )
+    parser.add_argument(
+        "--candidate",
+        action="append",
+        default=[],
+        metavar="LABEL:KEY=VALUE,...",
+        help="One more configuration to compare in the same run, e.g. "
+        "'2 passive:JVP_NUM_THREADS=2,OMP_WAIT_POLICY=PASSIVE' (repeatable).",
+    )
     args = parser.parse_args(argv)
     if loadgen.wrk_path() is None:
         say(loadgen.INSTALL_HINT)
@@ -339,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if key in chosen
     ]
+    for text in args.candidate:
+        name, _, pairs = text.partition(":")
+        env = dict(pair.split("=", 1) for pair in pairs.split(",") if pair)
+        setups.append(Setup(name.strip(), {**extra, **env}))
     if any(s.cpu is not None for s in setups) and shutil.which("taskset") is None:
         say("taskset not found (util-linux): the 'taskset' configuration is skipped")
         setups = [s for s in setups if s.cpu is None]
@@ -349,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         loads = [
             Workload(SMALL, workloads.jvp_json_body(inputs), workloads.expected_jvp(inputs)),
             Workload(MLP, mlp_body, mlp_expected),
+            Workload(BATCHED, workloads.mlp_body(model=BATCHED_MODEL), mlp_expected),
         ]
         rows = measure(setups, Path(tmp), loads, args)
     load1, _, _ = os.getloadavg()
