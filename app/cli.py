@@ -38,6 +38,20 @@ def exposure_warning(host: str, settings: Settings) -> str | None:
     )
 
 
+def workers_count(text: str) -> int:
+    """``--workers``: a positive count, or ``auto`` for one process per usable CPU (affinity
+    and cgroup quota, NOTE [CPU threads] in app/engine/cpu_budget.py)."""
+    if text.strip().lower() == "auto":
+        return cpu_budget.this_process_cpus()
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive count or 'auto', got {text!r}")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jvp-service", description="The JVP service.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default=os.environ.get("JVP_LOG_LEVEL", "info"))
     serve.add_argument(
         "--workers",
-        type=int,
+        type=workers_count,
         default=1,
-        help="API processes (uvicorn workers; default 1). POST /jvp is stateless; for batch "
+        help="API processes (uvicorn workers; default 1), or 'auto': one per usable CPU, each "
+        "computing on one thread (README 'CPU threads'). POST /jvp is stateless; for batch "
         "jobs across processes use JVP_JOBS_BACKEND=celery (README 'Scaling out').",
     )
     worker = sub.add_parser(

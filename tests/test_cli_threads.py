@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -106,3 +107,23 @@ def test_serve_explicit_num_threads_shows_on_metrics() -> None:
         assert _cpu_metrics(server.url)["jvp_cpu_threads"] == 3.0
     finally:
         server.stop()
+
+
+def test_workers_auto_is_one_process_per_usable_cpu() -> None:
+    from app.cli import build_parser, workers_count
+    from app.engine.cpu_budget import this_process_cpus
+
+    args = build_parser().parse_args(["serve", "--workers", "auto"])
+    assert args.workers == this_process_cpus()
+    assert workers_count("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match="positive count or 'auto'"):
+        workers_count("0")
+    with pytest.raises(argparse.ArgumentTypeError, match="got 'many'"):
+        workers_count("many")
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
+def test_serve_workers_auto_under_taskset_sizes_each_process_for_one_cpu() -> None:
+    cpu = str(min(os.sched_getaffinity(0)))
+    seen = _probe({}, "--workers", "auto", prefix=("taskset", "-c", cpu))
+    assert (seen["omp"], seen["threads"]) == ("1", 1)
