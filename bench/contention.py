@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,8 +222,10 @@ def measure(
     running: dict[str, servers.Server] = {}
     rows: dict[tuple[str, str], Row] = {}
     try:
-        for setup in setups:
-            server = start(setup, model_dir)
+        # Started side by side: each start is mostly waiting (imports, the engine's warm-up).
+        with ThreadPoolExecutor(max_workers=len(setups) or 1) as pool:
+            started = list(pool.map(lambda setup: start(setup, model_dir), setups))
+        for setup, server in zip(setups, started, strict=True):
             cpus = server if isinstance(server, str) else cpu_metrics(server.url)
             for load in loads:
                 row = rows[(setup.name, load.name)] = Row(setup.name, load.name, cpus)

@@ -27,11 +27,22 @@ So the default (``JVP_NUM_THREADS=0``):
   the small JVPs this service mostly sees lose nothing by (they gain nothing
   from a second thread: torch only splits an op past its grain size);
 * with more than one thread, ``OMP_WAIT_POLICY=PASSIVE`` unless it is set, so a
-  descheduled thread does not stall the others.
+  descheduled thread does not stall the others, and `StepThreads` on the CPU
+  device worker: a step whose work took under ``LARGE_WORK_MS`` of CPU on one
+  thread runs on one thread (``torch.set_num_threads`` sets the calling thread's
+  team only, 0.3 µs a pair), so the passive pool's wake-ups are paid by large
+  work and batches only, which gain from it.
 
-``JVP_NUM_THREADS`` set wins, as does ``OMP_NUM_THREADS`` in the environment. The
-chosen numbers are on ``GET /metrics`` (``jvp_cpu_usable``, ``jvp_cpu_threads``)
-and in the start-up log. Measurements: README "CPU threads", bench/README.md.
+``JVP_NUM_THREADS`` set wins (fixed: no size rule), as does ``OMP_NUM_THREADS``
+in the environment. The chosen numbers are on ``GET /metrics``
+(``jvp_cpu_usable``, ``jvp_cpu_threads``) and in the start-up log.
+
+More CPUs for more requests: processes (``--workers N``, ``--workers auto``),
+not device-worker threads, since forward AD's level is per process (NOTE [one
+dual level per process]): such threads would take turns under one lock. In the
+same runs ``--workers 2`` served the repository MLP 1.6x and 3.7x one process.
+Measurements: README "CPU threads", bench/README.md ("Throughput beside a busy
+core").
 """
 
 from __future__ import annotations
