@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import torch
 from fastapi import FastAPI
@@ -56,6 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         cpu = cpu_budget.plan(settings.num_threads)  # NOTE [CPU threads]
+        # The wait policy only counts if it was in the environment when torch started.
+        cpu = replace(cpu, wait_policy=os.environ.get("OMP_WAIT_POLICY") or None)
         if torch.get_num_threads() != cpu.threads:
             torch.set_num_threads(cpu.threads)
         log.info("CPU: %s", cpu.describe())
