@@ -326,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pool", action="store_true", help="Add --workers 2 ('pool').")
     parser.add_argument(
+        "--workloads",
+        default="small,mlp,batching",
+        help="Workloads: small, mlp, batching (comma-separated).",
+    )
+    parser.add_argument(
         "--service-env",
         action="append",
         default=[],
@@ -375,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
             Workload(SMALL, workloads.jvp_json_body(inputs), workloads.expected_jvp(inputs)),
             Workload(MLP, mlp_body, mlp_expected),
             Workload(BATCHED, workloads.mlp_body(model=BATCHED_MODEL), mlp_expected),
+        ]
+        wanted = {name.strip() for name in args.workloads.split(",")}
+        loads = [
+            w for w, key in zip(loads, ("small", "mlp", "batching"), strict=True) if key in wanted
         ]
         rows = measure(setups, Path(tmp), loads, args)
     load1, _, _ = os.getloadavg()
