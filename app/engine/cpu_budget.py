@@ -40,9 +40,13 @@ in the environment. The chosen numbers are on ``GET /metrics``
 More CPUs for more requests: processes (``--workers N``, ``--workers auto``),
 not device-worker threads, since forward AD's level is per process (NOTE [one
 dual level per process]): such threads would take turns under one lock. In the
-same runs ``--workers 2`` served the repository MLP 1.6x and 3.7x one process.
-Measurements: README "CPU threads", bench/README.md ("Throughput beside a busy
-core").
+quietest run ``--workers 2`` served the repository MLP 1.6x one process (2.2x
+beside the busy core) but the small expression 0.62x (it computes inline on the
+event loop already), so it is offered (``auto``: one per usable CPU), not the
+default. That run, default settings, quiet / busy core: small expression 3,483 /
+1,969 requests/s (0.57x), MLP 906 / 560 (0.62x), against torch's default 2,523 /
+2,430 and 510 / 74 (0.14x). Measurements: README "CPU threads", bench/README.md
+("Throughput beside a busy core").
 """
 
 from __future__ import annotations
