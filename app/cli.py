@@ -11,6 +11,7 @@ from pathlib import Path
 
 import uvicorn
 
+from app.engine import cpu_budget  # imports no torch
 from app.logs import configure_logging
 from app.settings import Settings
 
@@ -37,6 +38,20 @@ def exposure_warning(host: str, settings: Settings) -> str | None:
     )
 
 
+def workers_count(text: str) -> int:
+    """``--workers``: a positive count, or ``auto`` for one process per usable CPU (affinity
+    and cgroup quota, NOTE [CPU threads] in app/engine/cpu_budget.py)."""
+    if text.strip().lower() == "auto":
+        return cpu_budget.this_process_cpus()
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive count or 'auto', got {text!r}")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jvp-service", description="The JVP service.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default=os.environ.get("JVP_LOG_LEVEL", "info"))
     serve.add_argument(
         "--workers",
-        type=int,
+        type=workers_count,
         default=1,
-        help="API processes (uvicorn workers; default 1). POST /jvp is stateless; for batch "
+        help="API processes (uvicorn workers; default 1), or 'auto': one per usable CPU, each "
+        "computing on one thread (README 'CPU threads'). POST /jvp is stateless; for batch "
         "jobs across processes use JVP_JOBS_BACKEND=celery (README 'Scaling out').",
     )
     worker = sub.add_parser(
@@ -95,6 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "worker":
         settings = Settings()
         configure_logging(settings.log_format, args.log_level)
+        # Before torch is imported (NOTE [CPU threads] in app/engine/cpu_budget.py).
+        cpu_budget.apply_to_environ(
+            cpu_budget.plan(settings.num_threads, processes=args.concurrency)
+        )
         from app.jobs.celery_app import worker_main  # imports celery: only when asked
 
         raise SystemExit(worker_main(args.device, args.concurrency, args.log_level))
@@ -120,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
                 "(README 'Scaling out'), or JVP_JOB_RUNNER=off on all but one process.",
                 args.workers,
             )
+        # OpenMP reads its pool size and wait policy once, when torch is imported (in
+        # app.main, below): set them first, for this process and uvicorn's workers alike
+        # (NOTE [CPU threads] in app/engine/cpu_budget.py).
+        cpu_budget.apply_to_environ(cpu_budget.plan(settings.num_threads, processes=args.workers))
         # uvicorn shuts down gracefully on SIGTERM (stops accepting, finishes requests in
         # flight, then runs the lifespan's shutdown), and then raises the signal again with
         # the handler it found: make that one a no-op so a clean stop exits 0.

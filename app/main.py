@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import torch
 from fastapi import FastAPI
 
 from app import errors
 from app.derivatives import start_derivatives
+from app.engine import cpu_budget
 from app.engine.devices import available_devices, parse_device
 from app.engine.worker import Engine
 from app.fastpath import JVPApp, JVPEndpoint
@@ -54,9 +57,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.num_threads:
-            torch.set_num_threads(settings.num_threads)
+        cpu = cpu_budget.plan(settings.num_threads)  # NOTE [CPU threads]
+        # The wait policy only counts if it was in the environment when torch started.
+        cpu = replace(cpu, wait_policy=os.environ.get("OMP_WAIT_POLICY") or None)
+        if torch.get_num_threads() != cpu.threads:
+            torch.set_num_threads(cpu.threads)
+        log.info("CPU: %s", cpu.describe())
+        app_metrics.set_cpu(cpu.usable, torch.get_num_threads())
         engine = Engine(select_devices(settings.device), max_queue=settings.max_queue)
+        cpu_worker = engine.workers.get(torch.device("cpu"))
+        if cpu_worker is not None and cpu.source == "auto" and cpu.threads > 1:
+            # Small work on one thread, large on the pool (NOTE [CPU threads]).
+            cpu_worker.step_threads = cpu_budget.StepThreads(cpu.threads, torch.set_num_threads)
         registry = build_registry(settings)
         app.state.engine = engine
         app.state.registry = registry

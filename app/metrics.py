@@ -16,6 +16,9 @@ Served as text by ``GET /metrics`` (app/routes/metrics.py). What is measured:
   ``cancelled``) and ``jvp_job_tasks_active{state}`` (``queued``, ``running`` now):
   for the job runner to feed through :meth:`Metrics.job_task_ended` and
   :meth:`Metrics.set_job_tasks`.
+* ``jvp_cpu_usable`` and ``jvp_cpu_threads``: the CPUs this process may use and
+  the intra-op threads chosen for them at start (NOTE [CPU threads] in
+  app/engine/cpu_budget.py).
 * ``jvp_device_memory_bytes{device}``: ``torch.cuda.memory_allocated`` per CUDA
   device; for ``cpu``, the resident set size of the process. The process
   collector adds ``process_resident_memory_bytes`` and friends.
@@ -141,6 +144,21 @@ class Metrics:
         )
         for state in JOB_TASK_STATES:
             self.job_tasks.labels(state=state).set(0)
+        self.cpu_usable = Gauge(
+            "jvp_cpu_usable",
+            "CPUs this process may use: its affinity, bounded by the cgroup CPU quota.",
+            registry=r,
+        )
+        self.cpu_threads = Gauge(
+            "jvp_cpu_threads",
+            "Intra-op threads torch computes with (NOTE [CPU threads]).",
+            registry=r,
+        )
+
+    def set_cpu(self, usable: int, threads: int) -> None:
+        """The CPU plan chosen at start (app/engine/cpu_budget.py)."""
+        self.cpu_usable.set(usable)
+        self.cpu_threads.set(threads)
 
     def bind_engine(self, engine: Engine) -> None:
         """Read queue depth and device memory from this engine's workers at scrape time."""

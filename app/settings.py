@@ -72,8 +72,10 @@ class Settings(BaseSettings):
     num_threads: int = Field(
         0,
         ge=0,
-        description="torch.set_num_threads (intra-op threads); 0 keeps torch's default: one "
-        "per physical core, or OMP_NUM_THREADS when set.",
+        description="torch.set_num_threads (intra-op threads, fixed); 0 chooses from the CPUs "
+        "this process may use (affinity, cgroup quota), less one for the event loop, shared "
+        "by --workers, or OMP_NUM_THREADS when set (NOTE [CPU threads] in "
+        "app/engine/cpu_budget.py).",
     )
     max_batch_size: int = Field(
         32,

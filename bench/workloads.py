@@ -80,13 +80,14 @@ def jvp_binary_body(inputs: dict[str, np.ndarray]) -> bytes:
     )
 
 
-def mlp_body(batch: int = 32, features: int = 64, seed: int = 1) -> bytes:
-    """The built-in `mlp` on x of shape [batch, features], tangent for x, base64 both ways."""
+def mlp_body(batch: int = 32, features: int = 64, seed: int = 1, model: str = "mlp") -> bytes:
+    """`model` (the built-in `mlp`) on x of shape [batch, features], tangent for x, base64
+    both ways."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, features)).astype(np.float32)
     tx = rng.standard_normal((batch, features)).astype(np.float32)
     body = {
-        "model": "mlp",
+        "model": model,
         "primals": {"x": _b64(x)},
         "tangents": {"x": _b64(tx)},
         "options": {"encoding": "b64"},

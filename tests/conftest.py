@@ -50,7 +50,8 @@ def free_port() -> int:
 class LiveServer:
     """`jvp-service serve` in a subprocess on a free port; stopped at exit."""
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
+        """``prefix``: a command the server runs under, such as ``["taskset", "-c", "0"]``."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "JVP_DATABASE_URL": _scratch_database(), **(env or {})}
@@ -58,6 +59,7 @@ class LiveServer:
         self.log = tempfile.NamedTemporaryFile(prefix="jvp-server-", suffix=".log")  # noqa: SIM115
         self.process = subprocess.Popen(
             [
+                *(prefix or []),
                 sys.executable,
                 "-m",
                 "app.cli",

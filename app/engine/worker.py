@@ -79,6 +79,7 @@ from app.engine.batching import (
     to_device,
     work_key,
 )
+from app.engine.cpu_budget import StepThreads
 from app.engine.errors import (
     DeadlineExceeded,
     DeviceOutOfMemory,
@@ -276,6 +277,9 @@ class DeviceWorker:
         self._tiny_step = False  # whether the worker's current step is one tiny item
         # Keys whose batch failed while every item then succeeded alone: vmap cannot run them.
         self._unbatchable: dict[Hashable, None] = {}
+        # NOTE [CPU threads] in app/engine/cpu_budget.py: one thread for small work, set by
+        # the app when this process has a pool of several.
+        self.step_threads: StepThreads | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -394,6 +398,8 @@ class DeviceWorker:
         old = self._cpu_ms.get(key)
         if old is None or ms < old:
             self._cpu_ms[key] = ms
+        if self.step_threads is not None and not inline:
+            self.step_threads.record(key, ms)
         if inline:
             # Inline runs: once five are in, the median of the last 15, which one slow run
             # (a garbage collection, a cold first run) does not move. Over twice the limit
@@ -433,14 +439,22 @@ class DeviceWorker:
         # Tiny work is not worth stacking or waiting for (NOTE [tiny work runs inline]).
         self._tiny_step = self.may_inline(item.task, item.work)
         limit = 1 if self._tiny_step else self._limit(item)
+        waited_ms = None  # NOTE [batching must pay]: a wait for company is part of the cost
         if limit > 1:
-            items += self._gather(item, limit - 1, busy)
+            wait = busy and self._payoff.worth_waiting(item.key)
+            gathering = time.monotonic()
+            items += self._gather(item, limit - 1, wait)
+            waited_ms = (time.monotonic() - gathering) * 1e3 if wait else None
         self._last_batch = len(items)
         self._observe(len(items))
+        if self.step_threads is not None:
+            self.step_threads.before(item.work, len(items))
         if len(items) == 1:
             self._run_one(items[0])
+            if waited_ms is not None:
+                self._payoff.record_lonely_wait(item.key, waited_ms)
         else:
-            self._run_batch(items)
+            self._run_batch(items, waited_ms)
 
     def _admit(self, items: list[_Item]) -> list[_Item]:
         """The items still wanted, marked running; the expired ones get their 504."""
@@ -512,7 +526,7 @@ class DeviceWorker:
         )
         return True
 
-    def _run_batch(self, items: list[_Item]) -> None:
+    def _run_batch(self, items: list[_Item], waited_ms: float | None = None) -> None:
         """Compute compatible items as one vmapped JVP; if that fails, each alone."""
         tasks = [item.task for item in items if item.task is not None]
         started = time.monotonic()
@@ -525,7 +539,7 @@ class DeviceWorker:
             log.debug("batch of %d failed (%s); running each alone", len(items), _first_line(e))
         else:
             finished = time.monotonic()
-            self._payoff.record(items[0].key, len(items), (finished - started) * 1e3)
+            self._payoff.record(items[0].key, len(items), (finished - started) * 1e3, waited_ms)
             for item, (outputs, jvps) in zip(items, results, strict=True):
                 item.future.set_result(
                     JVPResult(

@@ -348,3 +348,43 @@ def test_batch_payoff_keeps_batching_when_a_batch_is_cheaper_per_item() -> None:
     assert decisions.count(False) == 2 and decisions[63] is False and decisions[127] is False
     payoff.record("mlp", 16, 32.0)  # the machine changed: 2 ms per item now
     assert not payoff.worth_batching("mlp")
+
+
+def test_batch_payoff_stops_waiting_when_the_wait_costs_more_than_it_saves() -> None:
+    from app.engine.batching import BatchPayoff
+
+    payoff = BatchPayoff(alpha=1.0, probe_every=4)
+    assert payoff.worth_waiting("k")  # nothing measured: wait
+    for _ in range(2):  # the first of each way is not counted
+        payoff.record("k", 1, 0.22)  # 0.22 ms alone
+        # Two items computed in 0.3 ms after a 2 ms wait: 0.15 ms per item computing,
+        # 1.15 ms per item of the worker's time.
+        payoff.record("k", 2, 0.3, waited_ms=2.0)
+    assert payoff.worth_batching("k")  # stacking what waits is still cheaper
+    decisions = [payoff.worth_waiting("k") for _ in range(7)]
+    # No more waiting, except a probe every 4th chance (counting the one above).
+    assert decisions == [False, False, True, False, False, False, True]
+
+
+def test_batch_payoff_keeps_waiting_while_the_company_pays_for_it() -> None:
+    from app.engine.batching import BatchPayoff
+
+    payoff = BatchPayoff(alpha=1.0, probe_every=64)
+    for _ in range(2):
+        payoff.record("mlp", 1, 0.22)
+        payoff.record("mlp", 16, 1.1, waited_ms=0.5)  # 0.1 ms per item, wait included
+    assert all(payoff.worth_waiting("mlp") for _ in range(10))
+    # Waits that find no company cost the whole wait per item: waiting stops.
+    payoff.record_lonely_wait("mlp", 2.0)
+    assert not payoff.worth_waiting("mlp")
+
+
+def test_batch_payoff_without_a_wait_leaves_the_wait_unjudged() -> None:
+    from app.engine.batching import BatchPayoff
+
+    payoff = BatchPayoff(alpha=1.0, probe_every=64)
+    for _ in range(2):
+        payoff.record("k", 1, 0.1)
+        payoff.record("k", 8, 4.0)  # a batch that did not wait: says nothing about waiting
+    assert payoff.worth_waiting("k")
+    assert not payoff.worth_batching("k")
