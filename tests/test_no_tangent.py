@@ -200,6 +200,25 @@ def test_linearized_jvp_without_a_tangent_is_exact(client: TestClient, name: str
     client.delete(f"/linearize/{session}")
 
 
+@pytest.mark.parametrize("name", IDS[:-1])
+def test_linearized_jvp_tangent_batch_without_a_tangent_is_exact(
+    client: TestClient, name: str
+) -> None:
+    case = CASES[name]
+    body = _body(case, 3)
+    del body["tangents"]
+    session = client.post("/linearize", json=body).json()["id"]
+    given = {k: to_wire(torch.stack([v, 2 * v]), "b64") for k, v in case.given(3).items()}
+    r = client.post(
+        f"/linearize/{session}/jvp",
+        json={"tangents": given, "options": {"tangent_batch": True, "encoding": "b64"}},
+    )
+    assert r.status_code == 200, r.text
+    want = _expected(case, 3)
+    _assert_jvp(from_wire(r.json()["jvp"]), torch.stack([want, 2 * want]))
+    client.delete(f"/linearize/{session}")
+
+
 def test_job_tasks_without_a_tangent_are_exact(client: TestClient) -> None:
     tasks = []
     for case in CASES.values():
