@@ -51,7 +51,9 @@ OptionalTensors = tuple[torch.Tensor | None, ...]
 # with a NaN term it is NaN; a selection picks, at each element, the same
 # operand in both runs. NaN never turns back into a number in IEEE arithmetic
 # (NaN * 0 is NaN). Hence a zero-tangent JVP free of NaN equals the plain-operand
-# JVP (as numbers: -0.0 may read 0.0), and one holding a NaN is recomputed with
+# JVP (as numbers: -0.0 may read 0.0; and were a formula to sum the same terms
+# with another kernel when a tangent is absent, the last bit could differ: the
+# tests hold both to 1e-15 relative), and one holding a NaN is recomputed with
 # the plain operands, which is the definition of the answer. The rerun costs a
 # second JVP only where a NaN shows: a singular point (0 * inf), a NaN input, or
 # a true JVP that is NaN. Inputs without a tangent are never perturbed in the
