@@ -59,10 +59,9 @@ BINARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "minimum": torch.minimum,
 }
 EXPONENTS = (2.0, 3.0, 0.5, -1.0)
-POINTS = st.one_of(
-    st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 2.0, 1e-300, 1e300, math.inf, -math.inf]),
-    st.floats(-4.0, 4.0, allow_nan=False),
-)
+# Edge values (where a partial derivative is infinite or undefined) twice as often as the rest.
+EDGES = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 2.0, 1e-300, 1e300, math.inf, -math.inf])
+POINTS = st.one_of(EDGES, EDGES, st.floats(-4.0, 4.0, allow_nan=False))
 
 
 def _extend(children: st.SearchStrategy[Node]) -> st.SearchStrategy[Node]:
@@ -133,7 +132,7 @@ def _reference(
 @settings(
     max_examples=120,
     deadline=None,
-    derandomize=True,
+    derandomize=False,  # new points every run; the reproducers above run every time
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(
