@@ -86,14 +86,24 @@ class TimingMs(BaseModel):
 class GradientCheck(BaseModel):
     """J·v against central finite differences in float64 (README "Beyond one JVP")."""
 
-    max_abs_error: float | str = Field(description="max |jvp - fd| over all outputs.")
+    max_abs_error: float | str = Field(
+        description="max |jvp - fd| over all outputs, where both are finite."
+    )
     max_rel_error: float | str = Field(
         description="max_abs_error / max(|fd|_inf, |jvp|_inf); 0 when both are 0."
     )
-    passed: bool = Field(description="max_abs_error <= atol + rtol * max(|fd|_inf, |jvp|_inf).")
+    passed: bool = Field(
+        description="max_abs_error <= atol + rtol * max(|fd|_inf, |jvp|_inf), and no element "
+        "NaN or infinite on one side only (nonfinite null)."
+    )
     eps: float | str = Field(description="The largest perturbation of any input element.")
     rtol: float = Field(description="The relative tolerance for the computation dtype.")
     atol: float = Field(description="The absolute tolerance for the computation dtype.")
+    nonfinite: Literal["jvp", "estimate", "both"] | None = Field(
+        None,
+        description="Which side holds a NaN or infinity where the other is finite (then "
+        "passed is false): the JVP, the estimate, or both (each somewhere); null if none.",
+    )
 
 
 class JVPResponse(BaseModel):

@@ -223,6 +223,7 @@ class JVPService:
                 engine=request.options.engine,
                 tangent_batch=batched,
                 check=request.options.check,
+                fallback=request.options.fallback,
             ),
             fallback=request.options.fallback,
             max_batch_size=self.batch_limit(model),

@@ -32,15 +32,20 @@ def _batch_sizes(metrics: str) -> tuple[float, float]:
     return total, steps
 
 
-async def _concurrent(url: str, bodies: list[dict[str, object]]) -> list[np.ndarray]:
-    """POST every body at once; each answer's JVP."""
+def _array(data: dict[str, object]) -> np.ndarray:
+    return np.asarray(data["data"], dtype=np.float32).reshape(data["shape"])  # type: ignore[arg-type]
+
+
+async def _concurrent(
+    url: str, bodies: list[dict[str, object]]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """POST every body at once; each answer's output and JVP."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as c:
 
-        async def one(body: dict[str, object]) -> np.ndarray:
+        async def one(body: dict[str, object]) -> tuple[np.ndarray, np.ndarray]:
             r = await c.post("/jvp", json=body)
             assert r.status_code == 200, r.text
-            data = r.json()["jvp"]
-            return np.asarray(data["data"], dtype=np.float32).reshape(data["shape"])
+            return _array(r.json()["output"]), _array(r.json()["jvp"])
 
         return await asyncio.gather(*(one(body) for body in bodies))
 
@@ -59,11 +64,14 @@ def test_concurrent_model_requests_batch_and_each_gets_its_own_jvp() -> None:
             for x, t in zip(xs, ts, strict=True)
         ]
         for _ in range(3):
-            jvps = asyncio.run(_concurrent(server.url, bodies))
-            for x, t, jvp in zip(xs, ts, jvps, strict=True):
-                _, ref = torch.func.jvp(module, (torch.from_numpy(x),), (torch.from_numpy(t),))
+            answers = asyncio.run(_concurrent(server.url, bodies))
+            for x, t, (out, jvp) in zip(xs, ts, answers, strict=True):
+                ref_out, ref = torch.func.jvp(
+                    module, (torch.from_numpy(x),), (torch.from_numpy(t),)
+                )
                 # Batched (vmap) and alone agree to 1e-6 in float32; a slice of another
                 # request would be off by order 1.
+                np.testing.assert_allclose(out, ref_out.detach().numpy(), rtol=1e-5, atol=1e-6)
                 np.testing.assert_allclose(jvp, ref.detach().numpy(), rtol=1e-5, atol=1e-6)
         total, steps = _batch_sizes(httpx.get(server.url + "/metrics").text)
         assert total >= 3 * CLIENTS
@@ -90,8 +98,9 @@ def test_concurrent_small_expressions_stack_and_each_gets_its_own_jvp() -> None:
                 }
                 for x, t in zip(xs, ts, strict=True)
             ]
-            jvps = asyncio.run(_concurrent(server.url, bodies))
-            for x, t, jvp in zip(xs, ts, jvps, strict=True):
+            answers = asyncio.run(_concurrent(server.url, bodies))
+            for x, t, (out, jvp) in zip(xs, ts, answers, strict=True):
+                np.testing.assert_allclose(out, x**2 + (x + 1) ** 2, rtol=1e-6, atol=1e-6)
                 np.testing.assert_allclose(jvp, 2 * x * t, rtol=1e-6, atol=1e-6)
             total, steps = _batch_sizes(httpx.get(server.url + "/metrics").text)
             if steps < total:

@@ -2,7 +2,10 @@
 
 The numbers on the GPU are checked against the same computation on the CPU in
 float64, so a wrong device copy, a missed synchronisation after a non-blocking
-copy, or a batch slice read from another request shows up as a mismatch.
+copy, or a batch slice read from another request shows up as a mismatch; and
+against an independent reference (torch.func.jvp on the plain function or on
+PyTorch's own modules with the served weights), so a wrong number that both
+devices share shows up too.
 """
 
 from __future__ import annotations
@@ -12,12 +15,36 @@ import threading
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from app.models.builtin import _seeded, reference_encoder
 from tests.wire import from_wire, to_wire
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none"
 )
+
+
+def _mlp() -> torch.nn.Module:
+    """The built-in mlp's architecture and weights (seed 1), made here with PyTorch."""
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
+
+
+def _reference(target: str, x: torch.Tensor, y: torch.Tensor | None, v: torch.Tensor) -> tuple:
+    """(output, J·v) on the CPU in float64 from PyTorch directly (tangent on x only)."""
+    if target == "expression":
+        assert y is not None
+        return jvp(lambda a: torch.softmax(a @ y, -1) * torch.tanh(y), (x,), (v,))
+    if target == "mlp":
+        return jvp(_mlp().double(), (x,), (v,))
+    # PyTorch's own encoder with the same weights; train mode with dropout 0 keeps it off
+    # the fused fast path, and the math kernel has forward AD (tests/models/test_builtin.py).
+    encoder = _seeded(3, reference_encoder).double().train()
+    state = {k: t.detach() for k, t in encoder.state_dict().items()}
+    with sdpa_kernel(SDPBackend.MATH):
+        return jvp(lambda a: functional_call(encoder, state, (a,)), (x,), (v,))
 
 
 def _post(client: TestClient, body: dict) -> dict:
@@ -37,6 +64,7 @@ def test_create_jvp_on_cuda_equals_cpu_in_float64(
     client: TestClient, engine: str, target: str
 ) -> None:
     g = torch.Generator().manual_seed(11)
+    y = None
     if target == "expression":
         x, y, v = (torch.randn(64, 64, generator=g, dtype=torch.float64) for _ in range(3))
         request = {
@@ -61,6 +89,11 @@ def test_create_jvp_on_cuda_equals_cpu_in_float64(
         torch.testing.assert_close(
             from_wire(answers["cuda"][key]), from_wire(answers["cpu"][key]), rtol=1e-10, atol=1e-10
         )
+    want = _reference(target, x, y, v)
+    for key, reference in zip(("output", "jvp"), want, strict=True):
+        torch.testing.assert_close(
+            from_wire(answers["cuda"][key]), reference, rtol=1e-10, atol=1e-10
+        )
 
 
 def test_transformer_jvp_works_with_fused_attention_available(client: TestClient) -> None:
@@ -77,7 +110,10 @@ def test_transformer_jvp_works_with_fused_attention_available(client: TestClient
         },
     )
     assert body["method"] == "forward"
-    assert torch.isfinite(from_wire(body["jvp"])).all()
+    # The numbers: PyTorch's own encoder in float64 on the CPU (float32 on the GPU here).
+    out, tangent = _reference("transformer", x.double(), None, v.double())
+    torch.testing.assert_close(from_wire(body["output"]).double(), out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(from_wire(body["jvp"]).double(), tangent, rtol=1e-4, atol=1e-5)
 
 
 def test_concurrent_cuda_requests_each_get_their_own_slice(client: TestClient) -> None:
@@ -112,11 +148,14 @@ def test_concurrent_cuda_requests_each_get_their_own_slice(client: TestClient) -
         t.start()
     for t in threads:
         t.join(120)
-    for got, want in zip(answers, refs, strict=True):
+    mlp = _mlp()
+    for got, want, (x, v) in zip(answers, refs, cases, strict=True):
         assert got is not None
         torch.testing.assert_close(
             from_wire(got["jvp"]), from_wire(want["jvp"]), rtol=1e-4, atol=1e-5
         )
+        _, tangent = jvp(mlp, (x,), (v,))  # and PyTorch's own module, in float32 on the CPU
+        torch.testing.assert_close(from_wire(got["jvp"]), tangent.detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_cuda_out_of_memory_is_507_and_the_next_request_succeeds(client: TestClient) -> None:

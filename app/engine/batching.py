@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import torch
 from torch.func import vmap
 
-from app.engine.jvp import jvp_functional
+from app.engine.jvp import functional, gives_zero_tangents, no_tangents, verified
 from app.engine.target import Materialized
 
 if TYPE_CHECKING:
@@ -269,20 +269,30 @@ def vmap_jvp(
     tangents: tuple[torch.Tensor | None, ...],
     parameter_tangents: Mapping[str, torch.Tensor],
 ) -> tuple[Tensors, Tensors]:
-    """`jvp_functional` over a leading batch dimension of every tensor given."""
+    """`jvp_functional` over a leading batch dimension of every tensor given: first with
+    zero tangents for small plain operands, kept only if provably exact (NOTE [mixed dual
+    and plain operands] in app/engine/jvp.py; the check runs outside vmap)."""
 
     which = [i for i, t in enumerate(tangents) if t is not None]
+    if not which and not parameter_tangents:
+        outputs, jvps = vmap(lambda xs: no_tangents(target, xs))(inputs)
+        return tuple(outputs), tuple(jvps)
 
-    def one(xs: Tensors, ts: Tensors, ps: dict[str, torch.Tensor]) -> tuple[Tensors, Tensors]:
-        full: list[torch.Tensor | None] = [None] * len(xs)
-        for i, t in zip(which, ts, strict=True):
-            full[i] = t
-        return jvp_functional(target, xs, tuple(full), ps)
+    def batched(zeros: bool) -> tuple[Tensors, Tensors]:
+        def one(xs: Tensors, ts: Tensors, ps: dict[str, torch.Tensor]) -> tuple[Tensors, Tensors]:
+            full: list[torch.Tensor | None] = [None] * len(xs)
+            for i, t in zip(which, ts, strict=True):
+                full[i] = t
+            return functional(target, xs, tuple(full), ps, zeros)
 
-    # vmap maps tensors only: the inputs without a tangent are rebuilt inside.
-    present = tuple(t for t in tangents if t is not None)
-    outputs, jvps = vmap(one)(inputs, present, dict(parameter_tangents))
-    return tuple(outputs), tuple(jvps)
+        # vmap maps tensors only: the inputs without a tangent are rebuilt inside.
+        present = tuple(t for t in tangents if t is not None)
+        outputs, jvps = vmap(one)(inputs, present, dict(parameter_tangents))
+        return tuple(outputs), tuple(jvps)
+
+    # Per item, an operand is as small as in a call alone: its first dimension is the batch.
+    items = tuple(x[0] for x in inputs)
+    return verified(batched, gives_zero_tangents(target, items, tangents, parameter_tangents))
 
 
 def compute_batch(tasks: Sequence[JVPTask]) -> list[tuple[Tensors, Tensors]]:

@@ -47,6 +47,9 @@ class LinearizeSession:
     nbytes: int
     created_at: float
     expires_at: float
+    # (tangents, batched) -> J·t with the arguments whose tangent is None held fixed,
+    # exactly (NOTE [linearize without a tangent] in app/engine/operations.py).
+    apply_without: Callable[..., Any] | None = None
 
 
 class LinearizeStore:
@@ -98,6 +101,7 @@ class LinearizeStore:
         outputs: int,
         apply: Callable[..., Any],
         nbytes: int,
+        apply_without: Callable[..., Any] | None = None,
     ) -> LinearizeSession:
         """Keep a new session, or refuse it: 413 past the per-session limit, 503 past
         the budget."""
@@ -132,6 +136,7 @@ class LinearizeStore:
                 nbytes=nbytes,
                 created_at=now,
                 expires_at=now + self.ttl_s,
+                apply_without=apply_without,
             )
             self._sessions[session.id] = session
             return session

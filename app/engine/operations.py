@@ -30,6 +30,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, Protocol
 
 import torch
@@ -39,7 +40,8 @@ from torch.func import linearize as func_linearize
 
 from app.engine.devices import api_float
 from app.engine.errors import InvalidRequest, TooLarge
-from app.engine.jvp import ENGINES
+from app.engine.fallback import FORWARD, jvp_with_fallback, unsupported_operator
+from app.engine.jvp import ENGINES, may_hold_nan
 from app.engine.linearize import LinearizeSession, LinearizeStore
 from app.engine.target import Materialized, Target
 
@@ -143,6 +145,38 @@ def _batched_jvp(
     return tuple(o.detach() for o in outputs), tuple(j.detach() for j in jvps)
 
 
+def _batched_with_fallback(
+    target: Materialized,
+    inputs: Tensors,
+    tangents: OptionalTensors,
+    parameter_tangents: Mapping[str, torch.Tensor],
+    fallback: str,
+) -> tuple[Tensors, Tensors, str]:
+    """`_batched_jvp`; where forward AD lacks an operator's formula and ``fallback`` is
+    "auto", each direction alone through `jvp_with_fallback`, the JVPs stacked."""
+    try:
+        return (*_batched_jvp(target, inputs, tangents, parameter_tangents), FORWARD)
+    except (RuntimeError, NotImplementedError) as e:
+        if fallback == "none" or unsupported_operator(e) is None:
+            raise
+    k_size = tangent_batch_size(
+        {str(i): t for i, t in enumerate(tangents) if t is not None}, parameter_tangents
+    )
+    runs = [
+        jvp_with_fallback(
+            ENGINES["functional"],
+            target,
+            inputs,
+            tuple(None if t is None else t[k] for t in tangents),
+            {n: t[k] for n, t in parameter_tangents.items()},
+            fallback=fallback,
+        )
+        for k in range(k_size)
+    ]
+    jvps = tuple(torch.stack([run[1][i] for run in runs]) for i in range(len(runs[0][1])))
+    return runs[0][0], jvps, runs[0][2]
+
+
 # NOTE [finite-difference check]
 # options.check estimates J·v by central differences in float64, one input at a
 # time, each with a step matched to that input's scale:
@@ -155,6 +189,14 @@ def _batched_jvp(
 # with (rtol, atol) from CHECK_TOLERANCES for the computation dtype.
 # max_rel_error is max|jvp - fd| / max(|fd|_inf, |jvp|_inf) (0 when both are 0).
 # eps is the largest perturbation of any input element, max_a h_a |v_a|_inf.
+# The errors are taken over the elements where both are finite: Python's
+# max(0.0, nan) is 0.0, so a NaN must never reach them. An element that is NaN or
+# infinite on one side only fails the check, and "nonfinite" says which side:
+# "jvp" (a NaN or infinite JVP where the estimate is finite), "estimate" (the
+# other way: a difference quotient that overflowed or left the function's
+# domain), "both" (each somewhere), null when there is none. Where both sides are
+# non-finite the estimate cannot judge the JVP, and neither is a number a caller
+# could take for a true one: those elements count in neither error.
 FD_STEP = float(torch.finfo(torch.float64).eps) ** (1.0 / 3.0)
 CHECK_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-6, 1e-8),
@@ -199,6 +241,29 @@ def _central_difference(
     return tuple(total), largest, steps
 
 
+def _compare(jvps: Tensors, estimate: Tensors) -> tuple[float, float, str | None]:
+    """``(max|jvp - fd|, max(|fd|_inf, |jvp|_inf), nonfinite)`` over the elements where both
+    are finite (NOTE [finite-difference check]); ``nonfinite`` says which side holds a NaN
+    or infinity where the other is finite: "jvp", "estimate", "both" (each somewhere), or
+    None."""
+    abs_error = scale = 0.0
+    bad_jvp = bad_estimate = False
+    for j, reference in zip(jvps, estimate, strict=True):
+        if j.numel() == 0:
+            continue
+        j64 = j.to(torch.float64)
+        finite_j, finite_e = torch.isfinite(j64), torch.isfinite(reference)
+        bad_jvp = bad_jvp or bool((finite_e & ~finite_j).any())
+        bad_estimate = bad_estimate or bool((finite_j & ~finite_e).any())
+        both = finite_j & finite_e
+        if bool(both.any()):
+            j_ok, e_ok = j64[both], reference[both]
+            abs_error = max(abs_error, float((j_ok - e_ok).abs().max()))
+            scale = max(scale, float(e_ok.abs().max()), float(j_ok.abs().max()))
+    nonfinite = {(True, False): "jvp", (False, True): "estimate", (True, True): "both"}
+    return abs_error, scale, nonfinite.get((bad_jvp, bad_estimate))
+
+
 @dataclass(eq=False)
 class JVPOperation:
     """``POST /jvp`` with ``options.tangent_batch`` and/or ``options.check``."""
@@ -206,8 +271,10 @@ class JVPOperation:
     engine: str = "dual"
     tangent_batch: bool = False
     check_target: Target | None = None  # set for options.check: rematerialized in float64
+    fallback: str = "auto"  # options.fallback (NOTE [forward-AD fallback])
     kind: str = "jvp"
     check: dict[str, Any] | None = field(default=None, init=False)
+    method: str = field(default=FORWARD, init=False)  # how the JVP was computed
 
     def __call__(
         self,
@@ -216,10 +283,21 @@ class JVPOperation:
         tangents: OptionalTensors,
         parameter_tangents: Mapping[str, torch.Tensor],
     ) -> tuple[Tensors, Tensors]:
+        # The forward-AD fallbacks apply here as to a plain JVP, so options.check verifies
+        # whichever method ran (the response's "method").
         if self.tangent_batch:
-            outputs, jvps = _batched_jvp(target, inputs, tangents, parameter_tangents)
+            outputs, jvps, self.method = _batched_with_fallback(
+                target, inputs, tangents, parameter_tangents, self.fallback
+            )
         else:
-            outputs, jvps = ENGINES[self.engine](target, inputs, tangents, parameter_tangents)
+            outputs, jvps, self.method = jvp_with_fallback(
+                ENGINES[self.engine],
+                target,
+                inputs,
+                tangents,
+                parameter_tangents,
+                fallback=self.fallback,
+            )
         if self.check_target is not None:
             self.check = self._check(inputs, tangents, parameter_tangents, jvps)
         return outputs, jvps
@@ -267,21 +345,10 @@ class JVPOperation:
                 tuple(wide(t) for t in tangents),
                 {n: t.to(torch.float64) for n, t in parameter_tangents.items()},
             )
-        abs_error = 0.0
-        scale = 0.0
-        for j, reference in zip(jvps, estimate, strict=True):
-            if j.numel() == 0:
-                continue
-            j64 = j.to(torch.float64)
-            abs_error = max(abs_error, float((j64 - reference).abs().max()))
-            scale = max(scale, float(reference.abs().max()), float(j64.abs().max()))
+        abs_error, scale, nonfinite = _compare(jvps, estimate)
         rtol, atol = CHECK_TOLERANCES[dtype]
-        if math.isnan(abs_error) or math.isnan(scale):
-            abs_error = rel_error = math.nan
-            passed = False
-        else:
-            rel_error = abs_error / scale if scale > 0 else 0.0
-            passed = abs_error <= atol + rtol * scale
+        rel_error = abs_error / scale if scale > 0 else 0.0
+        passed = nonfinite is None and abs_error <= atol + rtol * scale
         return {
             "max_abs_error": api_float(abs_error),
             "max_rel_error": api_float(rel_error),
@@ -289,6 +356,7 @@ class JVPOperation:
             "eps": api_float(eps),
             "rtol": rtol,
             "atol": atol,
+            "nonfinite": nonfinite,
         }
 
     def report(self) -> dict[str, Any]:
@@ -418,14 +486,15 @@ _FOLD_WARNING = "Attempted to insert a get_attr Node with no underlying referenc
 SESSION_OVERHEAD_BYTES = 64 * 1024
 
 
-def _held_bytes(jvp_fn: Callable[..., Any]) -> int | None:
+def _held_bytes(jvp_fn: Callable[..., Any], kept: Tensors = ()) -> int | None:
     """Bytes of every tensor the linearized function holds, each storage once.
 
     NOTE [linearize session size]: `torch.func.linearize` traces the JVP into an
     fx graph and constant-folds everything that depends only on the primals; the
     folded graph keeps those tensors (intermediates, and the weights it closes
     over) as its parameters and buffers. They are counted after the first
-    application (which runs the folding), one count per storage. Weights shared
+    application (which runs the folding), one count per storage, with ``kept`` (the
+    primals the session keeps for NOTE [linearize without a tangent]). Weights shared
     with the served model are counted too, so this is an upper bound. None when
     the graph cannot be found (another torch release): the caller estimates from
     primal sizes instead.
@@ -435,9 +504,12 @@ def _held_bytes(jvp_fn: Callable[..., Any]) -> int | None:
         return None
     seen: set[tuple[str, int]] = set()
     total = 0
-    for module in graph.modules():
-        tensors = [*module._parameters.values(), *module._buffers.values()]
-        tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+    for module in [*graph.modules(), None]:
+        if module is None:
+            tensors: list[torch.Tensor | None] = list(kept)
+        else:
+            tensors = [*module._parameters.values(), *module._buffers.values()]
+            tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
         for t in tensors:
             if t is None:
                 continue
@@ -447,6 +519,40 @@ def _held_bytes(jvp_fn: Callable[..., Any]) -> int | None:
                 seen.add(key)
                 total += storage.nbytes()
     return total
+
+
+# NOTE [linearize without a tangent]
+# The linearized function takes a tangent for every argument it was linearized in
+# ('wrt'). An application that leaves one out must get what a plain tensor gives
+# (that argument contributes nothing), but zeros passed to the traced JVP are
+# dense: 0 * inf is NaN where that argument's partial derivative is infinite. So
+# zeros are passed and the answer kept when it holds no NaN, which proves it exact
+# (NOTE [mixed dual and plain operands] in app/engine/jvp.py: the traced graph is
+# the same forward-AD formulas on dense tangents); otherwise `_jvp_without`
+# computes it again from the session's function and primals with `torch.func.jvp`,
+# the missing arguments closed over. The session keeps the primals for that, and
+# counts them in its size.
+def _jvp_without(
+    f: Callable[..., Tensors], primals: Tensors, given: OptionalTensors, batched: bool
+) -> Tensors:
+    """J·t of ``f`` at ``primals`` with the arguments whose tangent is None held fixed
+    (``batched``: every given tangent has a leading K, as with options.tangent_batch)."""
+    keep = [k for k, t in enumerate(given) if t is not None]
+    if not keep:
+        with torch.no_grad():
+            return tuple(torch.zeros_like(o) for o in f(*primals))
+
+    def g(*args: torch.Tensor) -> Tensors:
+        full = list(primals)
+        for k, a in zip(keep, args, strict=True):
+            full[k] = a
+        return f(*full)
+
+    def one(*ts: torch.Tensor) -> Tensors:
+        return tuple(func_jvp(g, tuple(primals[k] for k in keep), ts)[1])
+
+    directions = tuple(t for t in given if t is not None)
+    return tuple(vmap(one)(*directions)) if batched else one(*directions)
 
 
 @dataclass(eq=False)
@@ -474,9 +580,9 @@ class LinearizeOperation:
         outputs, jvp_fn = func_linearize(f, *primals)
         zeros = tuple(torch.zeros_like(p) for p in primals)
         jvp_fn(*zeros)  # runs the constant folding now, so the size below is what it keeps
-        held = _held_bytes(jvp_fn)
+        held = _held_bytes(jvp_fn, kept=tuple(inputs))
         if held is None:
-            held = 4 * sum(t.nbytes for t in (*primals, *outputs))
+            held = 4 * sum(t.nbytes for t in (*primals, *outputs)) + sum(x.nbytes for x in inputs)
         self.session = self.store.add(
             target=self.source,
             dtype=primals[0].dtype if primals else outputs[0].dtype,
@@ -487,6 +593,7 @@ class LinearizeOperation:
             outputs=len(outputs),
             apply=jvp_fn,
             nbytes=held + SESSION_OVERHEAD_BYTES,
+            apply_without=partial(_jvp_without, f, primals),
         )
         return tuple(o.detach() for o in outputs), ()
 
@@ -535,6 +642,10 @@ class LinearizedJVPOperation:
             jvps = vmap(lambda *ts: tuple(apply(*ts)))(*args)
         else:
             jvps = apply(*args)
+        without = self.session.apply_without
+        if any(t is None for t in given) and without is not None and may_hold_nan(tuple(jvps)):
+            # NOTE [linearize without a tangent]: zeros proved nothing; hold those fixed.
+            jvps = without(tuple(given), self.tangent_batch)
         return (), tuple(j.detach() for j in jvps)
 
     def report(self) -> dict[str, Any]:
@@ -542,11 +653,14 @@ class LinearizedJVPOperation:
 
 
 def jvp_operation(
-    target: Target, *, engine: str, tangent_batch: bool, check: bool
+    target: Target, *, engine: str, tangent_batch: bool, check: bool, fallback: str = "auto"
 ) -> JVPOperation | None:
     """The operation of a ``POST /jvp`` with these options; None for a plain JVP."""
     if not tangent_batch and not check:
         return None
     return JVPOperation(
-        engine=engine, tangent_batch=tangent_batch, check_target=target if check else None
+        engine=engine,
+        tangent_batch=tangent_batch,
+        check_target=target if check else None,
+        fallback=fallback,
     )

@@ -191,7 +191,7 @@ def _compute(task: JVPTask) -> Computed:
         param_tangents = {k: move(t) for k, t in task.parameter_tangents.items()}
         if task.operation is not None:
             outputs, jvps = task.operation(target, inputs, tangents, param_tangents)
-            method = "forward"
+            method = getattr(task.operation, "method", "forward")  # options.check runs fallbacks
         else:
             outputs, jvps, method = jvp_with_fallback(
                 ENGINES[task.engine],

@@ -89,3 +89,52 @@ def test_create_jvp_check_fails_at_a_kink(client: TestClient) -> None:
 def test_create_jvp_without_check_has_no_check(client: TestClient) -> None:
     body = post(client, "/jvp", {"expression": "x", "primals": {"x": [1.0]}})
     assert "check" not in body
+
+
+def _check_of(client: TestClient, expression: str, primals: dict, tangents: dict) -> dict:
+    body = post(
+        client,
+        "/jvp",
+        {
+            "expression": expression,
+            "primals": primals,
+            "tangents": tangents,
+            "options": {"dtype": "float64", "check": True},
+        },
+    )
+    check: dict = body["check"]
+    return check
+
+
+def test_create_jvp_check_fails_on_a_nan_jvp_where_the_estimate_is_finite(
+    client: TestClient,
+) -> None:
+    # sqrt(x**2) = |x| at 0: forward AD gives (2 x t) / (2 sqrt 0) = 0 * inf = NaN, central
+    # differences (|h| - |-h|) / 2h = 0. max(0.0, nan) is 0.0 in Python: it must not pass.
+    check = _check_of(client, "sqrt(x**2)", {"x": [0.0, 2.0]}, {"x": [1.0, 1.0]})
+    assert check["passed"] is False
+    assert check["nonfinite"] == "jvp"
+    # The errors cover the elements where both are finite: |x|' = 1 at 2.
+    assert 0 <= check["max_abs_error"] < 1e-8
+
+
+def test_create_jvp_check_fails_on_a_nan_estimate_where_the_jvp_is_finite(
+    client: TestClient,
+) -> None:
+    # log at 1e-7: the step (about 6e-6) leaves the domain, log(x - h) is NaN; d log = 1e7.
+    check = _check_of(client, "log(x)", {"x": [1e-7]}, {"x": [1.0]})
+    assert check["passed"] is False
+    assert check["nonfinite"] == "estimate"
+
+
+def test_create_jvp_check_names_both_when_each_side_fails_somewhere(client: TestClient) -> None:
+    primals = {"x": [0.0, 1.0], "y": [1.0, 1e-7]}  # NaN JVP at [0], NaN estimate at [1]
+    tangents = {"x": [1.0, 1.0], "y": [1.0, 1.0]}
+    check = _check_of(client, "sqrt(x**2) + log(y)", primals, tangents)
+    assert (check["passed"], check["nonfinite"]) == (False, "both")
+
+
+def test_create_jvp_check_that_passes_has_no_nonfinite(client: TestClient) -> None:
+    check = _check_of(client, "sin(x) * y", {"x": [0.5, 1.0], "y": [2.0, 3.0]}, {"x": [1.0, 2.0]})
+    assert check["passed"] is True and check["nonfinite"] is None
+    assert 0 <= check["max_abs_error"] < 1e-8

@@ -148,9 +148,18 @@ def test_batched_and_unbatched_results_are_identical_to_1e6(engine: Engine) -> N
     finally:
         alone.stop()
     assert {r.batch_size for r in batched} == {12} and {r.batch_size for r in single} == {1}
-    for b, s in zip(batched, single, strict=True):
+    for b, s, task in zip(batched, single, tasks, strict=True):
         torch.testing.assert_close(b.outputs[0], s.outputs[0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(b.jvps[0], s.jvps[0], rtol=1e-6, atol=1e-6)
+        # The closed form in float64 (tangent on x only): cos(x) y t - (2 x t exp(-x**2)) @ y.
+        x, y = (a.double() for a in task.inputs)
+        t = task.tangents[0]
+        assert t is not None
+        t = t.double()
+        out = torch.sin(x) * y + torch.exp(-(x**2)) @ y
+        jvp = torch.cos(x) * y * t - (2 * x * t * torch.exp(-(x**2))) @ y
+        torch.testing.assert_close(b.outputs[0].double(), out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.jvps[0].double(), jvp, rtol=1e-5, atol=1e-5)
 
 
 def test_parameter_tangents_batch_per_item(engine: Engine) -> None:

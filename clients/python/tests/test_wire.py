@@ -43,6 +43,8 @@ def test_encode_tensor_round_trips_numpy(dtype: type, shape: tuple[int, ...]) ->
     assert ("b64" in wire) == used_b64
     back = decode_tensor(wire)
     assert isinstance(back, np.ndarray) and _same(back, a)
+    # The wire itself, read by the tests' own decoder (base64 + numpy, or the JSON numbers).
+    np.testing.assert_array_equal(wire_to_numpy(wire), a.astype(np.float64))
 
 
 @pytest.mark.parametrize("b64_min_elements", [0, 10**6], ids=["b64", "json"])
@@ -58,6 +60,8 @@ def test_encode_tensor_round_trips_torch(dtype: torch.dtype, b64_min_elements: i
     assert isinstance(back, torch.Tensor)
     assert back.dtype == dtype
     assert torch.equal(back.isnan(), t.isnan())
+    # The wire itself, read by the tests' own decoder (base64 + numpy, or the JSON numbers).
+    np.testing.assert_array_equal(wire_to_numpy(wire), t.double().numpy())
     assert torch.equal(back.nan_to_num(), t.nan_to_num())
 
 
