@@ -249,10 +249,11 @@ class JVPService:
             self.bound(task)
         return task
 
-    def bound(self, task: JVPTask) -> Estimate | None:
+    def bound(self, task: JVPTask, *, strict: bool = False) -> Estimate | None:
         """The task's abstract evaluation (NOTE [abstract evaluation]), kept on the task:
         413 when anything it makes passes a limit, 422 when its shapes do not fit the
-        target. None for work on a linearize session (bounded when it was made)."""
+        target. None for work on a linearize session (bounded when it was made), and when
+        the target cannot run on meta tensors (the 422 `NotEvaluated` when ``strict``)."""
         plan = plan_of(
             task.target, task.inputs, task.tangents, task.parameter_tangents, task.operation
         )
@@ -260,7 +261,7 @@ class JVPService:
             return None
         shapes = tuple(x.shape for x in task.inputs)
         task.estimate = self.estimator(
-            task.target, shapes, task.dtype, plan, self.bounds.get(task.device)
+            task.target, shapes, task.dtype, plan, self.bounds.get(task.device), strict=strict
         )
         return task.estimate
 
@@ -271,10 +272,10 @@ class JVPService:
         start = time.monotonic() if arrived is None else arrived
         task.deadline = start + self.settings.request_timeout_s
         if task.estimate is not None:
-            seconds = check_deadline(
+            task.seconds = check_deadline(
                 task.estimate, self.engine.rates.get(task.device), task.deadline
             )
-            task.watch = seconds > WATCH_AFTER_S
+            task.watch = task.seconds > WATCH_AFTER_S
 
     @staticmethod
     def _tangent(

@@ -133,10 +133,20 @@ class Estimate:
     elements: int = 0
 
 
+# ATen names as the expression language spells them (the rest are the same words).
+_LANGUAGE_NAMES = {
+    "view": "reshape",
+    "_unsafe_view": "reshape",
+    "mm": "matmul",
+    "bmm": "matmul",
+    "expand": "broadcast",
+}
+
+
 def _operator_name(func: Any) -> str:
     packet = getattr(func, "overloadpacket", None)
-    name = getattr(packet, "__name__", None) or str(func)
-    return name.removeprefix("aten::")
+    name = (getattr(packet, "__name__", None) or str(func)).removeprefix("aten::")
+    return _LANGUAGE_NAMES.get(name, name)
 
 
 class _Tracer(TorchDispatchMode):

@@ -134,6 +134,7 @@ class JVPTask:
     # ``watch`` (long work, by its estimate) stops at the next operator past it.
     deadline: float | None = None
     watch: bool = False
+    seconds: float = 0.0  # the least time its work takes on this device (its estimate)
     # What it will make and cost (app/engine/abstract.py), once the service bounded it.
     estimate: Estimate | None = None
 
@@ -472,6 +473,16 @@ class DeviceWorker:
             if item.deadline is not None and now > item.deadline:
                 item.future.set_exception(
                     DeadlineExceeded("The request passed its deadline in the queue")
+                )
+                continue
+            seconds = item.task.seconds if item.task is not None else 0.0
+            if item.deadline is not None and seconds > item.deadline - now:
+                item.future.set_exception(
+                    DeadlineExceeded(
+                        f"The computation would take at least {seconds:.3g} s on this device; "
+                        f"{item.deadline - now:.3g} s of the request's deadline were left when "
+                        "it left the queue (JVP_REQUEST_TIMEOUT_S)"
+                    )
                 )
                 continue
             admitted.append(item)
