@@ -160,23 +160,37 @@ class _Tracer(TorchDispatchMode):
         self.total = 0  # bytes of every tensor made, freed or not
         self.largest = 0
         self.largest_operator = ""
+        # The largest tensor that depends on an input: the one the operation's directions
+        # multiply (a weight, closed over, is made once whatever K is).
+        self.largest_varying = 0
+        self.varying_operator = ""
         self.matmul_flops = 0
         self.elements = 0
+        self._varying: dict[int, weakref.ref[torch.Tensor]] = {}
 
     def _freed(self, nbytes: int) -> None:
         self.live -= nbytes
 
-    def add_input(self, t: torch.Tensor) -> None:
+    def _varies(self, t: torch.Tensor) -> bool:
+        ref = self._varying.get(id(t))
+        return ref is not None and ref() is t
+
+    def add_input(self, t: torch.Tensor, *, varying: bool) -> None:
         nbytes = t.numel() * t.element_size()
         self.live += nbytes
         self.peak = max(self.peak, self.live)
+        if varying:
+            self._varying[id(t)] = weakref.ref(t)
+            self.largest_varying = max(self.largest_varying, t.numel())
 
     def __torch_dispatch__(
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None
     ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        inputs = {id(a) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        given = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        inputs = {id(a) for a in given}
+        varying = any(self._varies(a) for a in given)
         is_view = bool(getattr(func, "is_view", False))
         flop_formula = flop_registry.get(func.overloadpacket)
         for t in tree_leaves(out):
@@ -196,6 +210,10 @@ class _Tracer(TorchDispatchMode):
                 )
             if numel > self.largest:
                 self.largest, self.largest_operator = numel, _operator_name(func)
+            if varying:
+                self._varying[id(t)] = weakref.ref(t)
+                if numel > self.largest_varying:
+                    self.largest_varying, self.varying_operator = numel, _operator_name(func)
             if is_view or id(t) in inputs:
                 continue  # no new memory
             nbytes = numel * t.element_size()
@@ -220,6 +238,8 @@ class Forward:
     total: int
     largest: int
     largest_operator: str
+    largest_varying: int
+    varying_operator: str
     matmul_flops: int
     elements: int
 
@@ -236,9 +256,9 @@ def trace_forward(
     try:
         with torch.no_grad(), tracer:
             for x in inputs:
-                tracer.add_input(x)
+                tracer.add_input(x, varying=True)
             for p in state.values():
-                tracer.add_input(p)
+                tracer.add_input(p, varying=False)
             outputs = materialized.fn(inputs, state)
             specs = tuple(Spec(tuple(o.shape), o.dtype) for o in outputs)
             del outputs
@@ -254,6 +274,8 @@ def trace_forward(
         total=tracer.total,
         largest=tracer.largest,
         largest_operator=tracer.largest_operator,
+        largest_varying=tracer.largest_varying,
+        varying_operator=tracer.varying_operator or "an input",
         matmul_flops=tracer.matmul_flops,
         elements=tracer.elements,
     )
@@ -266,19 +288,19 @@ def _bytes(specs: Sequence[Spec]) -> int:
 def _derive(forward: Forward, plan: Plan, dtype: torch.dtype) -> Estimate:
     """The operation's results and cost from the forward pass (NOTE [abstract evaluation]).
 
-    Multipliers (m: how many forward passes' worth of work; c: tensors carried per
-    primal intermediate), checked against the real runs in tests/test_eval_shape.py:
-    J·v: a primal and a tangent per intermediate, the tangent of a product two
-    products (m 3, c 2); K directions m 1 + 2K, c 1 + K; the Jacobian's N columns
-    m 1 + N, c 1 + N; an HVP (forward-over-reverse: the reverse pass keeps every
-    intermediate, the JVP doubles both) m 3 (1 + 2K'), saving all of them.
+    Multipliers (``work``: how many forward passes' worth of FLOPs; ``carried``: tensors
+    per primal intermediate), checked against the real runs in tests/test_eval_shape.py:
+    J·v of K directions (K = 1 without tangent_batch): the primal, K tangents, and the
+    weights' zero tangents once (work 2 + K, carried 1 + K); the Jacobian's N columns
+    (work 1 + N, carried 1 + N); an HVP (forward-over-reverse: the reverse pass keeps
+    every intermediate, the JVP of both carries K tangents) work 3 (1 + K).
     """
     k = max(plan.batch, 1)
     outputs = forward.outputs
     lead: Shape = (plan.batch,) if plan.batch else ()
     if plan.kind == "jvp":
         results = tuple(Spec(lead + o.shape, o.dtype) for o in outputs)
-        work, carried = 1 + 2 * k, 1 + (k if plan.batch else 1)
+        work, carried = 2 + k, 1 + k
         peak = carried * forward.peak + _bytes(results)
     elif plan.kind == "jacobian":
         n = max(plan.columns, 1)
@@ -287,8 +309,7 @@ def _derive(forward: Forward, plan: Plan, dtype: torch.dtype) -> Estimate:
         peak = carried * forward.peak + _bytes(results)
     elif plan.kind == "hvp":
         results = tuple(Spec(lead + s, dtype) for s in plan.result_shapes)
-        work = 3 * (1 + 2 * k)
-        carried = 1 + k
+        work, carried = 3 * (1 + k), 1 + k
         peak = 2 * carried * (forward.total + forward.peak) + _bytes(results)
     elif plan.kind == "linearize":
         results = tuple(Spec(o.shape, o.dtype) for o in outputs)  # J·t of the session
@@ -304,16 +325,20 @@ def _derive(forward: Forward, plan: Plan, dtype: torch.dtype) -> Estimate:
         matmul += passes * forward.matmul_flops
         elements += passes * forward.elements
         peak += wide * (forward.peak + _bytes(outputs))
+    # Each direction carries a tangent of every intermediate that depends on an input.
+    candidates = [
+        (forward.largest, forward.largest_operator),
+        (forward.largest_varying * max(carried - 1, 1), forward.varying_operator),
+        *((r.numel, "the result") for r in results),
+    ]
+    largest, operator = max(candidates, key=lambda c: c[0])
     return Estimate(
         outputs=outputs if plan.kind != "hvp" else (Spec((), dtype),),
         results=results,
         flops=matmul + elements,
         peak_bytes=peak,
-        largest=max(
-            forward.largest * (carried - 1 if carried > 2 else 1),
-            max((r.numel for r in results), default=0),
-        ),
-        largest_operator=forward.largest_operator,
+        largest=largest,
+        largest_operator=operator,
         matmul_flops=matmul,
         elements=elements,
     )
