@@ -47,6 +47,7 @@ a repeated request pays one dictionary look-up (bench/abstract_eval.py).
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import threading
 import time
@@ -466,7 +467,10 @@ class Estimator:
             if cls is NotEvaluated and not strict:
                 return None
             raise cls(message, param=param)
-        if bounds is not None:
+        # The element bounds held when it was evaluated; the device's bytes and FLOPs here.
+        if bounds is not None and (
+            found.peak_bytes > bounds.max_bytes or found.flops > bounds.max_flops
+        ):
             check_bounds(found, bounds)
         return found
 
@@ -557,6 +561,11 @@ class DeadlineWatch(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@functools.lru_cache(maxsize=64)
+def _plain(directions: int) -> Plan:
+    return Plan("jvp", directions=directions)
+
+
 def plan_of(
     target: Target,
     inputs: Sequence[torch.Tensor],
@@ -573,9 +582,9 @@ def plan_of(
         LinearizeOperation,
     )
 
+    if operation is None:  # the hot path: one Plan per number of directions
+        return _plain(sum(t is not None for t in tangents) + len(parameter_tangents))
     given = [t for t in tangents if t is not None] + list(parameter_tangents.values())
-    if operation is None:
-        return Plan("jvp", directions=len(given))
     if isinstance(operation, JVPOperation):
         batch = int(given[0].shape[0]) if operation.tangent_batch and given else 0
         return Plan(
