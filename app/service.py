@@ -68,6 +68,10 @@ INLINE_ELEMENTS = 16_384
 # Work estimated to take longer than this is watched for its deadline between operators
 # (app/engine/abstract.py `DeadlineWatch`); shorter work is not: each operator would pay.
 WATCH_AFTER_S = 0.2
+# A first abstract evaluation runs on the event loop only for a small expression of at
+# most this many operator calls (bench/abstract_eval.py: 0.3-0.8 ms); else in a thread.
+ABSTRACT_INLINE_MAX_OPERATIONS = 32
+MISSING = object()  # `JVPService.bound(cached_only=True)`: not evaluated yet
 
 
 async def _offload(fn: Callable[..., T], *args: Any, inline: bool) -> T:
@@ -152,7 +156,7 @@ class JVPService:
             return None
         return declared if isinstance(declared, int) and not isinstance(declared, bool) else 0
 
-    def prepare(self, request: JVPRequest, *, bound: bool = True) -> JVPTask:
+    def prepare(self, request: JVPRequest, bound: bool = True) -> JVPTask:
         """Everything that can be checked before queueing: names, shapes, dtypes, limits,
         and (``bound``) what the computation will make (`bound`)."""
         target, model = self.resolve(request)
@@ -249,17 +253,22 @@ class JVPService:
             self.bound(task)
         return task
 
-    def bound(self, task: JVPTask, *, strict: bool = False) -> Estimate | None:
+    def bound(
+        self, task: JVPTask, *, strict: bool = False, cached_only: bool = False
+    ) -> Estimate | None | object:
         """The task's abstract evaluation (NOTE [abstract evaluation]), kept on the task:
         413 when anything it makes passes a limit, 422 when its shapes do not fit the
         target. None for work on a linearize session (bounded when it was made), and when
-        the target cannot run on meta tensors (the 422 `NotEvaluated` when ``strict``)."""
+        the target cannot run on meta tensors (the 422 `NotEvaluated` when ``strict``);
+        ``cached_only``: `MISSING` instead of evaluating when it is not cached yet."""
         plan = plan_of(
             task.target, task.inputs, task.tangents, task.parameter_tangents, task.operation
         )
         if plan is None:
             return None
         shapes = tuple(x.shape for x in task.inputs)
+        if cached_only and not self.estimator.has(task.target, shapes, task.dtype, plan):
+            return MISSING
         task.estimate = self.estimator(
             task.target, shapes, task.dtype, plan, self.bounds.get(task.device), strict=strict
         )
@@ -298,10 +307,23 @@ class JVPService:
             )
         return tangent
 
+    async def bound_off_loop(self, task: JVPTask, *, small: bool) -> None:
+        """`bound` on the event loop when it is a dictionary look-up or a small
+        expression's first evaluation (well under a millisecond); else in a worker thread
+        (a model's first forward pass on meta tensors takes milliseconds, and runs the
+        model's own Python code)."""
+        ops = task.target.operations
+        quick = small and ops is not None and ops <= ABSTRACT_INLINE_MAX_OPERATIONS
+        if quick:
+            self.bound(task)
+        elif self.bound(task, cached_only=True) is MISSING:
+            await asyncio.to_thread(self.bound, task)
+
     async def _run(
         self, request: JVPRequest, *, small: bool, arrived: float | None = None
     ) -> tuple[JVPTask, JVPResult]:
-        task = await _offload(self.prepare, request, inline=small)
+        task = await _offload(self.prepare, request, False, inline=small)
+        await self.bound_off_loop(task, small=small)
         self.schedule(task, arrived)
         result = await self.engine.run(task, timeout_s=self.settings.request_timeout_s)
         if self.metrics is not None:

@@ -114,7 +114,7 @@ class ShapeService:
         request = self._request(operation, body)
         task, names = self._task(operation, request)
         estimate = self.service.bound(task, strict=True)
-        assert estimate is not None
+        assert isinstance(estimate, Estimate)
         return self.render(operation, task, names, estimate)
 
     @staticmethod

@@ -91,10 +91,18 @@ def main() -> None:
     print("-" * len(header))
     for name, body in WORKLOADS.items():
         request = JVPRequest.model_validate(body)
-        baseline = median_us(lambda r=request: service.prepare(r, bound=False), args.repeat)
+
+        def unbounded(r: JVPRequest = request) -> None:
+            service.prepare(r, bound=False)
+
+        baseline = median_us(unbounded, args.repeat)
         task = service.prepare(request, bound=False)
         service.bound(task)  # fills the cache
-        cached = median_us(lambda t=task: service.bound(t), args.repeat)
+
+        def cached_bound(t: Any = task) -> None:
+            service.bound(t)
+
+        cached = median_us(cached_bound, args.repeat)
 
         def uncached(t: Any = task) -> None:
             service.estimator._cache.clear()

@@ -329,3 +329,47 @@ def test_eval_shape_is_in_the_openapi_schema(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     post = schema["paths"]["/eval_shape"]["post"]
     assert "200" in post["responses"] and "413" in post["responses"]
+
+
+# The bytes and FLOPs limits, and their defaults.
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "named"),
+    [
+        ("max_request_bytes", 1_000_000, "JVP_MAX_REQUEST_BYTES"),
+        ("max_request_flops", 1_000_000, "JVP_MAX_REQUEST_FLOPS"),
+    ],
+)
+def test_request_past_bytes_or_flops_limit_is_413_on_every_route(
+    setting: str, value: int, named: str
+) -> None:
+    # 256x256 @ 256x256: 33M FLOPs, ~1 MB of live tensors with their tangents.
+    n = 256
+    with make_client(job_runner="off", **{setting: value}) as c:
+        body = {
+            "expression": "tanh(x @ x)",
+            "primals": {"x": {"shape": [n, n], "dtype": "float32", "data": [0.1] * (n * n)}},
+            "tangents": {"x": {"shape": [n, n], "dtype": "float32", "data": [1.0] * (n * n)}},
+        }
+        for route, extra in (("/jvp", {}), ("/hvp", {"reduction": "sum"})):
+            r = c.post(route, json={**body, **extra})
+            assert r.status_code == 413, r.text
+            assert r.json()["error"]["type"] == "too_large"
+            assert named in r.json()["error"]["message"]
+        shaped = c.post("/eval_shape", json={**body, "primals": {"x": {"shape": [n, n]}}})
+        assert shaped.status_code == 413
+        assert named in shaped.json()["error"]["message"]
+        small = c.post("/jvp", json={"expression": "x * 3", "primals": {"x": [1.0]}})
+        assert small.status_code == 200
+        assert small.json()["jvp"]["data"] == [0.0]
+
+
+def test_request_bytes_default_is_a_quarter_of_the_machines_memory(client: TestClient) -> None:
+    import os
+
+    service = client.app.state.service  # type: ignore[attr-defined]
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cpu = service.bounds[torch.device("cpu")]
+    assert 0 < cpu.max_bytes <= total // 4
+    assert cpu.max_flops == Settings().max_request_flops

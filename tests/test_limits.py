@@ -213,8 +213,8 @@ def test_create_jvp_out_of_memory_frees_request_tensors(monkeypatch: pytest.Monk
         request_tensors: list[weakref.ref[torch.Tensor]] = []
         prepare = service.prepare
 
-        def recording_prepare(request: object, **kwargs: object) -> object:
-            task = prepare(request, **kwargs)
+        def recording_prepare(request: object, *args: object) -> object:
+            task = prepare(request, *args)
             request_tensors.extend(weakref.ref(t) for t in (*task.inputs, *task.tangents))
             return task
 

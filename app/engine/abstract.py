@@ -439,6 +439,12 @@ class Estimator:
         self._cache = collections.OrderedDict()
         self._lock = threading.Lock()
 
+    def has(
+        self, target: Target, shapes: tuple[Shape, ...], dtype: torch.dtype, plan: Plan
+    ) -> bool:
+        """Whether this evaluation is cached (a call would be a dictionary look-up)."""
+        return (target, shapes, dtype, plan) in self._cache
+
     def __call__(
         self,
         target: Target,

@@ -669,10 +669,11 @@ class Engine:
         (NOTE [tiny work runs inline])."""
         if task.deadline is None:
             task.deadline = time.monotonic() + timeout_s
-        else:
-            timeout_s = task.deadline - time.monotonic()
-            if timeout_s <= 0:
-                raise DeadlineExceeded("The request passed its deadline before it was queued")
+        remaining = task.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(
+                f"The request passed its deadline of {timeout_s:g} s before it was queued"
+            )
         key = work_key(task)
         if self.ready:
             worker = self.workers[task.device]
@@ -685,7 +686,7 @@ class Engine:
         future = self.submit(task, priority=priority, deadline=task.deadline, work=key)
         try:
             # asyncio.timeout, not wait_for: wait_for wraps the future in one more task.
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(remaining):
                 return await asyncio.wrap_future(future)
         except TimeoutError:
             future.cancel()  # a task still queued never runs
