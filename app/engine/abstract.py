@@ -100,12 +100,14 @@ class Bounds:
 
 @dataclass(frozen=True)
 class Plan:
-    """What the operation does with the target, as far as its cost is concerned.
+    """What the operation does with the target, as far as its shapes and cost go.
 
-    ``kind``: jvp | jacobian | hvp | linearize. ``tangents``: the shapes of the
-    directions (inputs with a tangent, then parameter tangents; with a leading K when
-    ``batch`` > 0). ``wrt``: indices of the differentiated inputs, then parameter names
-    (jacobian, linearize). ``check``: options.check's finite differences.
+    ``kind``: jvp | jacobian | hvp | linearize. ``batch``: K of tangent_batch (0: none).
+    ``directions``: how many arguments have a tangent (or are differentiated).
+    ``columns``: the Jacobian's N (elements of every argument differentiated).
+    ``result_shapes``: the differentiated arguments' shapes (jacobian, hvp, linearize).
+    ``check``: options.check's finite differences. ``output_index``, ``reduction``: the
+    HVP's scalar. Hashable: with the target, shapes and dtype, the cache key.
     """
 
     kind: str
