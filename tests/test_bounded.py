@@ -193,3 +193,28 @@ def test_create_jvp_cpu_out_of_memory_is_507_and_the_service_keeps_serving() -> 
         assert_small_jvp_served(live.url)
     finally:
         live.stop()
+
+
+def test_job_task_past_a_limit_fails_alone_with_413s_error(tmp_path: Path) -> None:
+    # Job tasks are bounded as /jvp requests are (JVPService.prepare): the task that
+    # would make a 268M-element product is recorded as too_large, the other computed.
+    from tests.conftest import make_client
+    from tests.jobs.test_routes import all_results, wait_finished
+
+    n = 16384
+    with make_client(database_url=f"sqlite:///{tmp_path / 'jobs.db'}") as c:
+        body = {
+            "expression": "x * y",
+            "tasks": [
+                {"primals": {"x": b64(np.ones((n, 1))), "y": b64(np.ones((1, n)))}},
+                {"primals": {"x": [2.0], "y": [3.0]}, "tangents": {"x": [1.0]}},
+            ],
+        }
+        r = c.post("/jobs", json=body)
+        assert r.status_code == 202, r.text
+        job = wait_finished(c, r.json()["id"])
+        assert (job["status"], job["done"], job["failed"]) == ("completed", 2, 1)
+        big, small = all_results(c, job["id"])
+        assert big["error"]["type"] == "too_large"
+        assert "JVP_MAX_TENSOR_ELEMENTS" in big["error"]["message"]
+        assert small["jvp"]["data"] == [3.0]
