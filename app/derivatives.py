@@ -83,7 +83,7 @@ class DerivativeService:
                 tangent_batch=tangent_batch,
             ),
         )
-        task = self.service.prepare(request)
+        task = self.service.prepare(request, bound=False)  # bounded once its operation is set
         task.operation = None
         return task
 
@@ -121,7 +121,8 @@ class DerivativeService:
         ordered = tuple(inputs[i] for i in indices) + tuple(params)
         return tuple(indices), tuple(params), ordered
 
-    async def _run(self, task: JVPTask) -> JVPResult:
+    async def _run(self, task: JVPTask, arrived: float | None = None) -> JVPResult:
+        self.service.schedule(task, arrived)
         return await self.service.engine.run(task, timeout_s=self.settings.request_timeout_s)
 
     # POST /jacobian.
@@ -145,12 +146,13 @@ class DerivativeService:
             )
         op = JacobianOperation(indices, params, self.settings.max_request_elements)
         task.operation = op
+        self.service.bound(task)
         return task, names, op
 
-    async def jacobian(self, body: JacobianRequest) -> dict[str, Any]:
+    async def jacobian(self, body: JacobianRequest, arrived: float | None = None) -> dict[str, Any]:
         started = time.monotonic()
         task, names, _ = await asyncio.to_thread(self._prepare_jacobian, body)
-        result = await self._run(task)
+        result = await self._run(task, arrived)
         encoding = body.options.encoding
 
         def render() -> dict[str, Any]:
@@ -193,15 +195,16 @@ class DerivativeService:
             reduction=body.reduction,
             tangent_batch=body.options.tangent_batch,
         )
+        self.service.bound(task)
         names = [
             n for n, t in zip(task.target.input_names, task.tangents, strict=True) if t is not None
         ]
         return task, names + list(task.parameter_tangents)
 
-    async def hvp(self, body: HVPRequest) -> dict[str, Any]:
+    async def hvp(self, body: HVPRequest, arrived: float | None = None) -> dict[str, Any]:
         started = time.monotonic()
         task, names = await asyncio.to_thread(self._prepare_hvp, body)
-        result = await self._run(task)
+        result = await self._run(task, arrived)
         encoding = body.options.encoding
 
         def render() -> dict[str, Any]:
@@ -228,12 +231,15 @@ class DerivativeService:
         indices, params, names = self._wrt(task.target, body.wrt)
         op = LinearizeOperation(self.store, task.target, indices, params, names)
         task.operation = op
+        self.service.bound(task)
         return task, names, op
 
-    async def linearize(self, body: LinearizeRequest) -> dict[str, Any]:
+    async def linearize(
+        self, body: LinearizeRequest, arrived: float | None = None
+    ) -> dict[str, Any]:
         started = time.monotonic()
         task, names, op = await asyncio.to_thread(self._prepare_linearize, body)
-        result = await self._run(task)
+        result = await self._run(task, arrived)
         session = op.session
         assert session is not None
         encoding = body.options.encoding

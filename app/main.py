@@ -24,9 +24,10 @@ from app.middleware import BodyLimitMiddleware, KeyFirstMiddleware, RequestConte
 from app.models.builtin import BUILTINS
 from app.models.registry import ModelRegistry
 from app.models.repository import load_repository
-from app.routes import derivatives, docs, health, jobs, jvp, metrics, models
+from app.routes import derivatives, docs, health, jobs, jvp, metrics, models, shapes
 from app.service import JVPService
 from app.settings import Settings
+from app.shapes import ShapeService
 
 log = logging.getLogger("app")
 
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = registry
         app.state.service = JVPService(settings, engine, registry, metrics=app_metrics)
         app.state.derivatives, sweeper = start_derivatives(settings, app.state.service)
+        app.state.shapes = ShapeService(app.state.derivatives)
         app_metrics.bind_engine(engine)
         engine.start()  # warms every device up, then marks the engine ready
         # Everything made so far (torch, the models, the app) lives as long as the process.
@@ -125,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.include_router(jvp.router)
     app.include_router(derivatives.router)
+    app.include_router(shapes.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(jobs.router)

@@ -274,3 +274,51 @@ class LinearizedJVPRequest(BaseModel):
 class LinearizedJVPResponse(BaseModel):
     jvp: Any = Field(description="J·t at the session's point; a list for several outputs.")
     timing_ms: TimingMs
+
+
+# Shapes first: POST /eval_shape (app/shapes.py).
+
+SHAPE_ONLY = (
+    'Any tensor may be {"shape": [...], "dtype": "..."} with no data: only its shape is used.'
+)
+
+
+class EvalShapeRequest(BaseModel):
+    """The body of /jvp, /jacobian, /hvp or /linearize, plus ``operation``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    operation: Literal["jvp", "vjp", "jacobian", "hvp", "linearize", "solve"] = Field(
+        "jvp",
+        description="Whose shapes and cost: jvp, jacobian, hvp, linearize (vjp and solve "
+        "are not available yet: 422). The other fields are that route's body. " + SHAPE_ONLY,
+    )
+    expression: str | None = Field(None, description="An expression such as 'x**2 + y**2'.")
+    model: str | None = Field(None, description="A registered model's name (GET /models).")
+    primals: dict[str, Tensor] = Field(description="One tensor per input, by name. " + SHAPE_ONLY)
+
+
+class ShapeSpec(BaseModel):
+    shape: list[int]
+    dtype: str
+
+
+class Cost(BaseModel):
+    flops: int = Field(description="Estimated floating-point operations of the computation.")
+    peak_bytes: int = Field(description="Estimated peak bytes it holds while computing.")
+
+
+class EvalShapeResponse(BaseModel):
+    """``output`` and the operation's result (``jvp``, ``jacobian`` or ``hvp``) as shapes."""
+
+    model_config = ConfigDict(extra="allow")
+
+    output: ShapeSpec | list[ShapeSpec] = Field(description="What the operation's output is.")
+    jvp: ShapeSpec | list[ShapeSpec] | None = Field(
+        None, description="jvp (and linearize: a later J·t of the session): shaped like output."
+    )
+    jacobian: dict[str, ShapeSpec] | list[dict[str, ShapeSpec]] | None = Field(
+        None, description="jacobian: per input, output shape + input shape."
+    )
+    hvp: dict[str, ShapeSpec] | None = Field(None, description="hvp: per input with a tangent.")
+    cost: Cost

@@ -16,7 +16,8 @@ import torch
 
 from app.binary import SafetensorsResponse, encode_response
 from app.codec import Limits, decode_tensor, encode_tensor
-from app.engine.devices import DTYPE_NAMES, parse_device, parse_dtype
+from app.engine.abstract import Bounds, Estimate, Estimator, check_deadline, plan_of
+from app.engine.devices import DTYPE_NAMES, device_memory, parse_device, parse_dtype
 from app.engine.errors import InvalidRequest, TooLarge
 from app.engine.expressions import compile_expression
 from app.engine.operations import jvp_operation, tangent_batch_size
@@ -64,6 +65,15 @@ def _shape_matches(shape: tuple[int, ...], declared: tuple[int, ...]) -> bool:
 INLINE_ELEMENTS = 16_384
 
 
+# Work estimated to take longer than this is watched for its deadline between operators
+# (app/engine/abstract.py `DeadlineWatch`); shorter work is not: each operator would pay.
+WATCH_AFTER_S = 0.2
+# A first abstract evaluation runs on the event loop only for a small expression of at
+# most this many operator calls (bench/abstract_eval.py: 0.3-0.8 ms); else in a thread.
+ABSTRACT_INLINE_MAX_OPERATIONS = 32
+MISSING = object()  # `JVPService.bound(cached_only=True)`: not evaluated yet
+
+
 async def _offload(fn: Callable[..., T], *args: Any, inline: bool) -> T:
     """``fn(*args)`` here when ``inline``, else in a worker thread off the event loop."""
     return fn(*args) if inline else await asyncio.to_thread(fn, *args)
@@ -83,6 +93,17 @@ class JVPService:
         self.registry = registry
         self.metrics = metrics
         self.limits = Limits(settings.max_tensor_elements, settings.max_dims)
+        # NOTE [abstract evaluation] (app/engine/abstract.py): every request is bounded by
+        # what it makes before it is queued; the bytes limit is per device.
+        self.estimator = Estimator(settings.max_tensor_elements)
+        self.bounds = {
+            d: Bounds(
+                settings.max_tensor_elements,
+                settings.max_request_bytes or device_memory(d) // 4,
+                settings.max_request_flops,
+            )
+            for d in engine.devices
+        }
         # NOTE [dynamic batching] (app/engine/batching.py); batch sizes go to the metrics.
         engine.configure_batching(
             max_batch_size=settings.max_batch_size,
@@ -135,8 +156,9 @@ class JVPService:
             return None
         return declared if isinstance(declared, int) and not isinstance(declared, bool) else 0
 
-    def prepare(self, request: JVPRequest) -> JVPTask:
-        """Everything that can be checked before queueing: names, shapes, dtypes, limits."""
+    def prepare(self, request: JVPRequest, bound: bool = True) -> JVPTask:
+        """Everything that can be checked before queueing: names, shapes, dtypes, limits,
+        and (``bound``) what the computation will make (`bound`)."""
         target, model = self.resolve(request)
         dtype = parse_dtype(self.dtype_name(request, model))
         device = parse_device(request.options.device, self.engine.devices)
@@ -209,7 +231,7 @@ class JVPService:
                 f"{self.settings.max_request_elements}",
                 param="primals",
             )
-        return JVPTask(
+        task = JVPTask(
             target=target,
             inputs=inputs,
             tangents=tangents,
@@ -228,6 +250,42 @@ class JVPService:
             fallback=request.options.fallback,
             max_batch_size=self.batch_limit(model),
         )
+        if bound:
+            self.bound(task)
+        return task
+
+    def bound(
+        self, task: JVPTask, *, strict: bool = False, cached_only: bool = False
+    ) -> Estimate | None | object:
+        """The task's abstract evaluation (NOTE [abstract evaluation]), kept on the task:
+        413 when anything it makes passes a limit, 422 when its shapes do not fit the
+        target. None for work on a linearize session (bounded when it was made), and when
+        the target cannot run on meta tensors (the 422 `NotEvaluated` when ``strict``);
+        ``cached_only``: `MISSING` instead of evaluating when it is not cached yet."""
+        plan = plan_of(
+            task.target, task.inputs, task.tangents, task.parameter_tangents, task.operation
+        )
+        if plan is None:
+            return None
+        shapes = tuple(x.shape for x in task.inputs)
+        if cached_only and not self.estimator.has(task.target, shapes, task.dtype, plan):
+            return MISSING
+        task.estimate = self.estimator(
+            task.target, shapes, task.dtype, plan, self.bounds.get(task.device), strict=strict
+        )
+        return task.estimate
+
+    def schedule(self, task: JVPTask, arrived: float | None) -> None:
+        """The task's deadline, ``JVP_REQUEST_TIMEOUT_S`` from the request's arrival: 504 at
+        once when its estimated work cannot fit in what is left on this device; long work
+        is watched between operators (`WATCH_AFTER_S`)."""
+        start = time.monotonic() if arrived is None else arrived
+        task.deadline = start + self.settings.request_timeout_s
+        if task.estimate is not None:
+            task.seconds = check_deadline(
+                task.estimate, self.engine.rates.get(task.device), task.deadline
+            )
+            task.watch = task.seconds > WATCH_AFTER_S
 
     @staticmethod
     def _tangent(
@@ -250,8 +308,24 @@ class JVPService:
             )
         return tangent
 
-    async def _run(self, request: JVPRequest, *, small: bool) -> tuple[JVPTask, JVPResult]:
-        task = await _offload(self.prepare, request, inline=small)
+    async def bound_off_loop(self, task: JVPTask, *, small: bool) -> None:
+        """`bound` on the event loop when it is a dictionary look-up or a small
+        expression's first evaluation (well under a millisecond); else in a worker thread
+        (a model's first forward pass on meta tensors takes milliseconds, and runs the
+        model's own Python code)."""
+        ops = task.target.operations
+        quick = small and ops is not None and ops <= ABSTRACT_INLINE_MAX_OPERATIONS
+        if quick:
+            self.bound(task)
+        elif self.bound(task, cached_only=True) is MISSING:
+            await asyncio.to_thread(self.bound, task)
+
+    async def _run(
+        self, request: JVPRequest, *, small: bool, arrived: float | None = None
+    ) -> tuple[JVPTask, JVPResult]:
+        task = await _offload(self.prepare, request, False, inline=small)
+        await self.bound_off_loop(task, small=small)
+        self.schedule(task, arrived)
         result = await self.engine.run(task, timeout_s=self.settings.request_timeout_s)
         if self.metrics is not None:
             self.metrics.observe_result(task.device, result)
@@ -265,23 +339,26 @@ class JVPService:
             "total": round((time.monotonic() - started) * 1e3, 3),
         }
 
-    async def jvp(self, request: JVPRequest, *, small: bool = False) -> dict[str, Any]:
+    async def jvp(
+        self, request: JVPRequest, *, small: bool = False, arrived: float | None = None
+    ) -> dict[str, Any]:
         """The JVP as a JSON body. ``small``: the request body is small enough to decode
-        on the event loop (NOTE [small requests inline])."""
+        on the event loop (NOTE [small requests inline]); ``arrived``: when the request
+        arrived (time.monotonic()), where its deadline starts."""
         started = time.monotonic()
-        task, result = await self._run(request, small=small)
+        task, result = await self._run(request, small=small, arrived=arrived)
         inline = sum(o.numel() for o in result.outputs + result.jvps) <= INLINE_ELEMENTS
         body = await _offload(self.render, task, result, request.options.encoding, inline=inline)
         body["timing_ms"] = self._timing(result, started)
         return body
 
     async def jvp_safetensors(
-        self, request: JVPRequest, *, small: bool = False
+        self, request: JVPRequest, *, small: bool = False, arrived: float | None = None
     ) -> SafetensorsResponse:
         """The JVP as a safetensors body (app/binary.py): tensors ``output`` and ``jvp`` (or
         ``output/i``, ``jvp/i``), the other response fields as metadata ``"response"``."""
         started = time.monotonic()
-        task, result = await self._run(request, small=small)
+        task, result = await self._run(request, small=small, arrived=arrived)
         fields = {
             "dtype": DTYPE_NAMES[task.dtype],
             "device": str(task.device),

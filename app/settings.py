@@ -42,6 +42,20 @@ class Settings(BaseSettings):
         67_108_864, ge=1, description="Elements across all tensors of one request (64M)."
     )
     max_dims: int = Field(8, ge=0, description="Dimensions per tensor.")
+    max_request_bytes: int = Field(
+        0,
+        ge=0,
+        description="Estimated peak bytes one request's computation may need (its inputs, "
+        "every intermediate and result while they live, from the abstract evaluation); 0: a "
+        "quarter of the device's memory (the machine's, or its cgroup's, for the CPU), read at "
+        "start-up.",
+    )
+    max_request_flops: int = Field(
+        10**14,
+        ge=1,
+        description="Estimated floating-point operations of one request's computation "
+        "(100 TFLOP; 413 past it).",
+    )
     max_body_bytes: int = Field(
         268_435_456, ge=1, description="Bytes per request body (256 MiB), counted while it streams."
     )
@@ -68,7 +82,13 @@ class Settings(BaseSettings):
 
     # Engine.
     max_queue: int = Field(1024, ge=1, description="Work items waiting per device before 503.")
-    request_timeout_s: float = Field(60.0, gt=0, description="Deadline of one /jvp request.")
+    request_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Deadline of one request, from its arrival: reading the body, waiting "
+        "in the queue and computing. Work that cannot finish in the time left (its estimated "
+        "FLOPs at the device's measured rate) is a 504 at once.",
+    )
     num_threads: int = Field(
         0,
         ge=0,

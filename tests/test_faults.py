@@ -24,8 +24,9 @@ class Gate(nn.Module):
         return self  # the served copy must share the events with the test
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.started.set()
-        self.release.wait(10)
+        if x.device.type != "meta":  # not its abstract evaluation (app/engine/abstract.py)
+            self.started.set()
+            self.release.wait(10)
         return x * 2
 
 

@@ -267,8 +267,8 @@ def test_create_jvp_out_of_memory_frees_request_tensors(monkeypatch: pytest.Monk
         request_tensors: list[weakref.ref[torch.Tensor]] = []
         prepare = service.prepare
 
-        def recording_prepare(request: object) -> object:
-            task = prepare(request)
+        def recording_prepare(request: object, *args: object) -> object:
+            task = prepare(request, *args)
             request_tensors.extend(weakref.ref(t) for t in (*task.inputs, *task.tangents))
             return task
 
@@ -280,8 +280,9 @@ def test_create_jvp_out_of_memory_frees_request_tensors(monkeypatch: pytest.Monk
         assert "memory was released" in r.json()["error"]["message"]
         # What the computation held on the device (the dual input, an intermediate) is gone
         # by the time the client hears of it: no traceback or queue item keeps it.
-        assert len(module.held) == 2
-        assert [ref() for ref in module.held] == [None, None]
+        # (Its abstract evaluation on meta tensors ran it first: two more, gone too.)
+        assert len(module.held) >= 2
+        assert all(ref() is None for ref in module.held)
         # And nothing holds the request's own tensors once it was answered.
         assert len(request_tensors) == 2
         assert [ref() for ref in request_tensors] == [None, None]

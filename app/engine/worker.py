@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from app.engine.abstract import DeadlineWatch, Estimate, Rate, measure_rate
 from app.engine.batching import (
     BatchPayoff,
     BatchQueue,
@@ -107,6 +108,8 @@ FIRST_INLINE_MAX_OPERATIONS = 32
 FIRST_INLINE_MAX_ELEMENTS = 4096
 
 _NO_FORWARD_AD = re.compile(r"Trying to use forward AD with (\S+) that does not support it")
+# What a failed CPU allocation raises (c10's DefaultCPUAllocator), a RuntimeError.
+_CPU_OUT_OF_MEMORY = re.compile(r"DefaultCPUAllocator: (can't allocate memory|not enough memory)")
 
 
 @dataclass
@@ -128,6 +131,13 @@ class JVPTask:
     # Dynamic batching (NOTE [dynamic batching] in app/engine/batching.py): the largest
     # batch this task's target may join; None: the engine's limit; 0 or 1: never batches.
     max_batch_size: int | None = None
+    # When the request gives up (time.monotonic()); work past it never starts, and with
+    # ``watch`` (long work, by its estimate) stops at the next operator past it.
+    deadline: float | None = None
+    watch: bool = False
+    seconds: float = 0.0  # the least time its work takes on this device (its estimate)
+    # What it will make and cost (app/engine/abstract.py), once the service bounded it.
+    estimate: Estimate | None = None
 
 
 @dataclass
@@ -189,22 +199,33 @@ def _compute(task: JVPTask) -> Computed:
         inputs = tuple(move(x) for x in task.inputs)
         tangents = tuple(None if t is None else move(t) for t in task.tangents)
         param_tangents = {k: move(t) for k, t in task.parameter_tangents.items()}
-        if task.operation is not None:
-            outputs, jvps = task.operation(target, inputs, tangents, param_tangents)
-            method = getattr(task.operation, "method", "forward")  # options.check runs fallbacks
-        else:
-            outputs, jvps, method = jvp_with_fallback(
-                ENGINES[task.engine],
-                target,
-                inputs,
-                tangents,
-                param_tangents,
-                fallback=task.fallback,
-            )
+        watch = DeadlineWatch(task.deadline) if task.watch and task.deadline else None
+        if watch is not None:
+            watch.__enter__()
+        try:
+            if task.operation is not None:
+                outputs, jvps = task.operation(target, inputs, tangents, param_tangents)
+                method = getattr(task.operation, "method", "forward")  # options.check runs fallbacks
+            else:
+                outputs, jvps, method = jvp_with_fallback(
+                    ENGINES[task.engine],
+                    target,
+                    inputs,
+                    tangents,
+                    param_tangents,
+                    fallback=task.fallback,
+                )
+        finally:
+            if watch is not None:
+                watch.__exit__(None, None, None)
         return _host(outputs), _host(jvps), method
     except (EngineError, torch.OutOfMemoryError):
         raise
     except (RuntimeError, NotImplementedError) as e:
+        if _CPU_OUT_OF_MEMORY.search(str(e)):
+            # Handled as CUDA's: dropped past compute's except block (NOTE [free on
+            # out-of-memory]), which frees this one's frames and tensors with it.
+            raise torch.OutOfMemoryError(_first_line(e)) from None
         match = _NO_FORWARD_AD.search(str(e))
         if match:
             raise ForwardADUnsupported(
@@ -468,6 +489,16 @@ class DeviceWorker:
                     DeadlineExceeded("The request passed its deadline in the queue")
                 )
                 continue
+            seconds = item.task.seconds if item.task is not None else 0.0
+            if item.deadline is not None and seconds > item.deadline - now:
+                item.future.set_exception(
+                    DeadlineExceeded(
+                        f"The computation would take at least {seconds:.3g} s on this device; "
+                        f"{item.deadline - now:.3g} s of the request's deadline were left when "
+                        "it left the queue (JVP_REQUEST_TIMEOUT_S)"
+                    )
+                )
+                continue
             admitted.append(item)
         return admitted
 
@@ -576,6 +607,8 @@ class Engine:
         self.devices = devices
         self.workers = {d: DeviceWorker(d, max_queue=max_queue) for d in devices}
         self._stacker = Stacker()
+        # Each device's measured speed (NOTE [abstract evaluation] in app/engine/abstract.py).
+        self.rates: dict[torch.device, Rate] = {}
         self.configure_batching(
             max_batch_size=max_batch_size, batch_wait_us=batch_wait_us, observe_batch=observe_batch
         )
@@ -620,6 +653,7 @@ class Engine:
             task = JVPTask(_WARM_UP, (x,), (x,), {}, torch.float32, device, "functional")
             task.operation = VmapWarmUp()
             worker.submit(task).result()
+            self.rates[device] = measure_rate(device)
         self.ready = True
 
     def stop(self) -> None:
@@ -644,8 +678,16 @@ class Engine:
     async def run(
         self, task: JVPTask, *, timeout_s: float, priority: int = INTERACTIVE
     ) -> JVPResult:
-        """Queue a task and await its result, giving up at the deadline (504); tiny CPU work
-        may run here at once instead (NOTE [tiny work runs inline])."""
+        """Queue a task and await its result, giving up at the deadline (504): ``timeout_s``
+        from now, or ``task.deadline`` when set; tiny CPU work may run here at once instead
+        (NOTE [tiny work runs inline])."""
+        if task.deadline is None:
+            task.deadline = time.monotonic() + timeout_s
+        remaining = task.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(
+                f"The request passed its deadline of {timeout_s:g} s before it was queued"
+            )
         key = work_key(task)
         if self.ready:
             worker = self.workers[task.device]
@@ -655,12 +697,10 @@ class Engine:
                 result = await self._stacker.run(worker, task, key)
                 if result is not None:
                     return result
-        future = self.submit(
-            task, priority=priority, deadline=time.monotonic() + timeout_s, work=key
-        )
+        future = self.submit(task, priority=priority, deadline=task.deadline, work=key)
         try:
             # asyncio.timeout, not wait_for: wait_for wraps the future in one more task.
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(remaining):
                 return await asyncio.wrap_future(future)
         except TimeoutError:
             future.cancel()  # a task still queued never runs

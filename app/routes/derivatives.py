@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request, Response
 from app.auth import KeyDep
 from app.body import JSONBodyRoute
 from app.derivatives import DerivativeService
+from app.middleware import SCOPE_ARRIVED
 from app.responses import ORJSONResponse
 from app.schemas import (
     ErrorBody,
@@ -30,16 +31,21 @@ def _service(request: Request) -> DerivativeService:
     return service
 
 
+def _arrived(request: Request) -> float | None:
+    arrived: float | None = request.scope.get(SCOPE_ARRIVED)
+    return arrived
+
+
 @router.post("/jacobian", response_model=JacobianResponse, responses=ERRORS)  # type: ignore[arg-type]
 async def create_jacobian(body: JacobianRequest, request: Request, _: KeyDep) -> ORJSONResponse:
     """The full Jacobian with respect to `wrt` (default: all inputs), by forward mode."""
-    return ORJSONResponse(await _service(request).jacobian(body))
+    return ORJSONResponse(await _service(request).jacobian(body, _arrived(request)))
 
 
 @router.post("/hvp", response_model=HVPResponse, responses=ERRORS)  # type: ignore[arg-type]
 async def create_hvp(body: HVPRequest, request: Request, _: KeyDep) -> ORJSONResponse:
     """Hessian-vector products of a scalar function by forward-over-reverse."""
-    return ORJSONResponse(await _service(request).hvp(body))
+    return ORJSONResponse(await _service(request).hvp(body, _arrived(request)))
 
 
 @router.post("/linearize", response_model=LinearizeResponse, responses=ERRORS)  # type: ignore[arg-type]
@@ -47,7 +53,7 @@ async def create_linearization(
     body: LinearizeRequest, request: Request, _: KeyDep
 ) -> ORJSONResponse:
     """Linearize at the primals once; apply it to many tangents until it expires."""
-    return ORJSONResponse(await _service(request).linearize(body))
+    return ORJSONResponse(await _service(request).linearize(body, _arrived(request)))
 
 
 @router.post(

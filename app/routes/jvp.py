@@ -20,6 +20,7 @@ from app.auth import KeyDep
 from app.binary import SAFETENSORS, decode_request
 from app.body import SMALL_BODY_BYTES, is_json, media_type, parse_json, read_body
 from app.engine.errors import UnsupportedMediaType
+from app.middleware import SCOPE_ARRIVED
 from app.responses import ORJSONResponse
 from app.schemas import ErrorBody, JVPRequest, JVPResponse
 from app.service import JVPService
@@ -131,6 +132,7 @@ async def answer_jvp(request: Request) -> Response:
             f"or {SAFETENSORS}",
             param="Content-Type",
         )
+    arrived = request.scope.get(SCOPE_ARRIVED)
     if _wants_safetensors(request.headers.get("accept")):
-        return await service.jvp_safetensors(body, small=small)
-    return ORJSONResponse(await service.jvp(body, small=small))
+        return await service.jvp_safetensors(body, small=small, arrived=arrived)
+    return ORJSONResponse(await service.jvp(body, small=small, arrived=arrived))

@@ -17,7 +17,7 @@ from app.engine.errors import (
     Overloaded,
 )
 from app.engine.target import Materialized, Target
-from app.engine.worker import BATCH, INTERACTIVE, Engine, JVPTask
+from app.engine.worker import BATCH, INTERACTIVE, Engine, JVPTask, compute
 
 CPU = torch.device("cpu")
 
@@ -159,3 +159,26 @@ async def test_deadline_passed_is_timeout_and_the_queued_item_never_runs(engine:
 def test_engine_not_started_is_overloaded() -> None:
     with pytest.raises(Overloaded, match="not ready"):
         Engine([CPU], max_queue=1).submit(task(target_of(torch.sin)))
+
+
+def test_watched_work_past_its_deadline_stops_between_operators() -> None:
+    # 400 sines of a 1M-element tensor take seconds; watched, the worker is free within
+    # a fraction of one once the deadline passed.
+    def build(dtype: torch.dtype, device: torch.device) -> Materialized:
+        def fn(args: tuple[torch.Tensor, ...], state: dict[str, torch.Tensor]) -> tuple:
+            x = args[0]
+            for _ in range(400):
+                x = torch.sin(x)
+            return (x,)
+
+        return Materialized(fn=fn, parameters={}, buffers={})
+
+    x = torch.ones(1 << 20)
+    target = Target("long", ("x",), True, build)
+    task = JVPTask(target, (x,), (x,), {}, torch.float32, torch.device("cpu"))
+    task.deadline = time.monotonic() + 0.2
+    task.watch = True
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="passed its deadline while computing"):
+        compute(task)
+    assert time.monotonic() - started < 1.0

@@ -39,6 +39,7 @@ from ._linearize import AsyncLinearization, Linearization
 from ._tensors import B64_MIN_ELEMENTS, decode_tensor, encode_tensor
 from ._types import (
     BufferSpec,
+    EvalShapeResult,
     GradientCheck,
     HealthStatus,
     HVPResult,
@@ -50,6 +51,7 @@ from ._types import (
     JVPResult,
     LinearizationInfo,
     ModelInfo,
+    ShapeInfo,
     TensorSpec,
 )
 from ._version import __version__
@@ -73,7 +75,9 @@ __all__ = [
     "DeadlineExceededError",
     "ForwardADUnsupportedError",
     "GradientCheck",
+    "EvalShapeResult",
     "HVPResult",
+    "ShapeInfo",
     "HealthStatus",
     "InternalServerError",
     "JVPClient",

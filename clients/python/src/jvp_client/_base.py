@@ -57,6 +57,7 @@ from ._tensors import (
     count_elements,
     decode_tensor,
     decode_tensors,
+    encode_tensor,
     encode_tensor_map,
     infer_dtype,
     is_torch_tensor,
@@ -65,6 +66,7 @@ from ._tensors import (
 from ._tensors import _to_output as to_output
 from ._tensors import _to_wire_array as to_wire_array
 from ._types import (
+    EvalShapeResult,
     GradientCheck,
     HVPResult,
     JacobianResult,
@@ -75,6 +77,7 @@ from ._types import (
     JVPResult,
     LinearizationInfo,
     ModelInfo,
+    ShapeInfo,
 )
 from ._version import __version__
 
@@ -820,6 +823,93 @@ class BaseClient:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise APIResponseValidationError(
                 f"Unexpected /jacobian response: {exc}", response=response, body=body
+            ) from exc
+
+    def _eval_shape_body(
+        self,
+        *,
+        operation: str,
+        expression: str | None,
+        model: str | None,
+        primals: Mapping[str, object],
+        tangents: Mapping[str, object] | None,
+        parameter_tangents: Mapping[str, object] | None,
+        wrt: str | Sequence[str] | None,
+        output_index: int | None,
+        reduction: str | None,
+        tangent_batch: bool,
+        dtype: object,
+        device: str | None,
+        options: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        """The body of ``POST /eval_shape``: `ShapeInfo` values (or ``{"shape", "dtype"}``
+        mappings) travel without data; arrays as they would to the operation."""
+        where = "eval_shape()"
+        body = _target(expression, model, where=where)
+        body["operation"] = operation
+        wire_dtype = normalize_dtype(dtype)
+        for key, values in (
+            ("primals", primals),
+            ("tangents", tangents),
+            ("parameter_tangents", parameter_tangents),
+        ):
+            if values is None:
+                continue
+            if not isinstance(values, Mapping):
+                raise TypeError(f"{where}: expected {key} to be a mapping of names to tensors")
+            wire: dict[str, Any] = {}
+            for name, value in values.items():
+                if isinstance(value, ShapeInfo):
+                    wire[name] = {"shape": [int(d) for d in value.shape], "dtype": value.dtype}
+                elif isinstance(value, Mapping) and "shape" in value:
+                    wire[name] = dict(value)
+                else:
+                    wire[name], _ = encode_tensor(
+                        value, dtype=wire_dtype, b64_min_elements=self.b64_min_elements
+                    )
+            body[key] = wire
+        if wrt is not None:
+            body["wrt"] = [wrt] if isinstance(wrt, str) else list(wrt)
+        if output_index is not None:
+            body["output_index"] = output_index
+        if reduction is not None:
+            body["reduction"] = reduction
+        opts: dict[str, Any] = dict(options or {})
+        if tangent_batch:
+            opts["tangent_batch"] = True
+        if wire_dtype is not None:
+            opts["dtype"] = wire_dtype
+        if device is not None:
+            opts["device"] = device
+        if opts:
+            body["options"] = opts
+        return body
+
+    def _parse_eval_shape(self, response: httpx.Response, operation: str) -> EvalShapeResult:
+        body = self._json(response)
+
+        def specs(value: Any) -> Any:
+            if isinstance(value, dict) and "shape" in value:
+                return ShapeInfo(tuple(int(d) for d in value["shape"]), str(value["dtype"]))
+            if isinstance(value, dict):
+                return {str(k): specs(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [specs(v) for v in value]
+            raise TypeError(f"expected a shape, got {value!r}")
+
+        name = {"linearize": "jvp"}.get(operation, operation)
+        try:
+            cost = body["cost"]
+            return EvalShapeResult(
+                output=specs(body["output"]),
+                result=specs(body[name]),
+                flops=int(cost["flops"]),
+                peak_bytes=int(cost["peak_bytes"]),
+                raw=body,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise APIResponseValidationError(
+                f"Unexpected /eval_shape response: {exc}", response=response, body=body
             ) from exc
 
     def _parse_hvp(self, response: httpx.Response, kind: OutputKind) -> HVPResult:

@@ -27,7 +27,15 @@ from ._base import (
 from ._exceptions import APIConnectionError, APITimeoutError, make_status_error
 from ._jobs import AsyncJob, Job
 from ._linearize import AsyncLinearization, Linearization
-from ._types import HealthStatus, HVPResult, JacobianResult, JobInfo, JVPResult, ModelInfo
+from ._types import (
+    EvalShapeResult,
+    HealthStatus,
+    HVPResult,
+    JacobianResult,
+    JobInfo,
+    JVPResult,
+    ModelInfo,
+)
 
 __all__ = ["AsyncJVPClient", "JVPClient"]
 
@@ -320,6 +328,56 @@ class JVPClient(BaseClient):
         )
         response = self._request("POST", "hvp", json_body=body, timeout=timeout)
         return self._parse_hvp(response, kind)
+
+    def eval_shape(
+        self,
+        operation: str = "jvp",
+        *,
+        expression: str | None = None,
+        model: str | None = None,
+        primals: _Tensors,
+        tangents: _Tensors | None = None,
+        parameter_tangents: _Tensors | None = None,
+        wrt: str | Sequence[str] | None = None,
+        output_index: int | None = None,
+        reduction: Reduction | None = None,
+        tangent_batch: bool = False,
+        dtype: object = None,
+        device: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        timeout: TimeoutTypes = NOT_GIVEN,
+    ) -> EvalShapeResult:
+        """``POST /eval_shape``: the shapes ``operation`` (jvp, jacobian, hvp, linearize)
+        would answer, and its estimated FLOPs and peak bytes, computing nothing: size
+        batches before sending them. A tensor may be a `ShapeInfo` (no data).
+
+        Args:
+            operation: ``"jvp"`` (default), ``"jacobian"``, ``"hvp"`` or ``"linearize"``.
+            expression, model, primals, tangents, parameter_tangents, wrt, output_index,
+                reduction, tangent_batch, dtype, device, options, timeout: as for that
+                operation's method.
+
+        Returns:
+            :class:`EvalShapeResult`. Over a limit: the `PayloadTooLargeError` the
+            operation would raise.
+        """
+        body = self._eval_shape_body(
+            operation=operation,
+            expression=expression,
+            model=model,
+            primals=primals,
+            tangents=tangents,
+            parameter_tangents=parameter_tangents,
+            wrt=wrt,
+            output_index=output_index,
+            reduction=reduction,
+            tangent_batch=tangent_batch,
+            dtype=dtype,
+            device=device,
+            options=options,
+        )
+        response = self._request("POST", "eval_shape", json_body=body, timeout=timeout)
+        return self._parse_eval_shape(response, operation)
 
     def linearize(
         self,
@@ -641,6 +699,56 @@ class AsyncJVPClient(BaseClient):
         )
         response = await self._request("POST", "hvp", json_body=body, timeout=timeout)
         return self._parse_hvp(response, kind)
+
+    async def eval_shape(
+        self,
+        operation: str = "jvp",
+        *,
+        expression: str | None = None,
+        model: str | None = None,
+        primals: _Tensors,
+        tangents: _Tensors | None = None,
+        parameter_tangents: _Tensors | None = None,
+        wrt: str | Sequence[str] | None = None,
+        output_index: int | None = None,
+        reduction: Reduction | None = None,
+        tangent_batch: bool = False,
+        dtype: object = None,
+        device: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        timeout: TimeoutTypes = NOT_GIVEN,
+    ) -> EvalShapeResult:
+        """``POST /eval_shape``: the shapes ``operation`` (jvp, jacobian, hvp, linearize)
+        would answer, and its estimated FLOPs and peak bytes, computing nothing: size
+        batches before sending them. A tensor may be a `ShapeInfo` (no data).
+
+        Args:
+            operation: ``"jvp"`` (default), ``"jacobian"``, ``"hvp"`` or ``"linearize"``.
+            expression, model, primals, tangents, parameter_tangents, wrt, output_index,
+                reduction, tangent_batch, dtype, device, options, timeout: as for that
+                operation's method.
+
+        Returns:
+            :class:`EvalShapeResult`. Over a limit: the `PayloadTooLargeError` the
+            operation would raise.
+        """
+        body = self._eval_shape_body(
+            operation=operation,
+            expression=expression,
+            model=model,
+            primals=primals,
+            tangents=tangents,
+            parameter_tangents=parameter_tangents,
+            wrt=wrt,
+            output_index=output_index,
+            reduction=reduction,
+            tangent_batch=tangent_batch,
+            dtype=dtype,
+            device=device,
+            options=options,
+        )
+        response = await self._request("POST", "eval_shape", json_body=body, timeout=timeout)
+        return self._parse_eval_shape(response, operation)
 
     async def linearize(
         self,

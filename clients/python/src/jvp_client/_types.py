@@ -270,3 +270,30 @@ class JobResultsPage:
 
     results: list[JobTaskResult]
     next_offset: int | None
+
+
+@dataclass(frozen=True)
+class ShapeInfo:
+    """A tensor without data: what ``POST /eval_shape`` answers, and may be sent
+    (``primals={"x": ShapeInfo((1000, 64))}``) in place of a tensor there."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class EvalShapeResult:
+    """The answer of ``POST /eval_shape``: the shapes an operation would answer, and its
+    estimated cost, computing nothing.
+
+    ``output``: a `ShapeInfo` (a list for several outputs); ``result``: the operation's
+    result (``jvp``: shaped like output; ``jacobian``: ``{name: ShapeInfo}``, a list of
+    maps for several outputs; ``hvp``: ``{name: ShapeInfo}``; ``linearize``: a later
+    J·t's shapes); ``flops`` and ``peak_bytes``: the service's estimates.
+    """
+
+    output: ShapeInfo | list[ShapeInfo]
+    result: Any
+    flops: int
+    peak_bytes: int
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)

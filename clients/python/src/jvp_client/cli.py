@@ -7,6 +7,7 @@
     jvp jacobian --expression "sin(x) * y" --primal x=x.npy --primal y=y.npy \\
                  [--wrt x] --out jac.npz
     jvp hvp --expression "sum(x**3)" --primal x=x.npy --tangent x=v.npy --out hvp.npz
+    jvp eval-shape [--operation jacobian] -e "sin(x) * y" --shape x=3,4 --shape y=4
     jvp models [NAME]
     jvp health
     jvp jobs submit tasks.jsonl [--expression ... | --model ...] [--wait]
@@ -42,7 +43,7 @@ from ._base import NOT_GIVEN
 from ._client import JVPClient
 from ._exceptions import APIStatusError, JVPError
 from ._tensors import Array
-from ._types import HVPResult, JacobianResult, JobInfo, JVPResult
+from ._types import EvalShapeResult, HVPResult, JacobianResult, JobInfo, JVPResult, ShapeInfo
 from ._version import __version__
 
 __all__ = ["main"]
@@ -288,6 +289,74 @@ def _cmd_hvp(client: JVPClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_shapes(items: Sequence[str] | None, flag: str) -> dict[str, ShapeInfo] | None:
+    """``NAME=3,4`` (``NAME=`` for a scalar) as shapes without data, in --dtype."""
+    if not items:
+        return None
+    out: dict[str, ShapeInfo] = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            shape = tuple(int(d) for d in dims.split(",") if d.strip())
+        except ValueError:
+            shape = None
+        if not sep or not name or shape is None:
+            raise UsageError(f"{flag}: expected NAME=D0,D1,... (integers), got {item!r}")
+        out[name] = ShapeInfo(shape)
+    return out
+
+
+def _print_eval_shape(result: EvalShapeResult, operation: str) -> None:
+    def text(spec: ShapeInfo) -> str:
+        return f"{list(spec.shape)} {spec.dtype}"
+
+    outputs = result.output if isinstance(result.output, list) else [result.output]
+    for i, spec in enumerate(outputs):
+        print(f"output{'' if len(outputs) == 1 else f' {i}'}: {text(spec)}")
+    label = {"linearize": "jvp"}.get(operation, operation)
+    blocks = result.result if isinstance(result.result, list) else [result.result]
+    for i, block in enumerate(blocks):
+        prefix = label if len(blocks) == 1 else f"{label} {i}"
+        if isinstance(block, dict):
+            for name, spec in block.items():
+                print(f"{prefix} {name}: {text(spec)}")
+        else:
+            print(f"{prefix}: {text(block)}")
+    print(f"flops: {result.flops}")
+    print(f"peak_bytes: {result.peak_bytes}")
+
+
+def _cmd_eval_shape(client: JVPClient, args: argparse.Namespace) -> int:
+    primals: dict[str, Any] = {}
+    for given in (
+        _parse_assignments(args.primal, "--primal"),
+        _parse_shapes(args.shape, "--shape"),
+    ):
+        for name, value in (given or {}).items():
+            if name in primals:
+                raise UsageError(f"eval-shape: {name!r} given twice")
+            primals[name] = value
+    if not primals:
+        raise UsageError("eval-shape: give at least one --shape NAME=D0,D1 or --primal")
+    tangents = _parse_assignments(args.tangent, "--tangent") or {}
+    tangents.update(_parse_shapes(args.tangent_shape, "--tangent-shape") or {})
+    result = client.eval_shape(
+        args.operation,
+        expression=args.expression,
+        model=args.model,
+        primals=primals,
+        tangents=tangents or None,
+        parameter_tangents=_parse_assignments(args.parameter_tangent, "--parameter-tangent"),
+        wrt=args.wrt,
+        reduction=args.reduction,
+        tangent_batch=args.tangent_batch,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    _print_eval_shape(result, args.operation)
+    return 0
+
+
 def _cmd_models(client: JVPClient, args: argparse.Namespace) -> int:
     if args.name:
         info = client.model(args.name)
@@ -526,6 +595,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hvp.add_argument("--out", "-o", metavar="FILE.npz", help="write output and hvp_NAME")
     hvp.set_defaults(handler=_cmd_hvp)
+
+    shapes = add(
+        commands,
+        "eval-shape",
+        "the shapes and estimated cost of an operation, computing nothing (POST /eval_shape)",
+    )
+    shapes.add_argument(
+        "--operation",
+        choices=["jvp", "jacobian", "hvp", "linearize"],
+        default="jvp",
+        help="whose shapes (default: jvp)",
+    )
+    _add_target_options(shapes, required=True, jvp_options=False)
+    _add_tensor_options(shapes, tangents=True)
+    shapes.add_argument(
+        "--shape",
+        "-s",
+        action="append",
+        metavar="NAME=D0,D1",
+        help="an input by its shape alone (no data); repeat per input",
+    )
+    shapes.add_argument(
+        "--tangent-shape", action="append", metavar="NAME=D0,D1", help="a tangent's shape"
+    )
+    shapes.add_argument("--wrt", action="append", metavar="NAME", help="jacobian, linearize")
+    shapes.add_argument("--reduction", choices=["sum", "mean", "none"], help="hvp")
+    shapes.set_defaults(handler=_cmd_eval_shape)
 
     models = add(commands, "models", "list models, or describe one")
     models.add_argument("name", nargs="?", help="a model's name")

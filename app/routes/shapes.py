@@ -1,0 +1,26 @@
+"""POST /eval_shape: an operation's output shapes and cost, before (and without) computing."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+
+from app.auth import KeyDep
+from app.responses import ORJSONResponse
+from app.schemas import ErrorBody, EvalShapeRequest, EvalShapeResponse
+from app.shapes import ShapeService
+
+router = APIRouter(tags=["derivatives"])
+
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422)}
+
+
+@router.post("/eval_shape", response_model=EvalShapeResponse, responses=ERRORS)  # type: ignore[arg-type]
+async def create_eval_shape(body: EvalShapeRequest, request: Request, _: KeyDep) -> ORJSONResponse:
+    """The shapes and dtypes of what an operation (jvp, jacobian, hvp, linearize) would
+    answer, and its estimated FLOPs and peak bytes; tensors may be given as
+    ``{"shape", "dtype"}`` without data. Over a limit: the 413 the operation would get."""
+    service: ShapeService = request.app.state.shapes
+    fields = body.model_dump(exclude_unset=True)
+    return ORJSONResponse(await asyncio.to_thread(service.evaluate, fields))
