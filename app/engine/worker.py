@@ -205,7 +205,8 @@ def _compute(task: JVPTask) -> Computed:
         try:
             if task.operation is not None:
                 outputs, jvps = task.operation(target, inputs, tangents, param_tangents)
-                method = getattr(task.operation, "method", "forward")  # options.check runs fallbacks
+                # options.check runs the fallbacks, and says which method ran
+                method = getattr(task.operation, "method", "forward")
             else:
                 outputs, jvps, method = jvp_with_fallback(
                     ENGINES[task.engine],

@@ -7,13 +7,14 @@ import asyncio
 from fastapi import APIRouter, Request
 
 from app.auth import KeyDep
+from app.body import JSONBodyRoute
 from app.responses import ORJSONResponse
 from app.schemas import ErrorBody, EvalShapeRequest, EvalShapeResponse
 from app.shapes import ShapeService
 
-router = APIRouter(tags=["derivatives"])
+router = APIRouter(tags=["derivatives"], route_class=JSONBodyRoute)
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 408, 413, 422)}
 
 
 @router.post("/eval_shape", response_model=EvalShapeResponse, responses=ERRORS)  # type: ignore[arg-type]
