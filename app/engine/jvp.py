@@ -121,10 +121,22 @@ def jvp_dual(
     parameter_tangents: Mapping[str, torch.Tensor],
 ) -> tuple[Tensors, Tensors]:
     """J·v with `fwAD.make_dual` / `fwAD.unpack_dual` inside a dual level of this call's own."""
+    return _exact(_dual, target, inputs, tangents, parameter_tangents)
+
+
+def _exact(
+    compute: Callable[..., tuple[Tensors, Tensors]],
+    target: Materialized,
+    inputs: Tensors,
+    tangents: OptionalTensors,
+    parameter_tangents: Mapping[str, torch.Tensor],
+) -> tuple[Tensors, Tensors]:
+    """``compute`` with zero tangents where that is exact, else with plain operands
+    (NOTE [mixed dual and plain operands]); no JVP at all without any tangent."""
     if all(t is None for t in tangents) and not parameter_tangents:
         return no_tangents(target, inputs)
     return verified(
-        lambda zeros: _dual(target, inputs, tangents, parameter_tangents, zeros),
+        lambda zeros: compute(target, inputs, tangents, parameter_tangents, zeros),
         gives_zero_tangents(target, inputs, tangents, parameter_tangents),
     )
 
@@ -166,12 +178,7 @@ def jvp_functional(
 ) -> tuple[Tensors, Tensors]:
     """J·v with `torch.func.jvp` of what has a tangent, the rest closed over (small operands
     first with a zero tangent: NOTE [mixed dual and plain operands])."""
-    if all(t is None for t in tangents) and not parameter_tangents:
-        return no_tangents(target, inputs)
-    return verified(
-        lambda zeros: functional(target, inputs, tangents, parameter_tangents, zeros),
-        gives_zero_tangents(target, inputs, tangents, parameter_tangents),
-    )
+    return _exact(functional, target, inputs, tangents, parameter_tangents)
 
 
 def functional(
