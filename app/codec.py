@@ -14,6 +14,7 @@ import itertools
 import math
 import reprlib
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -70,7 +71,7 @@ def _check_shape(shape: object, param: str, limits: Limits) -> tuple[int, ...]:
     return checked_shape(shape, param, limits, what=f"'{param}.shape'")
 
 
-def check_limits(shape: list[int], param: str, limits: Limits) -> None:
+def check_limits(shape: Sequence[int], param: str, limits: Limits) -> None:
     """413 when a tensor of ``shape`` passes the dimension or element limit.
 
     Every dimension is bounded by the element limit on its own too: a zero elsewhere
@@ -90,7 +91,9 @@ def check_limits(shape: list[int], param: str, limits: Limits) -> None:
             f"Tensor '{param}' has {count} elements; the limit is {limits.max_tensor_elements}",
             param=param,
         )
-    for axis, size in enumerate(shape):  # only a zero-size tensor can hide one here
+    if count:  # each dimension is at most the product: only a zero can hide one here
+        return
+    for axis, size in enumerate(shape):
         if size > limits.max_tensor_elements:
             raise TooLarge(
                 f"Tensor '{param}' has shape {list(shape)}: dimension {axis} of size {size} "
@@ -213,7 +216,7 @@ def _decode(value: Any, *, param: str, default_dtype: torch.dtype, limits: Limit
             param=param,
         )
     array = _numbers(value, param)
-    _check_shape(list(array.shape), param, limits)
+    check_limits(array.shape, param, limits)  # numpy's shape: non-negative ints already
     return _from_float64(array, default_dtype)
 
 
