@@ -101,8 +101,10 @@ def run_wrk(
     accept: str | None = None,
     threads: int | None = None,
     timeout_s: float = 10.0,
+    nice: bool = False,
 ) -> WrkResult:
-    """POST `body` to `url` from `connections` clients for `duration_s`; wrk's report, parsed."""
+    """POST `body` to `url` from `connections` clients for `duration_s`; wrk's report, parsed
+    (``nice``: wrk at nice -19, as bench/revisions.py --nice runs the servers)."""
     exe = wrk_path()
     if exe is None:
         raise RuntimeError(INSTALL_HINT)
@@ -118,6 +120,7 @@ def run_wrk(
             "WRK_ACCEPT": accept or "",
         }
         argv = [
+            *(["nice", "-n", "-19"] if nice else []),
             exe,
             f"-t{threads}",
             f"-c{connections}",

@@ -80,6 +80,7 @@ class Server:
     port: int = field(default_factory=free_port)
     startup_timeout_s: float = 120.0
     cleanup: list[Path] = field(default_factory=list)  # files removed once it stopped
+    cwd: Path = ROOT  # bench/revisions.py serves another revision from its worktree
     process: subprocess.Popen[bytes] | None = None
     peak_mib: float | None = None
     _log: tempfile._TemporaryFileWrapper[bytes] | None = None
@@ -93,7 +94,7 @@ class Server:
         self._log = tempfile.NamedTemporaryFile(prefix=f"bench-{self.name}-", suffix=".log")  # noqa: SIM115
         self.process = subprocess.Popen(
             argv,
-            cwd=ROOT,
+            cwd=self.cwd,
             env={**os.environ, **self.env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
