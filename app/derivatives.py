@@ -27,7 +27,7 @@ from app.engine.operations import (
     tangent_batch_size,
 )
 from app.engine.target import Target
-from app.engine.worker import JVPResult, JVPTask
+from app.engine.task import JVPResult, JVPTask
 from app.schemas import (
     HVPRequest,
     JacobianRequest,
@@ -374,15 +374,14 @@ class SessionSweeper:
         self.store.clear()
 
 
-def start_derivatives(
+def derivative_service(
     settings: Settings, service: JVPService
 ) -> tuple[DerivativeService, SessionSweeper]:
-    """The /jacobian, /hvp, /linearize service and its running session sweeper (lifespan)."""
+    """The /jacobian, /hvp, /linearize service and its session sweeper (not yet started)."""
     store = LinearizeStore(
         ttl_s=settings.linearize_ttl_s,
         max_session_bytes=settings.linearize_max_session_bytes,
         budget_bytes=settings.linearize_budget_bytes,
     )
     sweeper = SessionSweeper(store, settings.linearize_sweep_s)
-    sweeper.start()
     return DerivativeService(service, store), sweeper

@@ -43,9 +43,11 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
-    from app.engine.worker import DeviceWorker, Engine, JVPResult
+    from app.engine.engine import Engine
 
-# Seconds: from 100 us (a tiny expression's queue wait) to a minute (the default deadline).
+    # Seconds: from 100 us (a tiny expression's queue wait) to a minute (the default deadline).
+    from app.engine.task import JVPResult
+    from app.engine.worker import DeviceWorker
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,

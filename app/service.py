@@ -18,11 +18,12 @@ from app.binary import SafetensorsResponse, encode_response
 from app.codec import Limits, decode_tensor, encode_tensor
 from app.engine.abstract import Bounds, Estimate, Estimator, check_deadline, plan_of
 from app.engine.devices import DTYPE_NAMES, device_memory, parse_device, parse_dtype
+from app.engine.engine import Engine
 from app.engine.errors import InvalidRequest, TooLarge
 from app.engine.expressions import compile_expression
 from app.engine.operations import jvp_operation, tangent_batch_size
 from app.engine.target import Materialized, Target
-from app.engine.worker import Engine, JVPResult, JVPTask
+from app.engine.task import JVPResult, JVPTask
 from app.metrics import Metrics
 from app.models.registry import ModelRegistry, ServedModel
 from app.schemas import JVPRequest

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -124,6 +123,9 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text or as JSON objects (one per line)."
     )
+    log_level: str = Field(
+        "info", description="Log level of `jvp-service serve` and `worker` (--log-level wins)."
+    )
     opentelemetry: bool = Field(
         False,
         description="FastAPI's own OpenTelemetry spans, metrics and logs through the global "
@@ -234,8 +236,3 @@ class Settings(BaseSettings):
                 return json.loads(stripped)
             return [k.strip() for k in stripped.split(",") if k.strip()]
         return value
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()

@@ -21,7 +21,7 @@ from app.derivatives import DerivativeService
 from app.engine.abstract import Estimate, Spec
 from app.engine.devices import DTYPE_NAMES, parse_dtype
 from app.engine.errors import InvalidRequest
-from app.engine.worker import JVPTask
+from app.engine.task import JVPTask
 from app.schemas import HVPRequest, JacobianRequest, JVPRequest, LinearizeRequest
 
 REQUESTS: dict[str, type[BaseModel]] = {

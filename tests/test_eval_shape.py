@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from app.engine.abstract import Bounds, Plan, estimate, plan_of
 from app.engine.jvp import ENGINES
 from app.engine.operations import HVPOperation, JacobianOperation, JVPOperation
-from app.main import build_registry
+from app.runtime import build_registry
 from app.settings import Settings
 from tests.conftest import make_client
 

@@ -45,16 +45,14 @@ from __future__ import annotations
 import heapq
 import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch.func import vmap
 
 from app.engine.jvp import functional, gives_zero_tangents, no_tangents, verified
 from app.engine.target import Materialized
-
-if TYPE_CHECKING:
-    from app.engine.worker import JVPTask
+from app.engine.task import JVPTask
 
 Tensors = tuple[torch.Tensor, ...]
 

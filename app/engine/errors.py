@@ -54,3 +54,10 @@ class DeadlineExceeded(EngineError):
 
 class DeviceOutOfMemory(EngineError):
     """The device ran out of memory; the request's memory was released (507)."""
+
+
+def first_line(e: BaseException, limit: int = 500) -> str:
+    """The first line of an error's text (its class name when empty), at most ``limit``
+    characters: what a message quotes of a torch error."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:limit]

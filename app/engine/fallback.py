@@ -55,7 +55,7 @@ from torch._decomp import decomposition_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from app.engine.derivatives import NotCovered, first_uncovered
-from app.engine.errors import ForwardADUnsupported
+from app.engine.errors import ForwardADUnsupported, first_line
 from app.engine.target import Materialized
 
 Tensors = tuple[torch.Tensor, ...]
@@ -482,11 +482,11 @@ def jvp_with_fallback(
         except (RuntimeError, NotImplementedError) as e:
             missing = unsupported_operator(e)
             if missing is None:
-                why_not.append(f"the decomposed program failed: {_first_line(e)}")
+                why_not.append(f"the decomposed program failed: {first_line(e, 300)}")
                 break
             continue
         except Exception as e:  # noqa: BLE001 - a decomposition that cannot trace this model
-            why_not.append(f"decomposing {sorted(names)} failed: {_first_line(e)}")
+            why_not.append(f"decomposing {sorted(names)} failed: {first_line(e, 300)}")
             break
         return (*result, DECOMPOSED)
 
@@ -499,9 +499,9 @@ def jvp_with_fallback(
     except _Uncovered as e:
         why_not.append(f"reverse-over-reverse: {e}, which would drop the tangent")
     except (RuntimeError, NotImplementedError) as e:
-        why_not.append(f"reverse-over-reverse failed: {_first_line(e)}")
+        why_not.append(f"reverse-over-reverse failed: {first_line(e, 300)}")
     except Exception as e:  # noqa: BLE001 - a program the check cannot trace is not proven
-        why_not.append(f"reverse-over-reverse could not be checked: {_first_line(e)}")
+        why_not.append(f"reverse-over-reverse could not be checked: {first_line(e, 300)}")
     else:
         return (*result, DOUBLE_VJP)
 
@@ -509,8 +509,3 @@ def jvp_with_fallback(
         f"Operator {operator} has no forward-AD formula in PyTorch {version}; "
         f"the fallbacks failed too: {'; '.join(why_not)}"
     ) from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 
 from celery import Celery
 
-from app.jobs.celery_app import TASK_NAME, make_celery, ranges_of
+from app.jobs.celery_config import TASK_NAME, make_celery, ranges_of
 from app.jobs.store import JobStore, now
 from app.settings import Settings
 

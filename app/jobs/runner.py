@@ -24,7 +24,7 @@ import torch
 
 from app.engine.devices import DTYPE_NAMES
 from app.engine.errors import EngineError, Overloaded
-from app.engine.worker import BATCH, JVPResult, JVPTask
+from app.engine.task import BATCH, JVPResult, JVPTask
 from app.errors import STATUS_OF
 from app.jobs import blobs
 from app.jobs.models import CANCELLED, DONE, FAILED, QUEUED

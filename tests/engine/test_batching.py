@@ -17,10 +17,11 @@ from torch import nn
 from torch.func import jvp as func_jvp
 
 from app.engine.batching import batch_key
+from app.engine.engine import Engine
 from app.engine.errors import DeadlineExceeded, InvalidRequest
 from app.engine.operations import jvp_operation
 from app.engine.target import Materialized, Target
-from app.engine.worker import BATCH, INTERACTIVE, Engine, JVPResult, JVPTask
+from app.engine.task import BATCH, INTERACTIVE, JVPResult, JVPTask
 from app.models.builtin import mlp
 from app.models.registry import ModelRegistry, ServedModel, TensorSpec, module_target
 from app.schemas import JVPRequest

@@ -8,9 +8,11 @@ import asyncio
 import pytest
 import torch
 
+from app.engine.compute import compute
+from app.engine.engine import Engine
 from app.engine.errors import InvalidRequest
 from app.engine.stacking import split, stack_tasks
-from app.engine.worker import Engine, JVPResult, JVPTask, compute
+from app.engine.task import JVPResult, JVPTask
 from app.service import expression_target
 
 CPU = torch.device("cpu")

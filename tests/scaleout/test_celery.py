@@ -20,8 +20,8 @@ import torch
 from torch.func import jvp
 
 from app.jobs import blobs
-from app.jobs.celery_app import ranges_of
 from app.jobs.celery_backend import chunks
+from app.jobs.celery_config import ranges_of
 from app.jobs.models import DONE
 from app.jobs.service import batch_key
 from app.jobs.store import NewJob, NewTask
