@@ -152,7 +152,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
             args.workers,
         )
     # OpenMP reads its pool size and wait policy once, when torch is imported (in
-    # app.main, below): set them first, for this process and uvicorn's workers alike
+    # app.api.app, below): set them first, for this process and uvicorn's workers alike
     # (NOTE [CPU threads] in app/engine/cpu_budget.py).
     cpu_budget.apply_to_environ(cpu_budget.plan(settings.num_threads, processes=args.workers))
     # uvicorn shuts down gracefully on SIGTERM (stops accepting, finishes requests in
@@ -160,7 +160,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
     # the handler it found: make that one a no-op so a clean stop exits 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(
-        "app.main:create_app",
+        "app.api.app:create_app",
         factory=True,
         host=host,
         port=args.port or settings.port,
@@ -168,7 +168,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
         workers=args.workers,
         # Connections: at most this many at once (uvicorn answers 503 past it), and idle
         # kept-alive ones closed after this long; a body that stops arriving is closed
-        # by app/middleware.py (JVP_BODY_TIMEOUT_S).
+        # by app/api/middleware.py (JVP_BODY_TIMEOUT_S).
         limit_concurrency=settings.limit_concurrency,
         timeout_keep_alive=settings.timeout_keep_alive_s,
         log_config=None,  # configure_logging above: one format, request ids

@@ -1,14 +1,14 @@
 """Prometheus metrics, one registry per app (so apps in one test process stay independent).
 
-Served as text by ``GET /metrics`` (app/routes/metrics.py). What is measured:
+Served as text by ``GET /metrics`` (app/api/routes/metrics.py). What is measured:
 
 * ``jvp_http_requests_total{route, method, status}`` and
   ``jvp_http_request_duration_seconds{route}``: every HTTP request, by route
-  template (``/models/{name}``, never the raw path), from app/middleware.py;
+  template (``/models/{name}``, never the raw path), from app/api/middleware.py;
   ``jvp_http_requests_in_flight``.
 * ``jvp_queue_seconds{device}`` and ``jvp_compute_seconds{device}``: the two
   halves of a JVP's time on the device worker (``JVPResult.queue_ms`` and
-  ``compute_ms``), observed by app/service.py.
+  ``compute_ms``), observed by app/services/jvp.py.
 * ``jvp_batch_size{device}``: work items per device-worker run (the batching
   code observes it; 1 without batching).
 * ``jvp_queue_depth{device}``: items waiting per device worker, read at scrape time.

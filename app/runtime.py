@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from app.derivatives import DerivativeService, SessionSweeper, derivative_service
 from app.engine import cpu_budget
 from app.engine.devices import available_devices, parse_device
 from app.engine.engine import Engine
@@ -26,9 +25,10 @@ from app.metrics import Metrics
 from app.models.builtin import BUILTINS
 from app.models.registry import ModelRegistry
 from app.models.repository import load_repository
-from app.service import JVPService
+from app.services.derivatives import DerivativeService, SessionSweeper, derivative_service
+from app.services.jvp import JVPService
+from app.services.shapes import ShapeService
 from app.settings import Settings
-from app.shapes import ShapeService
 
 log = logging.getLogger("app")
 

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
         268_435_456, ge=1, description="Bytes per request body (256 MiB), counted while it streams."
     )
 
-    # Connections (app/middleware.py, and uvicorn through app/cli.py).
+    # Connections (app/api/middleware.py, and uvicorn through app/cli.py).
     body_timeout_s: float = Field(
         30.0,
         gt=0,

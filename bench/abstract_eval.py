@@ -24,7 +24,7 @@ import torch
 from app.engine.engine import Engine
 from app.runtime import build_registry
 from app.schemas import JVPRequest
-from app.service import JVPService
+from app.services.jvp import JVPService
 from app.settings import Settings
 
 

@@ -78,7 +78,7 @@ OPEN_ROUTES = {"/healthz", "/readyz"}
 
 
 def _needs_admin(dependant: object) -> bool:
-    from app.auth import require_admin
+    from app.api.auth import require_admin
 
     stack = [dependant]
     while stack:
@@ -124,7 +124,7 @@ def test_app_routes_finds_every_kind_of_route(keyed: TestClient) -> None:
 
 
 def keyed_routes() -> list[tuple[str, str, bool]]:
-    from app.main import create_app
+    from app.api.app import create_app
 
     return [r for r in app_routes(create_app()) if r[1] not in OPEN_ROUTES]
 
@@ -230,7 +230,7 @@ def _call_unread(app: object, method: str, path: str, headers: list[tuple[bytes,
 def test_every_route_refuses_a_missing_or_inference_key_without_reading_the_body(
     fast: bool,
 ) -> None:
-    from app.main import create_app
+    from app.api.app import create_app
     from app.settings import Settings
 
     app = create_app(

@@ -1,4 +1,4 @@
-"""POST /jvp past the framework (NOTE [POST /jvp past the framework] in app/fastpath.py)
+"""POST /jvp past the framework (NOTE [POST /jvp past the framework] in app/api/fastpath.py)
 answers exactly as the FastAPI route does: same statuses, bodies, headers and metrics."""
 
 from __future__ import annotations

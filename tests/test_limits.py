@@ -19,7 +19,7 @@ import torch
 from fastapi.testclient import TestClient
 from torch import nn
 
-from app.middleware import BodyLimitMiddleware
+from app.api.middleware import BodyLimitMiddleware
 from app.settings import Settings
 from tests.conftest import LiveServer, make_client
 from tests.test_faults import serve

@@ -26,7 +26,7 @@ from app.engine.stacking import split, stack_tasks
 from app.engine.target import Materialized, Target
 from app.engine.task import JVPTask
 from app.models.builtin import linear
-from app.service import expression_target
+from app.services.jvp import expression_target
 from tests.wire import from_wire, to_wire
 
 F64 = torch.float64

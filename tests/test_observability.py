@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
+from app.api.app import create_app
 from app.cli import exposure_warning
 from app.logs import JSONFormatter, RequestIdFilter, configure_logging
-from app.main import create_app
 from app.settings import Settings
 from tests.conftest import LiveServer
 from tests.test_faults import serve

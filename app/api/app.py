@@ -7,11 +7,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app import errors
-from app.fastpath import JVPApp, JVPEndpoint
+from app.api import errors
+from app.api.fastpath import JVPApp, JVPEndpoint
+from app.api.middleware import BodyLimitMiddleware, KeyFirstMiddleware, RequestContextMiddleware
+from app.api.routes import derivatives, docs, health, jobs, jvp, metrics, models, shapes
 from app.metrics import Metrics
-from app.middleware import BodyLimitMiddleware, KeyFirstMiddleware, RequestContextMiddleware
-from app.routes import derivatives, docs, health, jobs, jvp, metrics, models, shapes
 from app.runtime import build
 from app.settings import Settings
 
@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry=None
         if settings.opentelemetry
         else {"tracing": False, "metrics": False, "logs": False},
-        # Served by app/routes/docs.py, which asks for a key when keys are on.
+        # Served by app/api/routes/docs.py, which asks for a key when keys are on.
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, metrics=app_metrics)
     if not settings.opentelemetry:
         # The same three around POST /jvp, past the framework (NOTE [POST /jvp past the
-        # framework] in app/fastpath.py).
+        # framework] in app/api/fastpath.py).
         app.jvp_stack = RequestContextMiddleware(
             KeyFirstMiddleware(BodyLimitMiddleware(JVPEndpoint(), *limits)),
             metrics=app_metrics,

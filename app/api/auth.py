@@ -5,9 +5,9 @@ admin routes need one of ``JVP_ADMIN_KEYS`` (an inference key gets 403). An
 admin key also works on inference routes.
 
 A route says which check it needs by its dependencies (`KeyDep`, `AdminDep`);
-`guard_for` reads that declaration so that `app.middleware.KeyFirstMiddleware`
+`guard_for` reads that declaration so that `app.api.middleware.KeyFirstMiddleware`
 runs the same check from the headers alone, before anything reads the body
-(NOTE [the key before the body] in app/middleware.py).
+(NOTE [the key before the body] in app/api/middleware.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from starlette.routing import compile_path
 
-from app.errors import Forbidden, Unauthorized
+from app.api.errors import Forbidden, Unauthorized
 from app.settings import Settings
 
 

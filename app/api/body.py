@@ -11,11 +11,11 @@ tensor) 18 ms; ``safetensors.torch.save`` of the 32 MB answer 32 ms. So:
 
 - a large body is read straight into one numpy buffer sized by Content-Length
   (`read_body`);
-- a safetensors body's tensors are views of that buffer (`app.binary.decode_request`
+- a safetensors body's tensors are views of that buffer (`app.wire.safetensors.decode_request`
   checks the header's offsets as the safetensors library does: in bounds, sized by
   dtype and shape, tiling the data without gaps or overlaps);
 - a safetensors answer is streamed from the result tensors' own memory
-  (`app.binary.SafetensorsResponse`), 1 MiB per ASGI message.
+  (`app.wire.safetensors.SafetensorsResponse`), 1 MiB per ASGI message.
 
 The safetensors library stays the reference: tests read every answer with
 ``safetensors.torch.load`` and build requests with ``safetensors.torch.save``.
@@ -53,7 +53,7 @@ def is_json(media: str | None) -> bool:
 
 def parse_json(body: bytes | memoryview) -> Any:
     """The body parsed by orjson; invalid JSON (also JSON nested deeper than orjson's
-    1024 levels) is FastAPI's ``json_invalid`` validation error, a 422 (app/errors.py)."""
+    1024 levels) is FastAPI's ``json_invalid`` validation error, a 422 (app/api/errors.py)."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:

@@ -15,9 +15,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import compile_path
 
+from app.api.responses import ORJSONResponse
 from app.engine import errors as engine_errors
 from app.logs import request_id
-from app.responses import ORJSONResponse
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def _allowed_methods(request: Request) -> str:
 
 
 def unexpected_response(request: Request, exc: BaseException) -> Response:
-    """The logged 500 of an error no handler maps (also used by app/fastpath.py)."""
+    """The logged 500 of an error no handler maps (also used by app/api/fastpath.py)."""
     # Runs outside the request-id middleware (Starlette's outermost error handler), so the
     # response gets its X-Request-ID here; the id is still in the logging context.
     rid = request_id.get()
@@ -174,7 +174,7 @@ _HANDLERS = {
 def handled_response(request: Request, exc: Exception) -> Response | None:
     """The error response the app's handlers give ``exc``, or None for an unexpected error
     (which the caller re-raises, for the outermost handler to log and answer 500). For code
-    that runs before the router (app/fastpath.py)."""
+    that runs before the router (app/api/fastpath.py)."""
     for cls, handler in _HANDLERS.items():
         if isinstance(exc, cls):
             return handler(request, exc)

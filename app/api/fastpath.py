@@ -8,9 +8,9 @@ solver) added about as much again to every request on this project's 2-core
 machine (measured in process on a 10x10 request: 353 µs per request through the
 route against 200 µs for the handler's own work). So `JVPApp` hands ``POST /jvp``
 to a short stack of its own: the same request-id/metrics, key and body-limit
-middlewares as every other route (app/middleware.py), then `JVPEndpoint`, which
-calls the route's handler (`app.routes.jvp.answer_jvp`) and maps its errors with
-the app's one mapping (app/errors.py), the unexpected ones to the same logged 500.
+middlewares as every other route (app/api/middleware.py), then `JVPEndpoint`, which
+calls the route's handler (`app.api.routes.jvp.answer_jvp`) and maps its errors with
+the app's one mapping (app/api/errors.py), the unexpected ones to the same logged 500.
 Everything else, and the OpenAPI description of /jvp, stays with FastAPI; with
 ``JVP_OPENTELEMETRY`` on, /jvp goes through FastAPI too, so its spans are kept.
 """
@@ -23,8 +23,8 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import handled_response, unexpected_response
-from app.routes.jvp import JVP_PATH, answer_jvp
+from app.api.errors import handled_response, unexpected_response
+from app.api.routes.jvp import JVP_PATH, answer_jvp
 
 
 def _is_post_jvp(scope: Scope) -> bool:

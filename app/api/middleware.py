@@ -20,10 +20,10 @@ untouched and the body limit can count bytes as they arrive.
 
 # NOTE [the key before the body]
 FastAPI reads and parses a route's body before it solves the route's
-dependencies, so a key check written as a dependency (`app.auth.KeyDep`) ran
+dependencies, so a key check written as a dependency (`app.api.auth.KeyDep`) ran
 after a 100 MB body had been read and JSON-parsed (600 MiB of RSS, seconds of
 CPU, for a request without a key). `KeyFirstMiddleware` runs the check each
-route declares (`app.auth.guard_for` reads the route's dependencies: the
+route declares (`app.api.auth.guard_for` reads the route's dependencies: the
 declaration stays the one place that says which key a route needs) from the
 headers, before the route is reached; the dependency runs again afterwards, a
 few microseconds. A refused request with a body gets ``Connection: close``:
@@ -44,15 +44,15 @@ from starlette.requests import Request
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.auth import guard_for
+from app.api.auth import guard_for
+from app.api.errors import error_response, handled_response
 from app.engine.errors import EngineError
-from app.errors import error_response, handled_response
 from app.logs import request_id
 from app.metrics import Metrics
 
 _SANE_ID = re.compile(r"[\x21-\x7e]{1,128}")
 REQUEST_ID_HEADER = "X-Request-ID"
-SCOPE_REQUEST_ID = "jvp.request_id"  # where app/errors.py finds the id of a failed request
+SCOPE_REQUEST_ID = "jvp.request_id"  # where app/api/errors.py finds the id of a failed request
 SCOPE_ARRIVED = "jvp.arrived"  # time.monotonic() at arrival: a request's deadline starts here
 UNMATCHED = "unmatched"  # the route label of requests that match no route (404s)
 

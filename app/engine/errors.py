@@ -1,6 +1,6 @@
 """Errors raised by the engine, free of any web framework.
 
-`app/errors.py` maps each class to its HTTP status and error ``type``; nothing
+`app/api/errors.py` maps each class to its HTTP status and error ``type``; nothing
 else in the project decides status codes.
 """
 

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from app.engine.task import JVPResult, JVPTask
     from app.jobs.runner import _Finished
     from app.jobs.store import TaskSpec
-    from app.service import JVPService
+    from app.services.jvp import JVPService
 
 log = logging.getLogger("app.jobs.celery")
 
@@ -99,8 +99,8 @@ class WorkerRuntime:
         the dynamic batcher can stack them), and wait for them, at most the task timeout."""
         from app.engine.errors import DeadlineExceeded, EngineError
         from app.engine.task import BATCH
-        from app.jobs.models import DONE, FAILED
         from app.jobs.runner import _Finished, error_of, request_of
+        from app.jobs.tables import DONE, FAILED
 
         service = self.service()
         finished: list[_Finished] = []
@@ -152,8 +152,8 @@ def runtime() -> WorkerRuntime:
 def run_chunk(self: Task, job_id: str, ranges: list[list[int]]) -> dict[str, int]:
     """Compute the tasks of `ranges` of job `job_id` that have not ended (NOTE [celery
     delivery]); returns counts for the worker log."""
-    from app.jobs.models import CANCELLED, FAILED
     from app.jobs.store import Outcome
+    from app.jobs.tables import CANCELLED, FAILED
 
     rt = runtime()
     limit = rt.settings.max_task_attempts

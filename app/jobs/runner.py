@@ -22,15 +22,15 @@ from typing import Any
 
 import torch
 
+from app.api.errors import STATUS_OF
 from app.engine.devices import DTYPE_NAMES
 from app.engine.errors import EngineError, Overloaded
 from app.engine.task import BATCH, JVPResult, JVPTask
-from app.errors import STATUS_OF
 from app.jobs import blobs
-from app.jobs.models import CANCELLED, DONE, FAILED, QUEUED
 from app.jobs.store import JobStore, Outcome, TaskSpec
+from app.jobs.tables import CANCELLED, DONE, FAILED, QUEUED
 from app.schemas import JVPOptions, JVPRequest
-from app.service import JVPService
+from app.services.jvp import JVPService
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.engine.errors import InvalidRequest, NotFound
-from app.jobs.models import (
+from app.jobs.tables import (
     CANCELLED,
     DONE,
     ENDED,

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from app.codec import decode_tensor, encode_tensor
 from app.engine.devices import DTYPE_NAMES
 from app.engine.errors import InvalidRequest, TooLarge
 from app.engine.linearize import LinearizeStore
@@ -36,8 +35,9 @@ from app.schemas import (
     LinearizedJVPRequest,
     LinearizeRequest,
 )
-from app.service import JVPService
+from app.services.jvp import JVPService
 from app.settings import Settings
+from app.wire.codec import decode_tensor, encode_tensor
 
 
 def _timing(result: JVPResult, started: float) -> dict[str, float]:

@@ -14,8 +14,6 @@ from typing import Any, TypeVar
 
 import torch
 
-from app.binary import SafetensorsResponse, encode_response
-from app.codec import Limits, decode_tensor, encode_tensor
 from app.engine.abstract import Bounds, Estimate, Estimator, check_deadline, plan_of
 from app.engine.devices import DTYPE_NAMES, device_memory, parse_device, parse_dtype
 from app.engine.engine import Engine
@@ -28,6 +26,8 @@ from app.metrics import Metrics
 from app.models.registry import ModelRegistry, ServedModel
 from app.schemas import JVPRequest
 from app.settings import Settings
+from app.wire.codec import Limits, decode_tensor, encode_tensor
+from app.wire.safetensors import SafetensorsResponse, encode_response
 
 T = TypeVar("T")
 
@@ -179,7 +179,9 @@ class JVPService:
                 )
 
         def decode(value: Any, param: str) -> torch.Tensor:
-            if isinstance(value, torch.Tensor):  # a safetensors body (app/binary.py checked it)
+            if isinstance(
+                value, torch.Tensor
+            ):  # a safetensors body (app/wire/safetensors.py checked it)
                 return value
             return decode_tensor(value, param=param, default_dtype=dtype, limits=self.limits)
 
@@ -356,8 +358,9 @@ class JVPService:
     async def jvp_safetensors(
         self, request: JVPRequest, *, small: bool = False, arrived: float | None = None
     ) -> SafetensorsResponse:
-        """The JVP as a safetensors body (app/binary.py): tensors ``output`` and ``jvp`` (or
-        ``output/i``, ``jvp/i``), the other response fields as metadata ``"response"``."""
+        """The JVP as a safetensors body (app/wire/safetensors.py): tensors ``output`` and
+        ``jvp`` (or ``output/i``, ``jvp/i``), the other response fields as metadata
+        ``"response"``."""
         started = time.monotonic()
         task, result = await self._run(request, small=small, arrived=arrived)
         fields = {

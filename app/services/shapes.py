@@ -16,13 +16,13 @@ import torch
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from app.codec import check_limits
-from app.derivatives import DerivativeService
 from app.engine.abstract import Estimate, Spec
 from app.engine.devices import DTYPE_NAMES, parse_dtype
 from app.engine.errors import InvalidRequest
 from app.engine.task import JVPTask
 from app.schemas import HVPRequest, JacobianRequest, JVPRequest, LinearizeRequest
+from app.services.derivatives import DerivativeService
+from app.wire.codec import check_limits
 
 REQUESTS: dict[str, type[BaseModel]] = {
     "jvp": JVPRequest,

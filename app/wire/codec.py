@@ -192,7 +192,7 @@ def decode_tensor(
 
     What numpy or torch raise on a malformed tensor that the checks here did not foresee
     is a 422 naming the tensor, not a 500. (Their RuntimeErrors pass: an allocation that
-    fails is an out-of-memory, answered as such by app/errors.py.)
+    fails is an out-of-memory, answered as such by app/api/errors.py.)
     """
     try:
         return _decode(value, param=param, default_dtype=default_dtype, limits=limits)

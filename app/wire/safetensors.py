@@ -10,7 +10,7 @@ under ``"response"``. The format is an 8-byte header length, a JSON header
 (names, dtypes, shapes, offsets) and raw little-endian bytes: nothing is
 unpickled. Tensors are read in place from the body and the answer is streamed
 from the tensors' own memory, with the same checks as the ``safetensors``
-library (NOTE [safetensors in place] in app/body.py); tests check both ways
+library (NOTE [safetensors in place] in app/api/body.py); tests check both ways
 against that library.
 
 Every malformed body is an `InvalidRequest` (422) saying what was expected; size
@@ -30,9 +30,9 @@ from pydantic import ValidationError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.codec import Limits, checked_shape
 from app.engine.errors import InvalidRequest
 from app.schemas import JVPRequest
+from app.wire.codec import Limits, checked_shape
 
 SAFETENSORS = "application/x-safetensors"
 GROUPS = ("primals", "tangents", "parameter_tangents")
@@ -129,7 +129,7 @@ def _check_entry(name: str, entry: object, limits: Limits) -> tuple[str, str, to
 def _buffer(body: bytes | memoryview) -> np.ndarray:
     """The body as writable uint8 memory that tensors may view in place.
 
-    A large body arrives writable already (`app.body.read_body`); a small one is bytes,
+    A large body arrives writable already (`app.api.body.read_body`); a small one is bytes,
     copied once so that the tensors viewing it are writable like any other tensor.
     """
     writable = body if isinstance(body, memoryview) and not body.readonly else bytearray(body)
@@ -217,7 +217,7 @@ def decode_request(body: bytes | memoryview, limits: Limits) -> JVPRequest:
                 buffer, data_start + begin, data_start + end, entries[name]["shape"], dtype
             )
         except (ValueError, TypeError, OverflowError, IndexError) as e:
-            # As in app.codec.decode_tensor: what torch raises on a malformed tensor is a 422.
+            # As in app.wire.codec.decode_tensor: what torch raises on a malformed tensor is a 422.
             raise InvalidRequest(
                 f"Tensor {name!r} cannot be built: {type(e).__name__}: {str(e)[:200]}",
                 param=f"{group}.{short}",

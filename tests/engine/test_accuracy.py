@@ -239,7 +239,7 @@ def test_stacked_requests_get_the_mpmath_numbers(name: str) -> None:
     from app.engine.compute import compute
     from app.engine.stacking import split, stack_tasks
     from app.engine.task import JVPTask
-    from app.service import expression_target
+    from app.services.jvp import expression_target
 
     value, derivative, points = CASES[name]
     target = expression_target(f"{name}(x)", 2000, 500, 50)

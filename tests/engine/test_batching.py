@@ -25,7 +25,7 @@ from app.engine.task import BATCH, INTERACTIVE, JVPResult, JVPTask
 from app.models.builtin import mlp
 from app.models.registry import ModelRegistry, ServedModel, TensorSpec, module_target
 from app.schemas import JVPRequest
-from app.service import JVPService, expression_target
+from app.services.jvp import JVPService, expression_target
 from app.settings import Settings
 
 CPU = torch.device("cpu")

@@ -22,7 +22,7 @@ from app.engine import functions
 from app.engine.compute import compute
 from app.engine.jvp import ZERO_DUAL_MAX_ELEMENTS
 from app.engine.task import JVPTask
-from app.service import expression_target
+from app.services.jvp import expression_target
 
 F64 = torch.float64
 CPU = torch.device("cpu")

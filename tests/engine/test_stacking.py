@@ -13,7 +13,7 @@ from app.engine.engine import Engine
 from app.engine.errors import InvalidRequest
 from app.engine.stacking import split, stack_tasks
 from app.engine.task import JVPResult, JVPTask
-from app.service import expression_target
+from app.services.jvp import expression_target
 
 CPU = torch.device("cpu")
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from app.auth import KeyDep
-from app.body import JSONBodyRoute
-from app.derivatives import DerivativeService
-from app.middleware import SCOPE_ARRIVED
-from app.responses import ORJSONResponse
+from app.api.auth import KeyDep
+from app.api.body import JSONBodyRoute
+from app.api.middleware import SCOPE_ARRIVED
+from app.api.responses import ORJSONResponse
 from app.schemas import (
     ErrorBody,
     HVPRequest,
@@ -20,6 +19,7 @@ from app.schemas import (
     LinearizeRequest,
     LinearizeResponse,
 )
+from app.services.derivatives import DerivativeService
 
 router = APIRouter(tags=["derivatives"], route_class=JSONBodyRoute)
 

@@ -16,7 +16,7 @@ from fastapi.openapi.docs import (
 )
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from app.auth import KeyDep
+from app.api.auth import KeyDep
 
 router = APIRouter(include_in_schema=False)
 

@@ -7,12 +7,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 
-from app.auth import KeyDep
-from app.body import JSONBodyRoute
+from app.api.auth import KeyDep
+from app.api.body import JSONBodyRoute
+from app.api.responses import ORJSONResponse
 from app.engine.errors import TooLarge
 from app.jobs.schemas import Job, JobCreate, JobList, JobResults, JobStatus
 from app.jobs.service import JobService, job_body
-from app.responses import ORJSONResponse
 from app.schemas import ErrorBody
 
 

@@ -1,8 +1,8 @@
-"""POST /jvp: a JSON body, or a safetensors body (app/binary.py); JSON or safetensors back.
+"""POST /jvp: a JSON or safetensors body (app/wire/safetensors.py); JSON or safetensors back.
 
 The route reads the body itself: JSON through orjson (several times faster than
 the standard library's parser FastAPI would use on large tensors), safetensors
-through app/binary.py. The OpenAPI schema still shows `JVPRequest` as the JSON
+through app/wire/safetensors.py. The OpenAPI schema still shows `JVPRequest` as the JSON
 body (``openapi_extra``), beside the binary one.
 """
 
@@ -16,14 +16,14 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from app.auth import KeyDep
-from app.binary import SAFETENSORS, decode_request
-from app.body import SMALL_BODY_BYTES, is_json, media_type, parse_json, read_body
+from app.api.auth import KeyDep
+from app.api.body import SMALL_BODY_BYTES, is_json, media_type, parse_json, read_body
+from app.api.middleware import SCOPE_ARRIVED
+from app.api.responses import ORJSONResponse
 from app.engine.errors import UnsupportedMediaType
-from app.middleware import SCOPE_ARRIVED
-from app.responses import ORJSONResponse
 from app.schemas import ErrorBody, JVPRequest, JVPResponse
-from app.service import JVPService
+from app.services.jvp import JVPService
+from app.wire.safetensors import SAFETENSORS, decode_request
 
 router = APIRouter(tags=["jvp"])
 
@@ -74,7 +74,7 @@ def _wants_safetensors(accept: str | None) -> bool:
 
 
 def parse_json_body(body: bytes | memoryview) -> JVPRequest:
-    """The JSON body as a `JVPRequest`, with FastAPI's validation errors (app/errors.py)."""
+    """The JSON body as a `JVPRequest`, with FastAPI's validation errors (app/api/errors.py)."""
     if not body:
         raise RequestValidationError(
             [{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}]
@@ -103,7 +103,7 @@ async def create_jvp(request: Request, _: KeyDep) -> Response:
     The body is JSON (`JVPRequest`) or, with ``Content-Type: application/x-safetensors``,
     a safetensors file; ``Accept: application/x-safetensors`` answers in safetensors.
     """
-    # Usually answered by app/fastpath.py before FastAPI is reached (NOTE [POST /jvp past
+    # Usually answered by app/api/fastpath.py before FastAPI is reached (NOTE [POST /jvp past
     # the framework]); this route describes /jvp in the OpenAPI document, and serves it
     # when that is off (JVP_OPENTELEMETRY, a root path).
     return await answer_jvp(request)
@@ -111,12 +111,12 @@ async def create_jvp(request: Request, _: KeyDep) -> Response:
 
 async def answer_jvp(request: Request) -> Response:
     """POST /jvp: the body in either media type, the JVP, the answer (the key was checked
-    before, by app.middleware.KeyFirstMiddleware)."""
+    before, by app.api.middleware.KeyFirstMiddleware)."""
     service: JVPService = request.app.state.service
     media = media_type(request.headers.get("content-type"))
     raw = await read_body(request)
     # A large body is read off the event loop, so it never stalls other requests; a
-    # small one is cheaper to read here (NOTE [small requests inline] in app/service.py).
+    # small one is cheaper to read here (NOTE [small requests inline] in app/services/jvp.py).
     small = len(raw) < SMALL_BODY_BYTES
     if is_json(media):
         body = parse_json_body(raw) if small else await asyncio.to_thread(parse_json_body, raw)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app.auth import MetricsKeyDep
+from app.api.auth import MetricsKeyDep
 from app.metrics import Metrics
 from app.schemas import ErrorBody
 

@@ -16,7 +16,7 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from app.auth import AdminDep, KeyDep
+from app.api.auth import AdminDep, KeyDep
 from app.models.registry import ModelRegistry
 from app.models.repository import load_into, unload_from
 from app.schemas import ErrorBody, ModelInfo, ModelList

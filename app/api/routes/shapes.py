@@ -6,11 +6,11 @@ import asyncio
 
 from fastapi import APIRouter, Request
 
-from app.auth import KeyDep
-from app.body import JSONBodyRoute
-from app.responses import ORJSONResponse
+from app.api.auth import KeyDep
+from app.api.body import JSONBodyRoute
+from app.api.responses import ORJSONResponse
 from app.schemas import ErrorBody, EvalShapeRequest, EvalShapeResponse
-from app.shapes import ShapeService
+from app.services.shapes import ShapeService
 
 router = APIRouter(tags=["derivatives"], route_class=JSONBodyRoute)
 
