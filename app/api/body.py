@@ -15,7 +15,7 @@ tensor) 18 ms; ``safetensors.torch.save`` of the 32 MB answer 32 ms. So:
   checks the header's offsets as the safetensors library does: in bounds, sized by
   dtype and shape, tiling the data without gaps or overlaps);
 - a safetensors answer is streamed from the result tensors' own memory
-  (`app.wire.safetensors.SafetensorsResponse`), 1 MiB per ASGI message.
+  (`app.api.responses.SafetensorsResponse`), 1 MiB per ASGI message.
 
 The safetensors library stays the reference: tests read every answer with
 ``safetensors.torch.load`` and build requests with ``safetensors.torch.save``.

@@ -21,30 +21,19 @@ from app.logs import request_id
 
 log = logging.getLogger(__name__)
 
-# Engine error class -> (status, type). Order matters only for subclasses.
-STATUS_OF: dict[type[engine_errors.EngineError], tuple[int, str]] = {
-    engine_errors.InvalidExpression: (400, "invalid_expression"),
-    engine_errors.NotFound: (404, "not_found"),
-    engine_errors.TooLarge: (413, "too_large"),
-    engine_errors.UnsupportedMediaType: (415, "unsupported_media_type"),
-    engine_errors.InvalidRequest: (422, "invalid_request"),
-    engine_errors.ForwardADUnsupported: (501, "forward_ad_unsupported"),
-    engine_errors.Overloaded: (503, "overloaded"),
-    engine_errors.DeadlineExceeded: (504, "timeout"),
-    engine_errors.DeviceOutOfMemory: (507, "out_of_memory"),
-}
-
 
 class Unauthorized(engine_errors.EngineError):
     """No API key, or a wrong one (401)."""
+
+    status = 401
+    type = "unauthorized"
 
 
 class Forbidden(engine_errors.EngineError):
     """A valid key without the rights this route needs (403)."""
 
-
-STATUS_OF[Unauthorized] = (401, "unauthorized")
-STATUS_OF[Forbidden] = (403, "forbidden")
+    status = 403
+    type = "forbidden"
 
 
 def error_response(
@@ -60,9 +49,7 @@ def error_response(
 
 def _engine_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, engine_errors.EngineError)
-    status, type_ = next(
-        (v for cls, v in STATUS_OF.items() if isinstance(exc, cls)), (500, "internal_error")
-    )
+    status, type_ = exc.status, exc.type  # each class carries its own (app/engine/errors.py)
     headers = None
     if isinstance(exc, engine_errors.Overloaded):
         headers = {"Retry-After": str(exc.retry_after_s)}

@@ -12,7 +12,6 @@ the job goes on.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
@@ -20,10 +19,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from app.api.errors import STATUS_OF
-from app.engine.devices import DTYPE_NAMES
 from app.engine.errors import EngineError, Overloaded
 from app.engine.task import BATCH, JVPResult, JVPTask
 from app.jobs import blobs
@@ -43,36 +38,22 @@ PURGE_INTERVAL_S = 60.0
 def error_of(exc: BaseException) -> tuple[str, str, str | None]:
     """(type, message, param) of a task's error, as /jvp would answer it."""
     if isinstance(exc, EngineError):
-        type_ = next(
-            (v[1] for cls, v in STATUS_OF.items() if isinstance(exc, cls)), "internal_error"
-        )
-        return type_, exc.message, exc.param
+        return exc.type, exc.message, exc.param
     return "internal_error", f"Internal error computing this task: {type(exc).__name__}", None
 
 
-def _wire(t: torch.Tensor) -> dict[str, Any]:
-    """A stored tensor as a form-3 wire tensor, so /jvp's decoder reads it back bit for bit."""
-    t = t.contiguous()
-    raw = (
-        t.view(torch.int16).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
-    )
-    return {
-        "shape": list(t.shape),
-        "dtype": DTYPE_NAMES[t.dtype],
-        "b64": base64.b64encode(raw).decode(),
-    }
-
-
 def request_of(spec: TaskSpec) -> JVPRequest:
-    """The /jvp request a stored task stands for."""
+    """The /jvp request a stored task stands for, its tensors as stored (checked against the
+    limits when the job was submitted): `JVPService.prepare` takes tensors as they are, as
+    from a safetensors body, so none is encoded again only to be decoded."""
     groups = blobs.load_inputs(spec.inputs)
     options = {k: v for k, v in spec.options.items() if v is not None}
     return JVPRequest(
         expression=spec.expression,
         model=spec.model,
-        primals={n: _wire(t) for n, t in groups["primals"].items()},
-        tangents={n: _wire(t) for n, t in groups["tangents"].items()},
-        parameter_tangents={n: _wire(t) for n, t in groups["parameter_tangents"].items()},
+        primals=groups["primals"],
+        tangents=groups["tangents"],
+        parameter_tangents=groups["parameter_tangents"],
         options=JVPOptions(**options),
     )
 

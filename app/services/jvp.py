@@ -27,7 +27,7 @@ from app.models.registry import ModelRegistry, ServedModel
 from app.schemas import JVPRequest
 from app.settings import Settings
 from app.wire.codec import Limits, decode_tensor, encode_tensor
-from app.wire.safetensors import SafetensorsResponse, encode_response
+from app.wire.safetensors import SafetensorsBody, encode_response
 
 T = TypeVar("T")
 
@@ -357,7 +357,7 @@ class JVPService:
 
     async def jvp_safetensors(
         self, request: JVPRequest, *, small: bool = False, arrived: float | None = None
-    ) -> SafetensorsResponse:
+    ) -> SafetensorsBody:
         """The JVP as a safetensors body (app/wire/safetensors.py): tensors ``output`` and
         ``jvp`` (or ``output/i``, ``jvp/i``), the other response fields as metadata
         ``"response"``."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from app.engine.abstract import Estimate, Spec
@@ -32,6 +31,15 @@ REQUESTS: dict[str, type[BaseModel]] = {
 }
 NOT_YET = ("vjp", "solve")
 TENSOR_FIELDS = ("primals", "tangents", "parameter_tangents")
+
+
+class InvalidBody(Exception):
+    """The body does not validate as the operation's request: pydantic's errors, located in
+    the body, for the web layer to answer as it answers any body (app/api/routes/shapes.py)."""
+
+    def __init__(self, errors: list[Any]) -> None:
+        super().__init__(errors)
+        self.errors = errors
 
 
 def _spec(shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Any]:
@@ -87,7 +95,7 @@ class ShapeService:
         try:
             return REQUESTS[operation].model_validate(body)
         except ValidationError as e:
-            raise RequestValidationError(
+            raise InvalidBody(
                 [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
             ) from None
 

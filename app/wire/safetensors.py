@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import math
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 import torch
 from pydantic import ValidationError
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from app.engine.errors import InvalidRequest
 from app.schemas import JVPRequest
@@ -245,39 +244,15 @@ SAFETENSORS_NAMES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-SEND_CHUNK_BYTES = 1 << 20
 
 
-class SafetensorsResponse(Response):
-    """A response streaming a safetensors file from the tensors' own memory.
+@dataclass
+class SafetensorsBody:
+    """A safetensors file as its header and the tensors whose bytes follow it, in order (sent
+    from the tensors' own memory by app/api/responses.py, NOTE [safetensors in place])."""
 
-    The header is built in `encode_response`; the tensor bytes are sent as views of the
-    tensors, 1 MiB at a time, so uvicorn's flow control paces them and nothing is copied
-    into one body first (NOTE [safetensors in place]).
-    """
-
-    media_type = SAFETENSORS
-
-    def __init__(self, header: bytes, tensors: list[torch.Tensor]) -> None:
-        self.status_code = 200
-        self.background = None
-        self.body = header
-        self.tensors = tensors
-        length = len(header) + sum(t.nbytes for t in tensors)
-        self.raw_headers = [
-            (b"content-length", str(length).encode()),
-            (b"content-type", SAFETENSORS.encode()),
-        ]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        await send({"type": "http.response.body", "body": self.body, "more_body": True})
-        for tensor in self.tensors:
-            data = tensor.reshape(-1).view(torch.uint8).numpy().data
-            for start in range(0, len(data), SEND_CHUNK_BYTES):
-                chunk = data[start : start + SEND_CHUNK_BYTES]
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    header: bytes
+    tensors: list[torch.Tensor]
 
 
 def encode_response(
@@ -285,8 +260,8 @@ def encode_response(
     jvps: tuple[torch.Tensor, ...],
     single: bool,
     fields: dict[str, Any],
-) -> SafetensorsResponse:
-    """The safetensors response: ``output``/``jvp`` (or ``output/i``/``jvp/i``) and
+) -> SafetensorsBody:
+    """The safetensors response body: ``output``/``jvp`` (or ``output/i``/``jvp/i``) and
     ``fields`` as JSON under the ``"response"`` metadata."""
     if single:
         named = [("output", outputs[0]), ("jvp", jvps[0])]
@@ -310,4 +285,4 @@ def encode_response(
         tensors.append(t)
     text = orjson.dumps(header)
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    return SafetensorsResponse(struct.pack("<Q", len(text)) + text, tensors)
+    return SafetensorsBody(struct.pack("<Q", len(text)) + text, tensors)

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from app.api.auth import KeyDep
 from app.api.body import SMALL_BODY_BYTES, is_json, media_type, parse_json, read_body
 from app.api.middleware import SCOPE_ARRIVED
-from app.api.responses import ORJSONResponse
+from app.api.responses import ORJSONResponse, SafetensorsResponse
 from app.engine.errors import UnsupportedMediaType
 from app.schemas import ErrorBody, JVPRequest, JVPResponse
 from app.services.jvp import JVPService
@@ -134,5 +134,7 @@ async def answer_jvp(request: Request) -> Response:
         )
     arrived = request.scope.get(SCOPE_ARRIVED)
     if _wants_safetensors(request.headers.get("accept")):
-        return await service.jvp_safetensors(body, small=small, arrived=arrived)
+        return SafetensorsResponse(
+            await service.jvp_safetensors(body, small=small, arrived=arrived)
+        )
     return ORJSONResponse(await service.jvp(body, small=small, arrived=arrived))

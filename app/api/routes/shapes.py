@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 
 from app.api.auth import KeyDep
 from app.api.body import JSONBodyRoute
 from app.api.responses import ORJSONResponse
 from app.schemas import ErrorBody, EvalShapeRequest, EvalShapeResponse
-from app.services.shapes import ShapeService
+from app.services.shapes import InvalidBody, ShapeService
 
 router = APIRouter(tags=["derivatives"], route_class=JSONBodyRoute)
 
@@ -24,4 +25,7 @@ async def create_eval_shape(body: EvalShapeRequest, request: Request, _: KeyDep)
     ``{"shape", "dtype"}`` without data. Over a limit: the 413 the operation would get."""
     service: ShapeService = request.app.state.shapes
     fields = body.model_dump(exclude_unset=True)
-    return ORJSONResponse(await asyncio.to_thread(service.evaluate, fields))
+    try:
+        return ORJSONResponse(await asyncio.to_thread(service.evaluate, fields))
+    except InvalidBody as e:
+        raise RequestValidationError(e.errors) from None
