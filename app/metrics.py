@@ -13,9 +13,9 @@ Served as text by ``GET /metrics`` (app/api/routes/metrics.py). What is measured
   code observes it; 1 without batching).
 * ``jvp_queue_depth{device}``: items waiting per device worker, read at scrape time.
 * ``jvp_job_tasks_total{status}`` (tasks that ended: ``completed``, ``failed``,
-  ``cancelled``) and ``jvp_job_tasks_active{state}`` (``queued``, ``running`` now):
-  for the job runner to feed through :meth:`Metrics.job_task_ended` and
-  :meth:`Metrics.set_job_tasks`.
+  ``cancelled``), fed by the job runner through :meth:`Metrics.job_task_ended`, and
+  ``jvp_job_tasks_active{state}`` (``queued``, ``running`` now, in the whole store),
+  counted from the store at each scrape (app/api/routes/metrics.py).
 * ``jvp_cpu_usable`` and ``jvp_cpu_threads``: the CPUs this process may use and
   the intra-op threads chosen for them at start (NOTE [CPU threads] in
   app/engine/cpu_budget.py).

@@ -51,8 +51,6 @@ from app.logs import request_id
 from app.metrics import Metrics
 
 _SANE_ID = re.compile(r"[\x21-\x7e]{1,128}")
-REQUEST_ID_HEADER = "X-Request-ID"
-SCOPE_REQUEST_ID = "jvp.request_id"  # where app/api/errors.py finds the id of a failed request
 SCOPE_ARRIVED = "jvp.arrived"  # time.monotonic() at arrival: a request's deadline starts here
 UNMATCHED = "unmatched"  # the route label of requests that match no route (404s)
 
@@ -119,7 +117,6 @@ class RequestContextMiddleware:
         # Each request runs in a task of its own, so the value stays with this request
         # (and is still set when the outermost error handler logs a 500).
         request_id.set(rid)
-        scope[SCOPE_REQUEST_ID] = rid
         scope[SCOPE_ARRIVED] = time.monotonic()
         started = time.perf_counter()
         status = 500

@@ -67,7 +67,6 @@ JVPFunction = Callable[
 FORWARD = "forward"
 DECOMPOSED = "decomposed"
 DOUBLE_VJP = "double_vjp"
-FALLBACKS = ("auto", "none")
 
 _NO_FORWARD_AD = re.compile(r"Trying to use forward AD with (\S+) that does not support it")
 _CUSTOM_WITHOUT_JVP = "jvp function for custom autograd.Function"

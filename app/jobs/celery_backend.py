@@ -55,7 +55,6 @@ class CeleryBackend:
         self.celery: Celery = make_celery(settings)
         self._queue: queue.Queue[object] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self.dispatched = 0  # chunks sent by this process
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="jobs-dispatcher", daemon=True)
@@ -115,7 +114,6 @@ class CeleryBackend:
                     producer=producer,
                 )
         self.store.mark_dispatched(job_id)
-        self.dispatched += len(parts)
         log.info(
             "jobs: job %s sent to the broker: %d tasks in %d chunks", job_id, len(plan), len(parts)
         )

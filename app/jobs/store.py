@@ -51,7 +51,6 @@ from app.engine.errors import InvalidRequest, NotFound
 from app.jobs.tables import (
     CANCELLED,
     DONE,
-    ENDED,
     FAILED,
     QUEUED,
     RUNNING,
@@ -643,6 +642,18 @@ class JobStore:
                 s.execute(delete(JobRow).where(JobRow.id.in_(ids)))
         return len(ids)
 
+    def active_task_counts(self) -> dict[str, int]:
+        """Tasks queued and running now, across every job of the store (what the gauge
+        ``jvp_job_tasks_active`` shows: the store is shared by every API process)."""
+        with self.reading() as s:
+            rows = s.execute(
+                select(TaskRow.status, func.count())
+                .join(JobRow, JobRow.id == TaskRow.job_id)
+                .where(JobRow.status.in_(ACTIVE), TaskRow.status.in_((QUEUED, RUNNING)))
+                .group_by(TaskRow.status)
+            ).all()
+        return {status: int(n) for status, n in rows}
+
     def task_counts(self, job_id: str) -> dict[str, int]:
         """Tasks of a job by status, counted from the task rows (checks and tests)."""
         with self.reading() as s:
@@ -693,4 +704,4 @@ def _sqlite_events(engine: Engine) -> None:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-__all__ = ["ENDED", "Attempt", "JobStore", "JobView", "NewJob", "NewTask", "Outcome", "TaskSpec"]
+__all__ = ["Attempt", "JobStore", "JobView", "NewJob", "NewTask", "Outcome", "TaskSpec"]

@@ -24,7 +24,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 # Task states. A job is "queued" until a task starts, "running" until every task has
 # ended, then "completed"; or "cancelled".
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-ENDED = (DONE, FAILED)
 
 
 class Base(DeclarativeBase):
