@@ -58,6 +58,16 @@ def test_health_routes_need_no_key(keyed: TestClient) -> None:
     assert keyed.get("/readyz").status_code == 200
 
 
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_bearer_scheme_is_case_insensitive(keyed: TestClient, scheme: str) -> None:
+    # RFC 9110 section 11.1: an authentication scheme is a case-insensitive token; the key
+    # itself is compared exactly.
+    r = keyed.get("/models", headers={"Authorization": f"{scheme} inference-key"})
+    assert r.status_code == 200, r.text
+    wrong = keyed.get("/models", headers={"Authorization": f"{scheme} INFERENCE-KEY"})
+    assert wrong.status_code == 401
+
+
 def test_basic_scheme_is_not_a_bearer_key(keyed: TestClient) -> None:
     r = keyed.get("/models", headers={"Authorization": "Basic inference-key"})
     assert r.status_code == 401
