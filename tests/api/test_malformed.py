@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.test_binary_body import SAFETENSORS, hand_made
+from tests.api.test_binary_body import SAFETENSORS, hand_made
 
 LIMIT = 16_777_216  # JVP_MAX_TENSOR_ELEMENTS, the default
 
