@@ -22,18 +22,12 @@ from app.logs import request_id
 log = logging.getLogger(__name__)
 
 
-class Unauthorized(engine_errors.EngineError):
+class Unauthorized(engine_errors.EngineError, status=401, type="unauthorized"):
     """No API key, or a wrong one (401)."""
 
-    status = 401
-    type = "unauthorized"
 
-
-class Forbidden(engine_errors.EngineError):
+class Forbidden(engine_errors.EngineError, status=403, type="forbidden"):
     """A valid key without the rights this route needs (403)."""
-
-    status = 403
-    type = "forbidden"
 
 
 def error_response(

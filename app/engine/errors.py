@@ -14,77 +14,56 @@ class EngineError(Exception):
     status = 500
     type = "internal_error"
 
+    def __init_subclass__(cls, *, status: int = 0, type: str = "", **kw: object) -> None:
+        # `class TooLarge(EngineError, status=413, type="too_large")`: its answer, declared once.
+        super().__init_subclass__(**kw)
+        if status:
+            cls.status, cls.type = status, type
+
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
 
 
-class InvalidExpression(EngineError):
+class InvalidExpression(EngineError, status=400, type="invalid_expression"):
     """Syntax error, or a name or construct the expression language does not allow (400)."""
 
-    status = 400
-    type = "invalid_expression"
 
-
-class TooLarge(EngineError):
+class TooLarge(EngineError, status=413, type="too_large"):
     """A body, tensor or expression over a configured limit (413)."""
 
-    status = 413
-    type = "too_large"
 
-
-class InvalidRequest(EngineError):
+class InvalidRequest(EngineError, status=422, type="invalid_request"):
     """Shapes, names, dtypes, encodings: anything else malformed (422)."""
 
-    status = 422
-    type = "invalid_request"
 
-
-class UnsupportedMediaType(EngineError):
+class UnsupportedMediaType(EngineError, status=415, type="unsupported_media_type"):
     """A request body in a Content-Type the route does not read (415)."""
 
-    status = 415
-    type = "unsupported_media_type"
 
-
-class NotFound(EngineError):
+class NotFound(EngineError, status=404, type="not_found"):
     """Unknown model, job or session (404)."""
 
-    status = 404
-    type = "not_found"
 
-
-class ForwardADUnsupported(EngineError):
+class ForwardADUnsupported(EngineError, status=501, type="forward_ad_unsupported"):
     """An operator without a forward-AD formula; the message names it (501)."""
 
-    status = 501
-    type = "forward_ad_unsupported"
 
-
-class Overloaded(EngineError):
+class Overloaded(EngineError, status=503, type="overloaded"):
     """The queue is full or the engine is not ready (503)."""
-
-    status = 503
-    type = "overloaded"
 
     def __init__(self, message: str, *, param: str | None = None, retry_after_s: int = 1) -> None:
         super().__init__(message, param=param)
         self.retry_after_s = retry_after_s
 
 
-class DeadlineExceeded(EngineError):
+class DeadlineExceeded(EngineError, status=504, type="timeout"):
     """The request passed its deadline (504)."""
 
-    status = 504
-    type = "timeout"
 
-
-class DeviceOutOfMemory(EngineError):
+class DeviceOutOfMemory(EngineError, status=507, type="out_of_memory"):
     """The device ran out of memory; the request's memory was released (507)."""
-
-    status = 507
-    type = "out_of_memory"
 
 
 def first_line(e: BaseException, limit: int = 500) -> str:

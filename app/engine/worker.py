@@ -18,40 +18,36 @@ inline]).
 Handing a 10x10 expression to the worker thread and back costs more than
 computing it, and far more under load: every torch call drops the GIL, and
 taking it back from a busy event loop waits for the loop to let go (up to
-``sys.getswitchinterval()``, 5 ms). Measured on this project's 2-core machine:
-the 10x10 JVP of ``x**2 + y**2`` takes 60 µs in a thread alone and, while
-another thread runs Python, 31 ms of wall time and 785 µs of CPU time (p50).
-So a CPU work item known to be tiny (at most ``JVP_INLINE_MAX_US`` of CPU time
-alone) runs on the calling thread, the event loop's (`DeviceWorker.try_inline`),
-when the worker is between steps; when the worker is itself computing one tiny
-item the caller waits for it (no longer than the limit) rather than queue behind
-it, since a queue that the worker keeps finding non-empty would keep every later
-request on the slow path. Steps of tiny work never wait to batch.
+``sys.getswitchinterval()``, 5 ms), so the same JVP that takes tens of µs alone
+takes milliseconds of wall time beside a busy loop (bench/README.md, "Tiny work
+inline", has the measurements). So a CPU work item known to be tiny (at most
+``JVP_INLINE_MAX_US`` of CPU time alone) runs on the calling thread, the event
+loop's (`DeviceWorker.try_inline`), when the worker is between steps; when the
+worker is itself computing one tiny item the caller waits for it (no longer than
+the limit) rather than queue behind it, since a queue that the worker keeps
+finding non-empty would keep every later request on the slow path. Steps of tiny
+work never wait to batch.
 
 Before computing inline, the request yields to the event loop once: it is
 computed in the loop's next turn, together with the tiny requests of the same
 turn (NOTE [stacking tiny expressions] in app/engine/stacking.py). Without a
 yield, a saturated loop runs every waiting request from start to end in one turn
-(64 clients: ~23 ms) and polls for I/O once per turn, and a new connection's
-first request waited one turn per connection ahead of it: up to 800 ms,
-measured, against 60-100 ms with the yield, at the same throughput.
+and polls for I/O once per turn, so a new connection's first request waits one
+turn per connection ahead of it.
 
 Known to be tiny: its `work_key` was timed alone at most at the limit, in thread
 CPU time, the lowest seen (a run slowed by the GIL changing hands costs more
 CPU; that is the overhead inlining removes, not the work). Once it runs inline
 it stays there while the median of its last 15 inline runs (once there are 5)
 is at most twice the limit; past that it goes back to the worker, and returns
-only after a run under the limit. The 10x10 seed JVP costs 106-161 µs there
-(p10-p90), about the limit, and its first timed inline run 320 µs (cold). With
-one estimate (the lowest seen, drifting up 2% of each run's excess), a run
-stretched by a garbage collection (3 ms, measured) or the slow tail pushed it
-past the limit, the worker's GIL-slowed runs never brought it back, and small
-requests at 8 clients served about 1,500 instead of 3,000 per second for the
-rest of a benchmark cell. Batching might compute such work in less time per
-item, but never in less than the hand-off costs, so tiny work is not sent to the
-worker to batch. A key never timed goes to the worker, except a small expression
-(a few operator calls on a few thousand elements), which is tiny for sure and is
-timed inline. CUDA work always goes to the worker: it waits for the device.
+only after a run under the limit. A median, not one estimate: a single slow run
+(a garbage collection, a cold first run, the slow tail) must not send work that
+costs about the limit to the worker, whose GIL-slowed runs would never bring it
+back. Batching might compute such work in less time per item, but never in less
+than the hand-off costs, so tiny work is not sent to the worker to batch. A key
+never timed goes to the worker, except a small expression (a few operator calls
+on a few thousand elements), which is tiny for sure and is timed inline. CUDA
+work always goes to the worker: it waits for the device.
 """
 
 from __future__ import annotations
@@ -68,7 +64,6 @@ from dataclasses import dataclass, field
 import torch
 
 from app.engine.batching import (
-    BatchPayoff,
     BatchQueue,
     batch_key,
     compute_batch,
@@ -77,6 +72,7 @@ from app.engine.batching import (
 from app.engine.compute import compute
 from app.engine.cpu_budget import StepThreads
 from app.engine.errors import DeadlineExceeded, Overloaded, first_line
+from app.engine.policy import BatchPayoff, Bounded
 from app.engine.task import INTERACTIVE, JVPResult, JVPTask
 
 log = logging.getLogger(__name__)
@@ -97,6 +93,27 @@ class _Item:
     deadline: float | None = field(compare=False)
     key: Hashable | None = field(default=None, compare=False)  # batch_key(task)
     work: Hashable | None = field(default=None, compare=False)  # work_key(task)
+
+    def resolve(
+        self,
+        outputs: tuple[torch.Tensor, ...],
+        jvps: tuple[torch.Tensor, ...],
+        started: float,
+        finished: float,
+        method: str = "forward",
+        batch_size: int = 1,
+    ) -> None:
+        """Give the caller its result, computed from ``started`` to ``finished``."""
+        self.future.set_result(
+            JVPResult(
+                outputs=outputs,
+                jvps=jvps,
+                queue_ms=(started - self.enqueued_at) * 1e3,
+                compute_ms=(finished - started) * 1e3,
+                method=method,
+                batch_size=batch_size,
+            )
+        )
 
 
 class DeviceWorker:
@@ -123,7 +140,7 @@ class DeviceWorker:
         self._seq = itertools.count()
         self._thread = threading.Thread(target=self._run, name=f"jvp-worker-{device}", daemon=True)
         self._last_batch = 1
-        self._payoff = BatchPayoff()  # NOTE [batching must pay] in app/engine/batching.py
+        self._payoff = BatchPayoff()  # NOTE [batching must pay] in app/engine/policy.py
         # NOTE [tiny work runs inline]: held for each step, by the worker or a caller.
         self.inline_max_us = inline_max_us
         self._step = threading.Lock()
@@ -133,7 +150,7 @@ class DeviceWorker:
         self._timed_once: set[Hashable] = set()
         self._tiny_step = False  # whether the worker's current step is one tiny item
         # Keys whose batch failed while every item then succeeded alone: vmap cannot run them.
-        self._unbatchable: dict[Hashable, None] = {}
+        self._unbatchable: Bounded[Hashable, None] = Bounded(1024)
         # NOTE [CPU threads] in app/engine/cpu_budget.py: one thread for small work, set by
         # the app when this process has a pool of several.
         self.step_threads: StepThreads | None = None
@@ -382,15 +399,7 @@ class DeviceWorker:
             return False
         finished = time.monotonic()
         self._record_alone(item.work, started, cpu)
-        item.future.set_result(
-            JVPResult(
-                outputs=outputs,
-                jvps=jvps,
-                queue_ms=(started - item.enqueued_at) * 1e3,
-                compute_ms=(finished - started) * 1e3,
-                method=method,
-            )
-        )
+        item.resolve(outputs, jvps, started, finished, method)
         return True
 
     def _run_batch(self, items: list[_Item], waited_ms: float | None = None) -> None:
@@ -408,21 +417,10 @@ class DeviceWorker:
             finished = time.monotonic()
             self._payoff.record(items[0].key, len(items), (finished - started) * 1e3, waited_ms)
             for item, (outputs, jvps) in zip(items, results, strict=True):
-                item.future.set_result(
-                    JVPResult(
-                        outputs=outputs,
-                        jvps=jvps,
-                        queue_ms=(started - item.enqueued_at) * 1e3,
-                        compute_ms=(finished - started) * 1e3,
-                        method="forward",
-                        batch_size=len(items),
-                    )
-                )
+                item.resolve(outputs, jvps, started, finished, batch_size=len(items))
             return
         if out_of_memory and torch.cuda.is_available():
             torch.cuda.empty_cache()
         succeeded = [self._run_one(item) for item in items]
         if all(succeeded) and not out_of_memory:
-            if len(self._unbatchable) >= 1024:
-                self._unbatchable.clear()
             self._unbatchable[items[0].key] = None

@@ -40,14 +40,6 @@ from app.settings import Settings
 from app.wire.codec import decode_tensor, encode_tensor
 
 
-def _timing(result: JVPResult, started: float) -> dict[str, float]:
-    return {
-        "queue": round(result.queue_ms, 3),
-        "compute": round(result.compute_ms, 3),
-        "total": round((time.monotonic() - started) * 1e3, 3),
-    }
-
-
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=UTC).isoformat().replace("+00:00", "Z")
 
@@ -172,7 +164,7 @@ class DerivativeService:
             }
 
         response = await asyncio.to_thread(render)
-        response["timing_ms"] = _timing(result, started)
+        response["timing_ms"] = JVPService._timing(result, started)
         return response
 
     # POST /hvp.
@@ -219,7 +211,7 @@ class DerivativeService:
             }
 
         response = await asyncio.to_thread(render)
-        response["timing_ms"] = _timing(result, started)
+        response["timing_ms"] = JVPService._timing(result, started)
         return response
 
     # POST /linearize, POST /linearize/{id}/jvp, DELETE /linearize/{id}.
@@ -258,7 +250,7 @@ class DerivativeService:
             }
 
         response = await asyncio.to_thread(render)
-        response["timing_ms"] = _timing(result, started)
+        response["timing_ms"] = JVPService._timing(result, started)
         return response
 
     def _prepare_linearized_jvp(self, session_id: str, body: LinearizedJVPRequest) -> JVPTask:
@@ -345,7 +337,7 @@ class DerivativeService:
             return {"jvp": jvps[0] if single else jvps}
 
         response = await asyncio.to_thread(render)
-        response["timing_ms"] = _timing(result, started)
+        response["timing_ms"] = JVPService._timing(result, started)
         return response
 
     def delete_session(self, session_id: str) -> None:

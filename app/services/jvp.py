@@ -59,6 +59,24 @@ def _shape_matches(shape: tuple[int, ...], declared: tuple[int, ...]) -> bool:
     )
 
 
+def _check_names(target: Target, request: JVPRequest) -> None:
+    """Every input has a primal, and no primal or tangent names anything else."""
+    names = target.input_names
+    missing = [n for n in names if n not in request.primals]
+    if missing:
+        raise InvalidRequest(
+            f"Missing primal for input {missing[0]!r}; the inputs are {list(names)}",
+            param=f"primals.{missing[0]}",
+        )
+    for where, given in (("primals", request.primals), ("tangents", request.tangents)):
+        unknown = [n for n in given if n not in names]
+        if unknown:
+            raise InvalidRequest(
+                f"Unknown input {unknown[0]!r} in {where}; the inputs are {list(names)}",
+                param=f"{where}.{unknown[0]}",
+            )
+
+
 # NOTE [small requests inline]
 # Decoding, checking and encoding a request move to a worker thread only when the
 # request is large: for a 10x10 tensor the hop to a thread and back (and the GIL
@@ -159,32 +177,50 @@ class JVPService:
 
     def prepare(self, request: JVPRequest, bound: bool = True) -> JVPTask:
         """Everything that can be checked before queueing: names, shapes, dtypes, limits,
-        and (``bound``) what the computation will make (`bound`)."""
+        and (``bound``) what the computation will make (`bound`). In order: the target,
+        its names, the decoded tensors checked against it, the size, the work item."""
         target, model = self.resolve(request)
         dtype = parse_dtype(self.dtype_name(request, model))
         device = parse_device(request.options.device, self.engine.devices)
-        names = target.input_names
-        missing = [n for n in names if n not in request.primals]
-        if missing:
-            raise InvalidRequest(
-                f"Missing primal for input {missing[0]!r}; the inputs are {list(names)}",
-                param=f"primals.{missing[0]}",
-            )
-        for where, given in (("primals", request.primals), ("tangents", request.tangents)):
-            unknown = [n for n in given if n not in names]
-            if unknown:
-                raise InvalidRequest(
-                    f"Unknown input {unknown[0]!r} in {where}; the inputs are {list(names)}",
-                    param=f"{where}.{unknown[0]}",
-                )
+        _check_names(target, request)
 
         def decode(value: Any, param: str) -> torch.Tensor:
-            if isinstance(
-                value, torch.Tensor
-            ):  # a safetensors body (app/wire/safetensors.py checked it)
+            if isinstance(value, torch.Tensor):  # a safetensors body (checked by app/wire/)
                 return value
             return decode_tensor(value, param=param, default_dtype=dtype, limits=self.limits)
 
+        inputs, tangents, parameter_tangents = self._decode(target, request, decode)
+        self._check_size(inputs, tangents, parameter_tangents)
+        batched = request.options.tangent_batch
+        task = JVPTask(
+            target=target,
+            inputs=inputs,
+            tangents=tangents,
+            parameter_tangents=parameter_tangents,
+            dtype=dtype,
+            device=device,
+            # Batched tangents run vmap over torch.func.jvp (make_dual has no batching rule).
+            engine="functional" if batched else request.options.engine,
+            operation=jvp_operation(
+                target,
+                engine=request.options.engine,
+                tangent_batch=batched,
+                check=request.options.check,
+                fallback=request.options.fallback,
+            ),
+            fallback=request.options.fallback,
+            max_batch_size=self.batch_limit(model),
+        )
+        if bound:
+            self.bound(task)
+        return task
+
+    def _decode(
+        self, target: Target, request: JVPRequest, decode: Callable[[Any, str], torch.Tensor]
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...], dict[str, torch.Tensor]]:
+        """The request's tensors decoded, each checked against the shape the target declares
+        (inputs), its primal's (tangents) or its parameter's (parameter tangents)."""
+        names = target.input_names
         inputs = tuple(decode(request.primals[n], f"primals.{n}") for n in names)
         for name, x in zip(names, inputs, strict=True):
             declared = target.input_shapes.get(name)
@@ -225,6 +261,14 @@ class JVPService:
                 {n: t for n, t in zip(names, tangents, strict=True) if t is not None},
                 parameter_tangents,
             )
+        return inputs, tangents, parameter_tangents
+
+    def _check_size(
+        self,
+        inputs: tuple[torch.Tensor, ...],
+        tangents: tuple[torch.Tensor | None, ...],
+        parameter_tangents: dict[str, torch.Tensor],
+    ) -> None:
         total = sum(x.numel() for x in inputs)
         total += sum(t.numel() for t in tangents if t is not None)
         total += sum(t.numel() for t in parameter_tangents.values())
@@ -234,28 +278,6 @@ class JVPService:
                 f"{self.settings.max_request_elements}",
                 param="primals",
             )
-        task = JVPTask(
-            target=target,
-            inputs=inputs,
-            tangents=tangents,
-            parameter_tangents=parameter_tangents,
-            dtype=dtype,
-            device=device,
-            # Batched tangents run vmap over torch.func.jvp (make_dual has no batching rule).
-            engine="functional" if batched else request.options.engine,
-            operation=jvp_operation(
-                target,
-                engine=request.options.engine,
-                tangent_batch=batched,
-                check=request.options.check,
-                fallback=request.options.fallback,
-            ),
-            fallback=request.options.fallback,
-            max_batch_size=self.batch_limit(model),
-        )
-        if bound:
-            self.bound(task)
-        return task
 
     def bound(
         self, task: JVPTask, *, strict: bool = False, cached_only: bool = False
