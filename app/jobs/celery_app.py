@@ -45,7 +45,7 @@ from app.settings import Settings
 
 if TYPE_CHECKING:
     from app.engine.task import JVPResult, JVPTask
-    from app.jobs.runner import _Finished
+    from app.jobs.execute import Finished
     from app.jobs.store import TaskSpec
     from app.services.jvp import JVPService
 
@@ -94,25 +94,26 @@ class WorkerRuntime:
         )
         return built.service
 
-    def compute(self, specs: list[TaskSpec]) -> list[_Finished]:
+    def compute(self, specs: list[TaskSpec]) -> list[Finished]:
         """Prepare each task as /jvp would, submit them all at BATCH priority (together, so
         the dynamic batcher can stack them), and wait for them, at most the task timeout."""
-        from app.engine.errors import DeadlineExceeded, EngineError
+        from app.engine.errors import DeadlineExceeded
         from app.engine.task import BATCH
-        from app.jobs.runner import _Finished, error_of, request_of
+        from app.jobs.execute import Finished, prepare, task_error
         from app.jobs.tables import DONE, FAILED
 
         service = self.service()
-        finished: list[_Finished] = []
+        finished: list[Finished] = []
         submitted: list[tuple[TaskSpec, JVPTask, Future[JVPResult]]] = []
         for spec in specs:
+            task, error = prepare(service, spec)
+            if task is None:
+                finished.append(Finished(spec, FAILED, error=error))
+                continue
             try:
-                task = service.prepare(request_of(spec))
                 future = service.engine.submit(task, priority=BATCH)
             except Exception as e:  # noqa: BLE001 - recorded for the task; the job goes on
-                if not isinstance(e, EngineError):
-                    log.exception("jobs: task %s/%d failed unexpectedly", spec.job_id, spec.idx)
-                finished.append(_Finished(spec, FAILED, error=error_of(e)))
+                finished.append(Finished(spec, FAILED, error=task_error(spec, e, traceback=True)))
                 continue
             submitted.append((spec, task, future))
         timeout = self.settings.celery_task_timeout_s
@@ -122,14 +123,12 @@ class WorkerRuntime:
                 result = future.result(timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 future.cancel()
-                error = DeadlineExceeded(f"The task did not finish within {timeout:g} s")
-                finished.append(_Finished(spec, FAILED, error=error_of(error)))
+                late = DeadlineExceeded(f"The task did not finish within {timeout:g} s")
+                finished.append(Finished(spec, FAILED, error=task_error(spec, late)))
             except Exception as e:  # noqa: BLE001 - the task's own error
-                if not isinstance(e, EngineError):
-                    log.error("jobs: task %s/%d failed unexpectedly: %r", spec.job_id, spec.idx, e)
-                finished.append(_Finished(spec, FAILED, error=error_of(e)))
+                finished.append(Finished(spec, FAILED, error=task_error(spec, e)))
             else:
-                finished.append(_Finished(spec, DONE, task=task, result=result))
+                finished.append(Finished(spec, DONE, task=task, result=result))
         return finished
 
 

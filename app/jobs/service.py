@@ -22,7 +22,7 @@ from app.engine.devices import parse_device, parse_dtype
 from app.engine.errors import EngineError, InvalidRequest, TooLarge
 from app.jobs import blobs
 from app.jobs.backend import JobBackend
-from app.jobs.runner import error_of
+from app.jobs.execute import error_of
 from app.jobs.schemas import JobCreate, JobOptions, JobTask
 from app.jobs.store import JobStore, JobView, NewJob, NewTask, StoredTask, now
 from app.models.registry import ModelRegistry
