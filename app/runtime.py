@@ -129,13 +129,5 @@ def build(settings: Settings, *, metrics: Metrics | None = None, plan_cpu: bool 
     derivatives, sweeper = derivative_service(settings, service)
     if metrics is not None:
         metrics.bind_engine(engine)
-    return Runtime(
-        settings=settings,
-        engine=engine,
-        registry=registry,
-        service=service,
-        derivatives=derivatives,
-        sweeper=sweeper,
-        shapes=ShapeService(derivatives),
-        metrics=metrics,
-    )
+    shapes = ShapeService(derivatives)
+    return Runtime(settings, engine, registry, service, derivatives, sweeper, shapes, metrics)

@@ -55,13 +55,14 @@ from app.jobs.tables import (
     QUEUED,
     RUNNING,
     JobRow,
+    JobStatus,
     TaskRow,
 )
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-ACTIVE = ("queued", "running")  # job statuses whose tasks may still run
+ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)  # job statuses whose tasks may still run
 
 
 def now() -> datetime:
@@ -251,7 +252,7 @@ class JobStore:
                 s.execute(
                     insert(JobRow).values(
                         id=job.id,
-                        status="completed" if failed == total else "queued",
+                        status=JobStatus.COMPLETED if failed == total else JobStatus.QUEUED,
                         total=total,
                         done=failed,
                         failed=failed,
@@ -324,7 +325,7 @@ class JobStore:
                     .where(TaskRow.job_id == job_id, TaskRow.status == QUEUED)
                     .values(status=CANCELLED)
                 ).rowcount  # type: ignore[attr-defined]
-                row.status = "cancelled"
+                row.status = JobStatus.CANCELLED
                 row.cancelled += count
                 row.updated_at = at
                 row.finished_at = at
@@ -383,7 +384,7 @@ class JobStore:
             stale = s.execute(
                 select(TaskRow.job_id, func.count())
                 .join(JobRow, JobRow.id == TaskRow.job_id)
-                .where(JobRow.status == "cancelled", TaskRow.status.in_((QUEUED, RUNNING)))
+                .where(JobRow.status == JobStatus.CANCELLED, TaskRow.status.in_((QUEUED, RUNNING)))
                 .group_by(TaskRow.job_id)
             ).all()
             for job_id, count in stale:
@@ -433,12 +434,7 @@ class JobStore:
                     )
                     .values(status=RUNNING, attempts=TaskRow.attempts + 1)
                 )
-                at = now()
-                if job.status == "queued":
-                    job.status = "running"
-                if job.started_at is None:
-                    job.started_at = at
-                job.updated_at = at
+                _started(job)
                 defaults = json.loads(job.options)
                 for r in rows:
                     overridden = r.expression is not None or r.model is not None
@@ -527,7 +523,7 @@ class JobStore:
                         JobRow.status.in_(ACTIVE),
                         JobRow.done + JobRow.cancelled >= JobRow.total,
                     )
-                    .values(status="completed", finished_at=at)
+                    .values(status=JobStatus.COMPLETED, finished_at=at)
                 )
         return len(rows)
 
@@ -620,12 +616,7 @@ class JobStore:
                     .where(TaskRow.job_id == job_id, TaskRow.idx.in_(starting))
                     .values(status=RUNNING, attempts=TaskRow.attempts + 1, worker=worker)
                 )
-                at = now()
-                if job.status == "queued":
-                    job.status = "running"
-                if job.started_at is None:
-                    job.started_at = at
-                job.updated_at = at
+                _started(job)
         return Attempt(run, lost, cancelled)
 
     def purge(self, retention_s: float) -> int:
@@ -663,6 +654,16 @@ class JobStore:
                 .group_by(TaskRow.status)
             ).all()
         return {status: int(n) for status, n in rows}
+
+
+def _started(job: JobRow) -> None:
+    """A job one of whose tasks starts now: running, since now if it had not started."""
+    at = now()
+    if job.status == JobStatus.QUEUED:
+        job.status = JobStatus.RUNNING
+    if job.started_at is None:
+        job.started_at = at
+    job.updated_at = at
 
 
 def _task_row(job_id: str, t: NewTask) -> dict[str, Any]:

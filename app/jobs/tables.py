@@ -9,6 +9,7 @@ task that runs twice (a crash between compute and commit) is counted once.
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     DateTime,
@@ -21,9 +22,30 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-# Task states. A job is "queued" until a task starts, "running" until every task has
-# ended, then "completed"; or "cancelled".
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+
+class TaskStatus(StrEnum):
+    """A task's state (``TaskRow.status``): queued, running, then done or failed; or
+    cancelled before it ran."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class JobStatus(StrEnum):
+    """A job's state (``JobRow.status``): "queued" until a task starts, "running" until
+    every task has ended, then "completed"; or "cancelled". A job completes, a task is done:
+    two words for two things."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = TaskStatus
 
 
 class Base(DeclarativeBase):
