@@ -79,6 +79,7 @@ def device_memory_bytes(device: torch.device) -> int:
 class Metrics:
     """The metrics of one app, in a registry of its own."""
 
+    # A long method on purpose: one declaration per metric, in the order /metrics lists them.
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         # (metric, label values) -> its child: `labels()` checks and locks on every call,

@@ -44,6 +44,11 @@ per (target, shapes, dtype, operation): the result is cached (`Estimator`), and
 a repeated request pays one dictionary look-up (bench/abstract_eval.py).
 """
 
+# NOTE [one module: abstract evaluation]
+# Over 450 lines on purpose: the plan of an operation, its evaluation on meta tensors, the
+# bounds and the deadline check share one vocabulary (Plan, Spec, Estimate, Bounds) and
+# each feeds the next; NOTE [abstract evaluation] reads top to bottom in one file.
+
 from __future__ import annotations
 
 import collections

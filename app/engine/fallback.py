@@ -42,6 +42,11 @@ coverage]).
 as the response's ``method``.
 """
 
+# NOTE [one module: the fallbacks]
+# Over 450 lines on purpose: the two fallbacks (decomposition, double VJP) and the exactness
+# checks that decide whether either may answer are one mechanism. Apart, a check would sit
+# away from the formula it vouches for; `jvp_with_fallback` is their one decision ladder.
+
 from __future__ import annotations
 
 import re
@@ -421,6 +426,8 @@ def jvp_double_vjp(
     return tuple(o.detach() for o in outputs), tuple(jvps)
 
 
+# A long function on purpose (NOTE [one module: the fallbacks]): one ladder of methods,
+# each with the reason it was passed over, read in the order it runs.
 def jvp_with_fallback(
     engine: JVPFunction,
     target: Materialized,

@@ -15,6 +15,11 @@ Every method is synchronous and short; the async callers run them in a thread.
   (and ends those of cancelled jobs), so nothing is lost.
 """
 
+# NOTE [one module: the job store]
+# Over 450 lines on purpose: every transaction on the job tables, one method each, sharing
+# the session helpers and the invariants of NOTE [durable jobs] (a task's outcome written
+# only while it has not ended, counters bumped in the same transaction).
+
 from __future__ import annotations
 
 import json
@@ -450,6 +455,8 @@ class JobStore:
                     )
         return claimed
 
+    # A long method on purpose: one transaction whose steps must stay together (the
+    # not-ended guard, the counters, the job's completion; NOTE [durable jobs]).
     def record(self, outcomes: Sequence[Outcome]) -> int:
         """Write outcomes in one transaction, each only if its task has not ended yet
         (NOTE [durable jobs]). Returns how many were written."""
@@ -556,6 +563,8 @@ class JobStore:
         with self.reading() as s:
             return list(s.scalars(query))
 
+    # A long method on purpose: one transaction (NOTE [celery delivery]): count the start,
+    # fail the tasks that lost their worker too often, skip the cancelled ones.
     def start_attempt(
         self, job_id: str, idxs: Sequence[int], *, worker: str, max_attempts: int
     ) -> Attempt:

@@ -253,6 +253,8 @@ class DerivativeService:
         response["timing_ms"] = JVPService._timing(result, started)
         return response
 
+    # A long method on purpose: each tangent checked against the shapes the session
+    # recorded, one message per check, as /jvp checks its tangents.
     def _prepare_linearized_jvp(self, session_id: str, body: LinearizedJVPRequest) -> JVPTask:
         session = self.store.get(session_id)
         target: Target = session.target
