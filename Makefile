@@ -39,6 +39,7 @@ bench: install-dev
 
 lint: install-dev
 	$(BIN)/ruff check app tests clients bench
+	$(BIN)/lint-imports
 	$(BIN)/mypy
 	cd clients/python && ../../$(BIN)/mypy
 

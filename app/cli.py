@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-import os
 import signal
 from pathlib import Path
 
@@ -58,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="Serve the HTTP API (settings from JVP_* variables).")
     serve.add_argument("--host", help="Address to bind (default JVP_HOST or 127.0.0.1).")
     serve.add_argument("--port", type=int, help="Port to bind (default JVP_PORT or 8000).")
-    serve.add_argument("--log-level", default=os.environ.get("JVP_LOG_LEVEL", "info"))
+    serve.add_argument("--log-level", help="Log level (default JVP_LOG_LEVEL or info).")
     serve.add_argument(
         "--workers",
         type=workers_count,
@@ -84,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Pool processes per worker process, each with its own engine (default 1: the "
         "device worker thread already computes one batch at a time).",
     )
-    worker.add_argument("--log-level", default=os.environ.get("JVP_LOG_LEVEL", "info"))
+    worker.add_argument("--log-level", help="Log level (default JVP_LOG_LEVEL or info).")
     sub.add_parser(
         "worker-ping",
         help="Exit 0 if a Celery worker of this host answers a ping, else 1 (a healthcheck).",
@@ -102,68 +101,80 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "models":
+        _models(args)
+    settings = Settings()  # the one place the CLI reads JVP_* variables
+    if args.command == "worker":
+        _worker(args, settings)
+    elif args.command == "worker-ping":
+        _worker_ping(settings)
+    elif args.command == "serve":
+        _serve(args, settings)
 
-    if args.command == "models" and args.models_command == "check":
+
+def _models(args: argparse.Namespace) -> None:
+    if args.models_command == "check":
         from app.models.check import main as check_main  # imports torch: only when asked
 
         raise SystemExit(check_main(args.dir))
 
-    if args.command == "worker":
-        settings = Settings()
-        configure_logging(settings.log_format, args.log_level)
-        # Before torch is imported (NOTE [CPU threads] in app/engine/cpu_budget.py).
-        cpu_budget.apply_to_environ(
-            cpu_budget.plan(settings.num_threads, processes=args.concurrency)
+
+def _worker(args: argparse.Namespace, settings: Settings) -> None:
+    log_level = args.log_level or settings.log_level
+    configure_logging(settings.log_format, log_level)
+    # Before torch is imported (NOTE [CPU threads] in app/engine/cpu_budget.py).
+    cpu_budget.apply_to_environ(cpu_budget.plan(settings.num_threads, processes=args.concurrency))
+    from app.jobs.celery_app import worker_main  # imports celery: only when asked
+
+    raise SystemExit(worker_main(settings, args.device, args.concurrency, log_level))
+
+
+def _worker_ping(settings: Settings) -> None:
+    from app.jobs.celery_app import ping_local_workers
+
+    names = ping_local_workers(settings)
+    print("\n".join(names) or "no worker of this host answered")
+    raise SystemExit(0 if names else 1)
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> None:
+    log_level = args.log_level or settings.log_level
+    configure_logging(settings.log_format, log_level)
+    host = args.host or settings.host
+    warning = exposure_warning(host, settings)
+    if warning:
+        log.warning(warning)
+    if args.workers > 1 and settings.jobs_backend == "local" and settings.job_runner == "local":
+        log.warning(
+            "--workers %d with the local job runner: each API process runs job tasks and "
+            "puts back those it finds running at start. Use JVP_JOBS_BACKEND=celery "
+            "(README 'Scaling out'), or JVP_JOB_RUNNER=off on all but one process.",
+            args.workers,
         )
-        from app.jobs.celery_app import worker_main  # imports celery: only when asked
-
-        raise SystemExit(worker_main(args.device, args.concurrency, args.log_level))
-
-    if args.command == "worker-ping":
-        from app.jobs.celery_app import ping_local_workers
-
-        names = ping_local_workers(Settings())
-        print("\n".join(names) or "no worker of this host answered")
-        raise SystemExit(0 if names else 1)
-
-    if args.command == "serve":
-        settings = Settings()
-        configure_logging(settings.log_format, args.log_level)
-        host = args.host or settings.host
-        warning = exposure_warning(host, settings)
-        if warning:
-            log.warning(warning)
-        if args.workers > 1 and settings.jobs_backend == "local" and settings.job_runner == "local":
-            log.warning(
-                "--workers %d with the local job runner: each API process runs job tasks and "
-                "puts back those it finds running at start. Use JVP_JOBS_BACKEND=celery "
-                "(README 'Scaling out'), or JVP_JOB_RUNNER=off on all but one process.",
-                args.workers,
-            )
-        # OpenMP reads its pool size and wait policy once, when torch is imported (in
-        # app.main, below): set them first, for this process and uvicorn's workers alike
-        # (NOTE [CPU threads] in app/engine/cpu_budget.py).
-        cpu_budget.apply_to_environ(cpu_budget.plan(settings.num_threads, processes=args.workers))
-        # uvicorn shuts down gracefully on SIGTERM (stops accepting, finishes requests in
-        # flight, then runs the lifespan's shutdown), and then raises the signal again with
-        # the handler it found: make that one a no-op so a clean stop exits 0.
-        signal.signal(signal.SIGTERM, lambda signum, frame: None)
-        uvicorn.run(
-            "app.main:create_app",
-            factory=True,
-            host=host,
-            port=args.port or settings.port,
-            log_level=args.log_level,
-            workers=args.workers,
-            # Connections: at most this many at once (uvicorn answers 503 past it), and idle
-            # kept-alive ones closed after this long; a body that stops arriving is closed
-            # by app/middleware.py (JVP_BODY_TIMEOUT_S).
-            limit_concurrency=settings.limit_concurrency,
-            timeout_keep_alive=settings.timeout_keep_alive_s,
-            log_config=None,  # configure_logging above: one format, request ids
-            # uvicorn builds each access line's arguments even when the level drops it.
-            access_log=logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO),
-        )
+    # OpenMP reads its pool size and wait policy once, when torch is imported (in
+    # app.api.app, below): set them first, for this process and uvicorn's workers alike
+    # (NOTE [CPU threads] in app/engine/cpu_budget.py).
+    cpu_budget.apply_to_environ(cpu_budget.plan(settings.num_threads, processes=args.workers))
+    # uvicorn shuts down gracefully on SIGTERM (stops accepting, finishes requests in
+    # flight, then runs the lifespan's shutdown), and then raises the signal again with
+    # the handler it found: make that one a no-op so a clean stop exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(
+        "app.api.app:create_app",
+        factory=True,
+        host=host,
+        port=args.port or settings.port,
+        log_level=log_level,
+        workers=args.workers,
+        # Connections: at most this many at once (uvicorn answers 503 past it), and idle
+        # kept-alive ones closed after this long; a body that stops arriving is closed
+        # by app/api/middleware.py (JVP_BODY_TIMEOUT_S).
+        limit_concurrency=settings.limit_concurrency,
+        timeout_keep_alive=settings.timeout_keep_alive_s,
+        log_config=None,  # configure_logging above: one format, request ids
+        # uvicorn builds each access line's arguments even when the level drops it.
+        access_log=logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO),
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Logging: a request id on every line, and JSON lines when ``JVP_LOG_FORMAT=json``.
 
-The request id lives in a context variable that :mod:`app.middleware` sets for
+The request id lives in a context variable that :mod:`app.api.middleware` sets for
 each HTTP request (each request runs in a task of its own, so the value never
 leaks into another request); :class:`RequestIdFilter` copies it onto every log
 record, ``"-"`` outside a request.

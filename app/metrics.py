@@ -1,21 +1,21 @@
 """Prometheus metrics, one registry per app (so apps in one test process stay independent).
 
-Served as text by ``GET /metrics`` (app/routes/metrics.py). What is measured:
+Served as text by ``GET /metrics`` (app/api/routes/metrics.py). What is measured:
 
 * ``jvp_http_requests_total{route, method, status}`` and
   ``jvp_http_request_duration_seconds{route}``: every HTTP request, by route
-  template (``/models/{name}``, never the raw path), from app/middleware.py;
+  template (``/models/{name}``, never the raw path), from app/api/middleware.py;
   ``jvp_http_requests_in_flight``.
 * ``jvp_queue_seconds{device}`` and ``jvp_compute_seconds{device}``: the two
   halves of a JVP's time on the device worker (``JVPResult.queue_ms`` and
-  ``compute_ms``), observed by app/service.py.
+  ``compute_ms``), observed by app/services/jvp.py.
 * ``jvp_batch_size{device}``: work items per device-worker run (the batching
   code observes it; 1 without batching).
 * ``jvp_queue_depth{device}``: items waiting per device worker, read at scrape time.
 * ``jvp_job_tasks_total{status}`` (tasks that ended: ``completed``, ``failed``,
-  ``cancelled``) and ``jvp_job_tasks_active{state}`` (``queued``, ``running`` now):
-  for the job runner to feed through :meth:`Metrics.job_task_ended` and
-  :meth:`Metrics.set_job_tasks`.
+  ``cancelled``), fed by the job runner through :meth:`Metrics.job_task_ended`, and
+  ``jvp_job_tasks_active{state}`` (``queued``, ``running`` now, in the whole store),
+  counted from the store at each scrape (app/api/routes/metrics.py).
 * ``jvp_cpu_usable`` and ``jvp_cpu_threads``: the CPUs this process may use and
   the intra-op threads chosen for them at start (NOTE [CPU threads] in
   app/engine/cpu_budget.py).
@@ -43,9 +43,11 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
-    from app.engine.worker import DeviceWorker, Engine, JVPResult
+    from app.engine.engine import Engine
 
-# Seconds: from 100 us (a tiny expression's queue wait) to a minute (the default deadline).
+    # Seconds: from 100 us (a tiny expression's queue wait) to a minute (the default deadline).
+    from app.engine.task import JVPResult
+    from app.engine.worker import DeviceWorker
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -77,6 +79,7 @@ def device_memory_bytes(device: torch.device) -> int:
 class Metrics:
     """The metrics of one app, in a registry of its own."""
 
+    # A long method on purpose: one declaration per metric, in the order /metrics lists them.
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         # (metric, label values) -> its child: `labels()` checks and locks on every call,

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# Tensors are validated by app.codec, which gives messages naming the tensor;
+# Tensors are validated by app.wire.codec, which gives messages naming the tensor;
 # the schema here documents the three wire forms.
 Tensor = Annotated[
     Any,
@@ -168,7 +168,7 @@ class Status(BaseModel):
     status: str
 
 
-# Beyond one JVP: /jacobian, /hvp, /linearize (app/routes/derivatives.py).
+# Beyond one JVP: /jacobian, /hvp, /linearize (app/api/routes/derivatives.py).
 
 
 class DerivativeOptions(BaseModel):
@@ -276,7 +276,7 @@ class LinearizedJVPResponse(BaseModel):
     timing_ms: TimingMs
 
 
-# Shapes first: POST /eval_shape (app/shapes.py).
+# Shapes first: POST /eval_shape (app/services/shapes.py).
 
 SHAPE_ONLY = (
     'Any tensor may be {"shape": [...], "dtype": "..."} with no data: only its shape is used.'

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -60,7 +59,7 @@ class Settings(BaseSettings):
         268_435_456, ge=1, description="Bytes per request body (256 MiB), counted while it streams."
     )
 
-    # Connections (app/middleware.py, and uvicorn through app/cli.py).
+    # Connections (app/api/middleware.py, and uvicorn through app/cli.py).
     body_timeout_s: float = Field(
         30.0,
         gt=0,
@@ -123,6 +122,9 @@ class Settings(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text or as JSON objects (one per line)."
+    )
+    log_level: str = Field(
+        "info", description="Log level of `jvp-service serve` and `worker` (--log-level wins)."
     )
     opentelemetry: bool = Field(
         False,
@@ -234,8 +236,3 @@ class Settings(BaseSettings):
                 return json.loads(stripped)
             return [k.strip() for k in stripped.split(",") if k.strip()]
         return value
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from app.engine.worker import Engine
-from app.main import build_registry
+from app.engine.engine import Engine
+from app.runtime import build_registry
 from app.schemas import JVPRequest
-from app.service import JVPService
+from app.services.jvp import JVPService
 from app.settings import Settings
 
 

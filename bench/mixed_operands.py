@@ -34,7 +34,7 @@ from app.engine import jvp
 from app.engine.batching import vmap_jvp
 from app.engine.target import Materialized
 from app.models.builtin import mlp
-from app.service import expression_target
+from app.services.jvp import expression_target
 
 Call = Callable[[], object]
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
+from app.api.app import create_app
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

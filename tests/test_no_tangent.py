@@ -20,12 +20,13 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.engine.batching import compute_batch
+from app.engine.compute import compute
 from app.engine.jvp import ZERO_DUAL_MAX_ELEMENTS
 from app.engine.stacking import split, stack_tasks
 from app.engine.target import Materialized, Target
-from app.engine.worker import JVPTask, compute
+from app.engine.task import JVPTask
 from app.models.builtin import linear
-from app.service import expression_target
+from app.services.jvp import expression_target
 from tests.wire import from_wire, to_wire
 
 F64 = torch.float64

@@ -1,4 +1,4 @@
-"""Test-side wire helpers, written independently of app.codec."""
+"""Test-side wire helpers, written independently of app.wire.codec."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ that one forward pass (`_derive`): every tangent has the shape of its primal, a
 batch of K tangents K times it, so the shapes of every result are exact and the
 largest intermediate is the forward's largest times the directions carried with
 it. Only FLOPs and peak bytes are estimates (within 2x of the real run's:
-tests/test_eval_shape.py).
+tests/services/test_eval_shape.py).
 
 Why not run the operation itself on meta tensors: forward AD keeps one dual
 level per process (NOTE [one dual level per process] in app/engine/worker.py),
@@ -43,6 +43,11 @@ neither. It costs 0.1-50 ms (a 10x10 expression to the transformer), paid once
 per (target, shapes, dtype, operation): the result is cached (`Estimator`), and
 a repeated request pays one dictionary look-up (bench/abstract_eval.py).
 """
+
+# NOTE [one module: abstract evaluation]
+# Over 450 lines on purpose: the plan of an operation, its evaluation on meta tensors, the
+# bounds and the deadline check share one vocabulary (Plan, Spec, Estimate, Bounds) and
+# each feeds the next; NOTE [abstract evaluation] reads top to bottom in one file.
 
 from __future__ import annotations
 
@@ -292,7 +297,7 @@ def _derive(forward: Forward, plan: Plan, dtype: torch.dtype) -> Estimate:
     """The operation's results and cost from the forward pass (NOTE [abstract evaluation]).
 
     Multipliers (``work``: how many forward passes' worth of FLOPs; ``carried``: tensors
-    per primal intermediate), checked against the real runs in tests/test_eval_shape.py:
+    per primal intermediate), checked against the real runs in tests/services/test_eval_shape.py:
     J·v of K directions (K = 1 without tangent_batch): the primal, K tangents, and the
     weights' zero tangents once (work 2 + K, carried 1 + K); the Jacobian's N columns
     (work 1 + N, carried 1 + N); an HVP (forward-over-reverse: the reverse pass keeps

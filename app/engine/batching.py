@@ -45,16 +45,14 @@ from __future__ import annotations
 import heapq
 import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch.func import vmap
 
 from app.engine.jvp import functional, gives_zero_tangents, no_tangents, verified
 from app.engine.target import Materialized
-
-if TYPE_CHECKING:
-    from app.engine.worker import JVPTask
+from app.engine.task import JVPTask
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -145,93 +143,6 @@ def work_key(task: JVPTask) -> Hashable | None:
         tuple(None if t is None else tuple(t.shape) for t in task.tangents),
         tuple(sorted((k, tuple(t.shape)) for k, t in task.parameter_tangents.items())),
     )
-
-
-class BatchPayoff:
-    """Whether stacking pays for a batch key, learned from the worker's own timings.
-
-    # NOTE [batching must pay]
-    vmap over ``torch.func.jvp`` has a fixed cost (it dispatches through PyTorch's
-    Python reference kernels), so for tiny work, such as an expression on a 10x10
-    tensor, a batch of eight takes longer than eight dual-tensor JVPs one after
-    another, while for a model it is several times faster. So the worker keeps, per
-    batch key, a moving average of the compute time per item alone (from items that
-    ran alone anyway: a request reaching an idle worker) and per item in a batch,
-    and stacks only while batching is the cheaper of the two, or not yet compared.
-    Every ``probe_every`` chances a key runs the other way once, so both averages
-    stay current and a change of load is noticed. The first run of each way is not
-    counted: it pays one-time costs.
-
-    Waiting for company is judged apart from stacking: while the worker waits
-    (``JVP_BATCH_WAIT_US``) it computes nothing, so a batch that waited costs its
-    wait too. Per key, a third average holds the time per item of batches that
-    waited, wait included, and the worker waits only while that beats the time
-    alone (probed like the other). Before, only the compute time was counted: a
-    batch of two that waited 2 ms to compute in 0.3 ms read as 0.15 ms per item,
-    cheaper than 0.22 ms alone, while it served one item per 1.15 ms. On a busy
-    machine (issue 22) the company that the wait was for arrives late, and such
-    batches cost throughput: now the worker stops waiting and still stacks what is
-    already queued, which costs no wait.
-    """
-
-    def __init__(self, *, alpha: float = 0.2, probe_every: int = 64, max_keys: int = 1024):
-        self.alpha = alpha
-        self.probe_every = probe_every
-        self.max_keys = max_keys
-        self._alone: dict[Hashable, float] = {}  # ms per item, computed alone
-        self._batched: dict[Hashable, float] = {}  # ms per item, computed in a batch
-        self._waited: dict[Hashable, float] = {}  # ms per item of a batch that waited, wait too
-        self._chances: dict[Hashable, int] = {}
-        self._wait_chances: dict[Hashable, int] = {}
-        self._seen: set[tuple[Hashable, bool]] = set()
-
-    def record(self, key: Hashable, items: int, ms: float, waited_ms: float | None = None) -> None:
-        """A step of ``items`` that computed in ``ms``; ``waited_ms``: how long it waited for
-        company first (None: it did not wait)."""
-        table = self._alone if items == 1 else self._batched
-        if len(table) >= self.max_keys and key not in table:
-            table.clear()
-            self._waited.clear()
-            self._seen.clear()
-        if (key, items == 1) not in self._seen:
-            # The first run of a key pays one-time costs (casting weights, binding
-            # constants, vmap's first trace): it says nothing about the next ones.
-            self._seen.add((key, items == 1))
-            return
-        self._average(table, key, ms / items)
-        if items > 1 and waited_ms is not None:
-            self._average(self._waited, key, (ms + waited_ms) / items)
-
-    def record_lonely_wait(self, key: Hashable, waited_ms: float) -> None:
-        """A wait for company that found none: the item then ran alone, ``waited_ms`` late."""
-        alone = self._alone.get(key)
-        if alone is not None:
-            self._average(self._waited, key, alone + waited_ms)
-
-    def _average(self, table: dict[Hashable, float], key: Hashable, per_item: float) -> None:
-        old = table.get(key)
-        table[key] = per_item if old is None else old + self.alpha * (per_item - old)
-
-    def worth_batching(self, key: Hashable) -> bool:
-        """Whether to stack the items of ``key`` that wait now."""
-        return self._decide(self._chances, key, self._batched.get(key))
-
-    def worth_waiting(self, key: Hashable) -> bool:
-        """Whether a busy worker should wait for more items of ``key`` to stack."""
-        return self._decide(self._wait_chances, key, self._waited.get(key))
-
-    def _decide(self, chances: dict[Hashable, int], key: Hashable, way: float | None) -> bool:
-        alone = self._alone.get(key)
-        # Batch (or wait) until both are measured, then whichever is cheaper per item.
-        prefer = alone is None or way is None or way < alone
-        seen = chances.get(key, 0) + 1
-        if seen >= self.probe_every:
-            chances.pop(key, None)
-            return not prefer  # now and then the other way, to notice a change
-        if len(chances) >= self.max_keys:
-            chances.clear()
-        chances[key] = seen
-        return prefer
 
 
 def to_device(x: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -37,6 +37,11 @@ A node is any AST node except operator and context markers, so ``sin(x)`` has
 3 nodes (the call, ``sin``, ``x``) and depth 2.
 """
 
+# NOTE [one module: the expression compiler]
+# Over 450 lines on purpose: the parser's limits, the allowed grammar, the AST checks and
+# the binding to torch are one language definition; split, a construct could be allowed
+# by one part and unknown to another.
+
 from __future__ import annotations
 
 import ast

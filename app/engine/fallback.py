@@ -42,6 +42,11 @@ coverage]).
 as the response's ``method``.
 """
 
+# NOTE [one module: the fallbacks]
+# Over 450 lines on purpose: the two fallbacks (decomposition, double VJP) and the exactness
+# checks that decide whether either may answer are one mechanism. Apart, a check would sit
+# away from the formula it vouches for; `jvp_with_fallback` is their one decision ladder.
+
 from __future__ import annotations
 
 import re
@@ -55,7 +60,7 @@ from torch._decomp import decomposition_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from app.engine.derivatives import NotCovered, first_uncovered
-from app.engine.errors import ForwardADUnsupported
+from app.engine.errors import ForwardADUnsupported, first_line
 from app.engine.target import Materialized
 
 Tensors = tuple[torch.Tensor, ...]
@@ -67,7 +72,6 @@ JVPFunction = Callable[
 FORWARD = "forward"
 DECOMPOSED = "decomposed"
 DOUBLE_VJP = "double_vjp"
-FALLBACKS = ("auto", "none")
 
 _NO_FORWARD_AD = re.compile(r"Trying to use forward AD with (\S+) that does not support it")
 _CUSTOM_WITHOUT_JVP = "jvp function for custom autograd.Function"
@@ -422,6 +426,8 @@ def jvp_double_vjp(
     return tuple(o.detach() for o in outputs), tuple(jvps)
 
 
+# A long function on purpose (NOTE [one module: the fallbacks]): one ladder of methods,
+# each with the reason it was passed over, read in the order it runs.
 def jvp_with_fallback(
     engine: JVPFunction,
     target: Materialized,
@@ -482,11 +488,11 @@ def jvp_with_fallback(
         except (RuntimeError, NotImplementedError) as e:
             missing = unsupported_operator(e)
             if missing is None:
-                why_not.append(f"the decomposed program failed: {_first_line(e)}")
+                why_not.append(f"the decomposed program failed: {first_line(e, 300)}")
                 break
             continue
         except Exception as e:  # noqa: BLE001 - a decomposition that cannot trace this model
-            why_not.append(f"decomposing {sorted(names)} failed: {_first_line(e)}")
+            why_not.append(f"decomposing {sorted(names)} failed: {first_line(e, 300)}")
             break
         return (*result, DECOMPOSED)
 
@@ -499,9 +505,9 @@ def jvp_with_fallback(
     except _Uncovered as e:
         why_not.append(f"reverse-over-reverse: {e}, which would drop the tangent")
     except (RuntimeError, NotImplementedError) as e:
-        why_not.append(f"reverse-over-reverse failed: {_first_line(e)}")
+        why_not.append(f"reverse-over-reverse failed: {first_line(e, 300)}")
     except Exception as e:  # noqa: BLE001 - a program the check cannot trace is not proven
-        why_not.append(f"reverse-over-reverse could not be checked: {_first_line(e)}")
+        why_not.append(f"reverse-over-reverse could not be checked: {first_line(e, 300)}")
     else:
         return (*result, DOUBLE_VJP)
 
@@ -509,8 +515,3 @@ def jvp_with_fallback(
         f"Operator {operator} has no forward-AD formula in PyTorch {version}; "
         f"the fallbacks failed too: {'; '.join(why_not)}"
     ) from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

@@ -42,10 +42,8 @@ class LinearizeSession:
     argument_names: tuple[str, ...]  # inputs then parameters, in the order `apply` takes them
     input_indices: tuple[int, ...]  # of the inputs among argument_names, in the target's inputs
     shapes: tuple[tuple[int, ...], ...]  # of each argument
-    outputs: int
     apply: Callable[..., Any]  # the linearized function: tangents -> J·t per output
     nbytes: int
-    created_at: float
     expires_at: float
     # (tangents, batched) -> J·t with the arguments whose tangent is None held fixed,
     # exactly (NOTE [linearize without a tangent] in app/engine/operations.py).
@@ -131,10 +129,8 @@ class LinearizeStore:
                 argument_names=argument_names,
                 input_indices=input_indices,
                 shapes=shapes,
-                outputs=outputs,
                 apply=apply,
                 nbytes=nbytes,
-                created_at=now,
                 expires_at=now + self.ttl_s,
                 apply_without=apply_without,
             )

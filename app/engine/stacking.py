@@ -31,8 +31,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from app.engine.task import JVPResult, JVPTask
+
 if TYPE_CHECKING:
-    from app.engine.worker import DeviceWorker, JVPResult, JVPTask
+    from app.engine.worker import DeviceWorker
 
 Pending = list[tuple["JVPTask", "asyncio.Future[JVPResult | None]"]]
 
@@ -105,8 +107,6 @@ class Stacker:
     @staticmethod
     def _together(worker: DeviceWorker, group: Pending) -> bool:
         """Compute the group as one stacked JVP; whether every request got its result."""
-        from app.engine.worker import JVPResult
-
         try:
             stacked = stack_tasks([task for task, _ in group])
             if stacked is None:

@@ -18,136 +18,69 @@ inline]).
 Handing a 10x10 expression to the worker thread and back costs more than
 computing it, and far more under load: every torch call drops the GIL, and
 taking it back from a busy event loop waits for the loop to let go (up to
-``sys.getswitchinterval()``, 5 ms). Measured on this project's 2-core machine:
-the 10x10 JVP of ``x**2 + y**2`` takes 60 µs in a thread alone and, while
-another thread runs Python, 31 ms of wall time and 785 µs of CPU time (p50).
-So a CPU work item known to be tiny (at most ``JVP_INLINE_MAX_US`` of CPU time
-alone) runs on the calling thread, the event loop's (`DeviceWorker.try_inline`),
-when the worker is between steps; when the worker is itself computing one tiny
-item the caller waits for it (no longer than the limit) rather than queue behind
-it, since a queue that the worker keeps finding non-empty would keep every later
-request on the slow path. Steps of tiny work never wait to batch.
+``sys.getswitchinterval()``, 5 ms), so the same JVP that takes tens of µs alone
+takes milliseconds of wall time beside a busy loop (bench/README.md, "Tiny work
+inline", has the measurements). So a CPU work item known to be tiny (at most
+``JVP_INLINE_MAX_US`` of CPU time alone) runs on the calling thread, the event
+loop's (`DeviceWorker.try_inline`), when the worker is between steps; when the
+worker is itself computing one tiny item the caller waits for it (no longer than
+the limit) rather than queue behind it, since a queue that the worker keeps
+finding non-empty would keep every later request on the slow path. Steps of tiny
+work never wait to batch.
 
 Before computing inline, the request yields to the event loop once: it is
 computed in the loop's next turn, together with the tiny requests of the same
 turn (NOTE [stacking tiny expressions] in app/engine/stacking.py). Without a
 yield, a saturated loop runs every waiting request from start to end in one turn
-(64 clients: ~23 ms) and polls for I/O once per turn, and a new connection's
-first request waited one turn per connection ahead of it: up to 800 ms,
-measured, against 60-100 ms with the yield, at the same throughput.
+and polls for I/O once per turn, so a new connection's first request waits one
+turn per connection ahead of it.
 
 Known to be tiny: its `work_key` was timed alone at most at the limit, in thread
 CPU time, the lowest seen (a run slowed by the GIL changing hands costs more
 CPU; that is the overhead inlining removes, not the work). Once it runs inline
 it stays there while the median of its last 15 inline runs (once there are 5)
 is at most twice the limit; past that it goes back to the worker, and returns
-only after a run under the limit. The 10x10 seed JVP costs 106-161 µs there
-(p10-p90), about the limit, and its first timed inline run 320 µs (cold). With
-one estimate (the lowest seen, drifting up 2% of each run's excess), a run
-stretched by a garbage collection (3 ms, measured) or the slow tail pushed it
-past the limit, the worker's GIL-slowed runs never brought it back, and small
-requests at 8 clients served about 1,500 instead of 3,000 per second for the
-rest of a benchmark cell. Batching might compute such work in less time per
-item, but never in less than the hand-off costs, so tiny work is not sent to the
-worker to batch. A key never timed goes to the worker, except a small expression
-(a few operator calls on a few thousand elements), which is tiny for sure and is
-timed inline. CUDA work always goes to the worker: it waits for the device.
+only after a run under the limit. A median, not one estimate: a single slow run
+(a garbage collection, a cold first run, the slow tail) must not send work that
+costs about the limit to the worker, whose GIL-slowed runs would never bring it
+back. Batching might compute such work in less time per item, but never in less
+than the hand-off costs, so tiny work is not sent to the worker to batch. A key
+never timed goes to the worker, except a small expression (a few operator calls
+on a few thousand elements), which is tiny for sure and is timed inline. CUDA
+work always goes to the worker: it waits for the device.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import itertools
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-from app.engine.abstract import DeadlineWatch, Estimate, Rate, measure_rate
 from app.engine.batching import (
-    BatchPayoff,
     BatchQueue,
-    VmapWarmUp,
     batch_key,
     compute_batch,
-    to_device,
     work_key,
 )
+from app.engine.compute import compute
 from app.engine.cpu_budget import StepThreads
-from app.engine.errors import (
-    DeadlineExceeded,
-    DeviceOutOfMemory,
-    EngineError,
-    ForwardADUnsupported,
-    InvalidRequest,
-    Overloaded,
-)
-from app.engine.fallback import jvp_with_fallback
-from app.engine.jvp import ENGINES
-from app.engine.stacking import Stacker
-from app.engine.target import Materialized, Target
-
-if TYPE_CHECKING:
-    from app.engine.operations import Operation
+from app.engine.errors import DeadlineExceeded, Overloaded, first_line
+from app.engine.policy import BatchPayoff, Bounded
+from app.engine.task import INTERACTIVE, JVPResult, JVPTask
 
 log = logging.getLogger(__name__)
-
-INTERACTIVE = 0  # priority of POST /jvp; lower runs first
-BATCH = 1  # priority of batch-job tasks
 
 # An expression never timed runs inline (NOTE [tiny work runs inline]) only within these:
 # a few elementwise operator calls on a few thousand elements take well under 1 ms.
 FIRST_INLINE_MAX_OPERATIONS = 32
 FIRST_INLINE_MAX_ELEMENTS = 4096
-
-_NO_FORWARD_AD = re.compile(r"Trying to use forward AD with (\S+) that does not support it")
-# What a failed CPU allocation raises (c10's DefaultCPUAllocator), a RuntimeError.
-_CPU_OUT_OF_MEMORY = re.compile(r"DefaultCPUAllocator: (can't allocate memory|not enough memory)")
-
-
-@dataclass
-class JVPTask:
-    """One JVP to compute: host tensors in, the worker casts and moves them."""
-
-    target: Target
-    inputs: tuple[torch.Tensor, ...]
-    tangents: tuple[torch.Tensor | None, ...]
-    parameter_tangents: Mapping[str, torch.Tensor]
-    dtype: torch.dtype
-    device: torch.device
-    engine: str = "dual"
-    # Beyond one JVP (batched tangents, checks, Jacobians, HVPs, linearize): runs in place
-    # of ENGINES[engine], with the same error mapping (app/engine/operations.py).
-    operation: Operation | None = None
-    # options.fallback ("auto" | "none") (NOTE [forward-AD fallback] in app/engine/fallback.py).
-    fallback: str = "auto"
-    # Dynamic batching (NOTE [dynamic batching] in app/engine/batching.py): the largest
-    # batch this task's target may join; None: the engine's limit; 0 or 1: never batches.
-    max_batch_size: int | None = None
-    # When the request gives up (time.monotonic()); work past it never starts, and with
-    # ``watch`` (long work, by its estimate) stops at the next operator past it.
-    deadline: float | None = None
-    watch: bool = False
-    seconds: float = 0.0  # the least time its work takes on this device (its estimate)
-    # What it will make and cost (app/engine/abstract.py), once the service bounded it.
-    estimate: Estimate | None = None
-
-
-@dataclass
-class JVPResult:
-    outputs: tuple[torch.Tensor, ...]  # on the CPU
-    jvps: tuple[torch.Tensor, ...]  # on the CPU
-    queue_ms: float
-    compute_ms: float  # of the whole batch when batch_size > 1
-    method: str = "forward"
-    batch_size: int = 1  # work items computed together with this one (itself included)
 
 
 @dataclass(order=True)
@@ -161,107 +94,26 @@ class _Item:
     key: Hashable | None = field(default=None, compare=False)  # batch_key(task)
     work: Hashable | None = field(default=None, compare=False)  # work_key(task)
 
-
-Computed = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], str]
-
-
-def compute(task: JVPTask) -> Computed:
-    """Run one task on its device (worker thread only) and bring the results to the host:
-    ``(outputs, jvps, method)``, the method being how the JVP was computed."""
-    try:
-        return _compute(task)
-    except EngineError:
-        raise
-    except torch.OutOfMemoryError:
-        pass  # NOTE [free on out-of-memory]
-    # NOTE [free on out-of-memory]
-    # Only an out-of-memory gets here. Its error was dropped when the except block
-    # ended, and with it the traceback whose frames held every device tensor of the
-    # failed computation (the moved inputs, the intermediates), so they are freed now,
-    # before the cache is emptied and the client told. Raising inside the except block
-    # would chain the error (__context__) and keep all of them alive.
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    raise DeviceOutOfMemory(
-        "The device ran out of memory computing this request; its memory was released. "
-        "Send smaller tensors or retry later."
-    )
-
-
-def _compute(task: JVPTask) -> Computed:
-    try:
-        target = task.target.materialize(task.dtype, task.device)
-
-        def move(x: torch.Tensor) -> torch.Tensor:
-            # Cast and move once; on CUDA through pinned memory, non-blocking.
-            return to_device(x, task.dtype, task.device)
-
-        inputs = tuple(move(x) for x in task.inputs)
-        tangents = tuple(None if t is None else move(t) for t in task.tangents)
-        param_tangents = {k: move(t) for k, t in task.parameter_tangents.items()}
-        watch = DeadlineWatch(task.deadline) if task.watch and task.deadline else None
-        if watch is not None:
-            watch.__enter__()
-        try:
-            if task.operation is not None:
-                outputs, jvps = task.operation(target, inputs, tangents, param_tangents)
-                # options.check runs the fallbacks, and says which method ran
-                method = getattr(task.operation, "method", "forward")
-            else:
-                outputs, jvps, method = jvp_with_fallback(
-                    ENGINES[task.engine],
-                    target,
-                    inputs,
-                    tangents,
-                    param_tangents,
-                    fallback=task.fallback,
-                )
-        finally:
-            if watch is not None:
-                watch.__exit__(None, None, None)
-        return _host(outputs), _host(jvps), method
-    except (EngineError, torch.OutOfMemoryError):
-        raise
-    except (RuntimeError, NotImplementedError) as e:
-        if _CPU_OUT_OF_MEMORY.search(str(e)):
-            # Handled as CUDA's: dropped past compute's except block (NOTE [free on
-            # out-of-memory]), which frees this one's frames and tensors with it.
-            raise torch.OutOfMemoryError(_first_line(e)) from None
-        match = _NO_FORWARD_AD.search(str(e))
-        if match:
-            raise ForwardADUnsupported(
-                f"Operator {match.group(1)} has no forward-AD formula "
-                f"in PyTorch {torch.__version__}",
-            ) from None
-        if isinstance(e, NotImplementedError):
-            raise ForwardADUnsupported(f"Not supported under forward AD: {e}") from None
-        raise InvalidRequest(f"The computation failed for these inputs: {_first_line(e)}") from None
-    except (ValueError, IndexError, AssertionError) as e:
-        # torch.export guards raise AssertionError ("Guard failed: x.size()[1] == 3").
-        raise InvalidRequest(f"The computation failed for these inputs: {_first_line(e)}") from None
-
-
-def _host(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    return tuple(t if t.device.type == "cpu" else t.cpu() for t in tensors)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:500]
-
-
-def _build_warm_up(dtype: torch.dtype, device: torch.device) -> Materialized:
-    # A tensor power's first forward-AD call imports torch._dynamo (about 2 s): pay it here.
-    two = torch.tensor(2.0, dtype=dtype, device=device)
-
-    def fn(args: tuple[torch.Tensor, ...], state: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
-        x = args[0]
-        return (torch.sin(x) ** two + torch.tanh(x) @ x,)
-
-    return Materialized(fn=fn, parameters={}, buffers={})
-
-
-_WARM_UP = Target("warm-up", ("x",), True, _build_warm_up)
+    def resolve(
+        self,
+        outputs: tuple[torch.Tensor, ...],
+        jvps: tuple[torch.Tensor, ...],
+        started: float,
+        finished: float,
+        method: str = "forward",
+        batch_size: int = 1,
+    ) -> None:
+        """Give the caller its result, computed from ``started`` to ``finished``."""
+        self.future.set_result(
+            JVPResult(
+                outputs=outputs,
+                jvps=jvps,
+                queue_ms=(started - self.enqueued_at) * 1e3,
+                compute_ms=(finished - started) * 1e3,
+                method=method,
+                batch_size=batch_size,
+            )
+        )
 
 
 class DeviceWorker:
@@ -288,7 +140,7 @@ class DeviceWorker:
         self._seq = itertools.count()
         self._thread = threading.Thread(target=self._run, name=f"jvp-worker-{device}", daemon=True)
         self._last_batch = 1
-        self._payoff = BatchPayoff()  # NOTE [batching must pay] in app/engine/batching.py
+        self._payoff = BatchPayoff()  # NOTE [batching must pay] in app/engine/policy.py
         # NOTE [tiny work runs inline]: held for each step, by the worker or a caller.
         self.inline_max_us = inline_max_us
         self._step = threading.Lock()
@@ -298,7 +150,7 @@ class DeviceWorker:
         self._timed_once: set[Hashable] = set()
         self._tiny_step = False  # whether the worker's current step is one tiny item
         # Keys whose batch failed while every item then succeeded alone: vmap cannot run them.
-        self._unbatchable: dict[Hashable, None] = {}
+        self._unbatchable: Bounded[Hashable, None] = Bounded(1024)
         # NOTE [CPU threads] in app/engine/cpu_budget.py: one thread for small work, set by
         # the app when this process has a pool of several.
         self.step_threads: StepThreads | None = None
@@ -547,15 +399,7 @@ class DeviceWorker:
             return False
         finished = time.monotonic()
         self._record_alone(item.work, started, cpu)
-        item.future.set_result(
-            JVPResult(
-                outputs=outputs,
-                jvps=jvps,
-                queue_ms=(started - item.enqueued_at) * 1e3,
-                compute_ms=(finished - started) * 1e3,
-                method=method,
-            )
-        )
+        item.resolve(outputs, jvps, started, finished, method)
         return True
 
     def _run_batch(self, items: list[_Item], waited_ms: float | None = None) -> None:
@@ -568,143 +412,15 @@ class DeviceWorker:
         except torch.OutOfMemoryError:
             out_of_memory = True  # NOTE [free on out-of-memory]: handled past the block
         except Exception as e:  # noqa: BLE001 - each item then runs alone
-            log.debug("batch of %d failed (%s); running each alone", len(items), _first_line(e))
+            log.debug("batch of %d failed (%s); running each alone", len(items), first_line(e))
         else:
             finished = time.monotonic()
             self._payoff.record(items[0].key, len(items), (finished - started) * 1e3, waited_ms)
             for item, (outputs, jvps) in zip(items, results, strict=True):
-                item.future.set_result(
-                    JVPResult(
-                        outputs=outputs,
-                        jvps=jvps,
-                        queue_ms=(started - item.enqueued_at) * 1e3,
-                        compute_ms=(finished - started) * 1e3,
-                        method="forward",
-                        batch_size=len(items),
-                    )
-                )
+                item.resolve(outputs, jvps, started, finished, batch_size=len(items))
             return
         if out_of_memory and torch.cuda.is_available():
             torch.cuda.empty_cache()
         succeeded = [self._run_one(item) for item in items]
         if all(succeeded) and not out_of_memory:
-            if len(self._unbatchable) >= 1024:
-                self._unbatchable.clear()
             self._unbatchable[items[0].key] = None
-
-
-class Engine:
-    """The device workers of this process, one per device."""
-
-    def __init__(
-        self,
-        devices: list[torch.device],
-        *,
-        max_queue: int,
-        max_batch_size: int = 1,
-        batch_wait_us: int = 0,
-        observe_batch: Callable[[torch.device, int], None] | None = None,
-    ) -> None:
-        self.devices = devices
-        self.workers = {d: DeviceWorker(d, max_queue=max_queue) for d in devices}
-        self._stacker = Stacker()
-        # Each device's measured speed (NOTE [abstract evaluation] in app/engine/abstract.py).
-        self.rates: dict[torch.device, Rate] = {}
-        self.configure_batching(
-            max_batch_size=max_batch_size, batch_wait_us=batch_wait_us, observe_batch=observe_batch
-        )
-        self.ready = False
-
-    def configure_batching(
-        self,
-        *,
-        max_batch_size: int,
-        batch_wait_us: int,
-        observe_batch: Callable[[torch.device, int], None] | None = None,
-        inline_max_us: int = 0,
-    ) -> None:
-        """Dynamic batching on every worker (NOTE [dynamic batching]); 1 turns it off.
-        Tiny CPU work up to ``inline_max_us`` runs on the caller's thread when the worker is
-        idle (NOTE [tiny work runs inline]); 0 never.
-
-        ``observe_batch(device, size)`` is called once per worker step (metrics)."""
-        if max_batch_size < 1 or batch_wait_us < 0:
-            raise ValueError(
-                f"Expected max_batch_size >= 1 and batch_wait_us >= 0, got {max_batch_size} "
-                f"and {batch_wait_us}"
-            )
-        for worker in self.workers.values():
-            worker.max_batch_size = max_batch_size
-            worker.batch_wait_us = batch_wait_us
-            worker.observe_batch = observe_batch
-            worker.inline_max_us = inline_max_us
-
-    def start(self) -> None:
-        """Start the workers, run one small JVP on each (so no client waits for first-call
-        set-up), then take work."""
-        for worker in self.workers.values():
-            worker.start()
-        for device, worker in self.workers.items():
-            x = torch.ones(4)
-            task = JVPTask(_WARM_UP, (x,), (x,), {}, torch.float32, device)
-            for engine in ENGINES:
-                task.engine = engine
-                worker.submit(task).result()
-            # And vmap over torch.func.jvp, what a batch runs (NOTE [dynamic batching]).
-            task = JVPTask(_WARM_UP, (x,), (x,), {}, torch.float32, device, "functional")
-            task.operation = VmapWarmUp()
-            worker.submit(task).result()
-            self.rates[device] = measure_rate(device)
-        self.ready = True
-
-    def stop(self) -> None:
-        self.ready = False
-        for worker in self.workers.values():
-            worker.stop()
-
-    def submit(
-        self,
-        task: JVPTask,
-        *,
-        priority: int = INTERACTIVE,
-        deadline: float | None = None,
-        work: Hashable | None = None,
-    ) -> Future[JVPResult]:
-        if not self.ready:
-            raise Overloaded("The engine is not ready yet; retry shortly", retry_after_s=1)
-        return self.workers[task.device].submit(
-            task, priority=priority, deadline=deadline, work=work
-        )
-
-    async def run(
-        self, task: JVPTask, *, timeout_s: float, priority: int = INTERACTIVE
-    ) -> JVPResult:
-        """Queue a task and await its result, giving up at the deadline (504): ``timeout_s``
-        from now, or ``task.deadline`` when set; tiny CPU work may run here at once instead
-        (NOTE [tiny work runs inline])."""
-        if task.deadline is None:
-            task.deadline = time.monotonic() + timeout_s
-        remaining = task.deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceeded(
-                f"The request passed its deadline of {timeout_s:g} s before it was queued"
-            )
-        key = work_key(task)
-        if self.ready:
-            worker = self.workers[task.device]
-            if worker.may_inline(task, key):
-                # Computed in the next turn of the event loop, with the tiny requests of this
-                # turn (NOTE [stacking tiny expressions] in app/engine/stacking.py).
-                result = await self._stacker.run(worker, task, key)
-                if result is not None:
-                    return result
-        future = self.submit(task, priority=priority, deadline=task.deadline, work=key)
-        try:
-            # asyncio.timeout, not wait_for: wait_for wraps the future in one more task.
-            async with asyncio.timeout(remaining):
-                return await asyncio.wrap_future(future)
-        except TimeoutError:
-            future.cancel()  # a task still queued never runs
-            raise DeadlineExceeded(
-                f"The request did not finish within its deadline of {timeout_s:g} s"
-            ) from None

@@ -12,7 +12,7 @@ from app.jobs.backend import JobBackend, NoRunner
 from app.jobs.runner import LocalRunner
 from app.jobs.service import JobService
 from app.jobs.store import JobStore
-from app.service import JVPService
+from app.services.jvp import JVPService
 from app.settings import Settings
 
 

@@ -35,83 +35,21 @@ import socket
 import threading
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from celery import Celery, Task
+from celery import Task
 from celery.signals import worker_process_init
-from sqlalchemy.exc import OperationalError
 
+from app.jobs.celery_config import make_celery
 from app.settings import Settings
 
 if TYPE_CHECKING:
-    from app.engine.worker import JVPResult, JVPTask
-    from app.jobs.runner import _Finished
+    from app.engine.task import JVPResult, JVPTask
+    from app.jobs.execute import Finished
     from app.jobs.store import TaskSpec
-    from app.service import JVPService
+    from app.services.jvp import JVPService
 
 log = logging.getLogger("app.jobs.celery")
-
-TASK_NAME = "jvp.run_chunk"
-
-
-def transport_options(settings: Settings) -> dict[str, Any]:
-    """Redis transport options: the visibility timeout, and a restore sweep frequent enough
-    to honour it (kombu's default sweeps about every 100 s)."""
-    visibility = settings.celery_visibility_timeout_s
-    return {
-        "visibility_timeout": visibility,
-        "unacked_restore_interval": max(1.0, min(10.0, visibility / 4)),
-        "unacked_restore_throttle": 1,
-    }
-
-
-def make_celery(settings: Settings) -> Celery:
-    """The Celery app of these settings, with the chunk task registered."""
-    if settings.celery_visibility_timeout_s <= settings.celery_task_timeout_s:
-        raise ValueError(
-            "JVP_CELERY_VISIBILITY_TIMEOUT_S "
-            f"({settings.celery_visibility_timeout_s:g}) must be longer than "
-            f"JVP_CELERY_TASK_TIMEOUT_S ({settings.celery_task_timeout_s:g}): a chunk still "
-            "computing would be handed to a second worker"
-        )
-    app = Celery("jvp", broker=settings.broker_url, set_as_current=False)
-    app.conf.update(
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        broker_transport_options=transport_options(settings),
-        broker_connection_retry_on_startup=True,
-        task_default_queue=settings.celery_queue,
-        task_serializer="json",
-        accept_content=["json"],  # ids only; never pickle
-        task_ignore_result=True,  # results go to the job store
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        worker_enable_remote_control=True,  # `jvp-service worker-ping`
-    )
-    app.task(
-        name=TASK_NAME,
-        bind=True,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        # The store was unreachable: try again later, from the start of the chunk.
-        autoretry_for=(OperationalError,),
-        retry_backoff=True,
-        retry_backoff_max=60,
-        max_retries=20,
-    )(run_chunk)
-    return app
-
-
-def ranges_of(idxs: list[int]) -> list[list[int]]:
-    """Sorted indices as [start, stop) ranges: [0, 1, 2, 5] -> [[0, 3], [5, 6]]."""
-    out: list[list[int]] = []
-    for i in idxs:
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return out
 
 
 def lost_error(attempts: int, limit: int) -> tuple[str, str, None]:
@@ -145,44 +83,37 @@ class WorkerRuntime:
             return self._service
 
     def _build(self) -> JVPService:
-        import torch
+        from app.runtime import build  # imports torch and the models: in the pool child
 
-        from app.engine.worker import Engine
-        from app.main import build_registry, select_devices
-        from app.service import JVPService
-
-        s = self.settings
-        if s.num_threads:
-            torch.set_num_threads(s.num_threads)
-        engine = Engine(select_devices(s.device), max_queue=s.max_queue)
-        service = JVPService(s, engine, build_registry(s))
-        engine.start()
+        built = build(self.settings, plan_cpu=False)
+        built.start_engine()
         log.info(
             "worker %s: engine ready on %s",
             self.worker_id,
-            ", ".join(str(d) for d in engine.devices),
+            ", ".join(str(d) for d in built.engine.devices),
         )
-        return service
+        return built.service
 
-    def compute(self, specs: list[TaskSpec]) -> list[_Finished]:
+    def compute(self, specs: list[TaskSpec]) -> list[Finished]:
         """Prepare each task as /jvp would, submit them all at BATCH priority (together, so
         the dynamic batcher can stack them), and wait for them, at most the task timeout."""
-        from app.engine.errors import DeadlineExceeded, EngineError
-        from app.engine.worker import BATCH
-        from app.jobs.models import DONE, FAILED
-        from app.jobs.runner import _Finished, error_of, request_of
+        from app.engine.errors import DeadlineExceeded
+        from app.engine.task import BATCH
+        from app.jobs.execute import Finished, prepare, task_error
+        from app.jobs.tables import DONE, FAILED
 
         service = self.service()
-        finished: list[_Finished] = []
+        finished: list[Finished] = []
         submitted: list[tuple[TaskSpec, JVPTask, Future[JVPResult]]] = []
         for spec in specs:
+            task, error = prepare(service, spec)
+            if task is None:
+                finished.append(Finished(spec, FAILED, error=error))
+                continue
             try:
-                task = service.prepare(request_of(spec))
                 future = service.engine.submit(task, priority=BATCH)
             except Exception as e:  # noqa: BLE001 - recorded for the task; the job goes on
-                if not isinstance(e, EngineError):
-                    log.exception("jobs: task %s/%d failed unexpectedly", spec.job_id, spec.idx)
-                finished.append(_Finished(spec, FAILED, error=error_of(e)))
+                finished.append(Finished(spec, FAILED, error=task_error(spec, e, traceback=True)))
                 continue
             submitted.append((spec, task, future))
         timeout = self.settings.celery_task_timeout_s
@@ -192,19 +123,18 @@ class WorkerRuntime:
                 result = future.result(timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 future.cancel()
-                error = DeadlineExceeded(f"The task did not finish within {timeout:g} s")
-                finished.append(_Finished(spec, FAILED, error=error_of(error)))
+                late = DeadlineExceeded(f"The task did not finish within {timeout:g} s")
+                finished.append(Finished(spec, FAILED, error=task_error(spec, late)))
             except Exception as e:  # noqa: BLE001 - the task's own error
-                if not isinstance(e, EngineError):
-                    log.error("jobs: task %s/%d failed unexpectedly: %r", spec.job_id, spec.idx, e)
-                finished.append(_Finished(spec, FAILED, error=error_of(e)))
+                finished.append(Finished(spec, FAILED, error=task_error(spec, e)))
             else:
-                finished.append(_Finished(spec, DONE, task=task, result=result))
+                finished.append(Finished(spec, DONE, task=task, result=result))
         return finished
 
 
 _runtime: WorkerRuntime | None = None
 _runtime_lock = threading.Lock()
+_settings: Settings | None = None  # the worker's (`worker_main`), inherited by its pool children
 
 
 def runtime() -> WorkerRuntime:
@@ -212,15 +142,17 @@ def runtime() -> WorkerRuntime:
     global _runtime
     with _runtime_lock:
         if _runtime is None or _runtime.pid != os.getpid():
-            _runtime = WorkerRuntime(Settings())
+            if _settings is None:
+                raise RuntimeError("worker_main sets the worker's settings before any chunk")
+            _runtime = WorkerRuntime(_settings)
         return _runtime
 
 
 def run_chunk(self: Task, job_id: str, ranges: list[list[int]]) -> dict[str, int]:
     """Compute the tasks of `ranges` of job `job_id` that have not ended (NOTE [celery
     delivery]); returns counts for the worker log."""
-    from app.jobs.models import CANCELLED, FAILED
     from app.jobs.store import Outcome
+    from app.jobs.tables import CANCELLED, FAILED
 
     rt = runtime()
     limit = rt.settings.max_task_attempts
@@ -264,7 +196,7 @@ def ping_local_workers(settings: Settings, timeout_s: float = 5.0) -> list[str]:
     return sorted(name for reply in replies for name in reply if name.endswith(f"@{host}"))
 
 
-def worker_main(device: str | None, concurrency: int, log_level: str) -> int:
+def worker_main(settings: Settings, device: str | None, concurrency: int, log_level: str) -> int:
     """`jvp-service worker`: a Celery worker that owns the device workers of its machine.
 
     With --device (or JVP_DEVICE other than auto) one worker process computes on those
@@ -272,7 +204,7 @@ def worker_main(device: str | None, concurrency: int, log_level: str) -> int:
     Celery worker, supervised here), or one on the CPU when there is none. A worker
     process never touches CUDA before its pool forks (a forked child could not use it):
     GPUs are counted through NVML, and GPU workers run as fresh processes."""
-    settings = Settings()
+    global _settings
     if device is None and settings.device == "auto":
         gpus = _gpu_count()
         if gpus:
@@ -281,8 +213,8 @@ def worker_main(device: str | None, concurrency: int, log_level: str) -> int:
     devices = device or settings.device
     if device is not None and device != "cpu":
         devices = f"{device},cpu"  # tasks may still ask for the CPU
-    os.environ["JVP_DEVICE"] = devices  # what the pool children's Settings() read
-    settings = Settings()
+    # What the pool children (forked from this process) serve with.
+    settings = _settings = settings.model_copy(update={"device": devices})
     from app.jobs.store import JobStore
 
     store = JobStore(settings.database_url)  # tables at head before the first chunk
@@ -290,7 +222,7 @@ def worker_main(device: str | None, concurrency: int, log_level: str) -> int:
         store.migrate()
     finally:
         store.close()
-    app = make_celery(settings)
+    app = make_celery(settings, run_chunk)
     # Each pool child builds its engine (warm-up, models) before it takes a chunk.
     app.conf.worker_proc_alive_timeout = 300
     worker_process_init.connect(_warm_child, weak=False)
@@ -374,4 +306,4 @@ def _supervise(devices: list[str], concurrency: int, log_level: str) -> int:
     return max(child.wait() for child in children)
 
 
-__all__ = ["TASK_NAME", "WorkerRuntime", "make_celery", "ranges_of", "run_chunk"]
+__all__ = ["WorkerRuntime", "run_chunk", "worker_main"]

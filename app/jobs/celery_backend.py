@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 
 from celery import Celery
 
-from app.jobs.celery_app import TASK_NAME, make_celery, ranges_of
+from app.jobs.celery_config import TASK_NAME, make_celery, ranges_of
 from app.jobs.store import JobStore, now
 from app.settings import Settings
 
@@ -55,7 +55,6 @@ class CeleryBackend:
         self.celery: Celery = make_celery(settings)
         self._queue: queue.Queue[object] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self.dispatched = 0  # chunks sent by this process
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="jobs-dispatcher", daemon=True)
@@ -115,7 +114,6 @@ class CeleryBackend:
                     producer=producer,
                 )
         self.store.mark_dispatched(job_id)
-        self.dispatched += len(parts)
         log.info(
             "jobs: job %s sent to the broker: %d tasks in %d chunks", job_id, len(plan), len(parts)
         )

@@ -12,25 +12,18 @@ the job goes on.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from app.engine.devices import DTYPE_NAMES
 from app.engine.errors import EngineError, Overloaded
-from app.engine.worker import BATCH, JVPResult, JVPTask
-from app.errors import STATUS_OF
-from app.jobs import blobs
-from app.jobs.models import CANCELLED, DONE, FAILED, QUEUED
-from app.jobs.store import JobStore, Outcome, TaskSpec
-from app.schemas import JVPOptions, JVPRequest
-from app.service import JVPService
+from app.engine.task import BATCH, JVPResult, JVPTask
+from app.jobs.execute import Finished, prepare, task_error
+from app.jobs.store import JobStore, TaskSpec
+from app.jobs.tables import CANCELLED, DONE, FAILED, QUEUED
+from app.services.jvp import JVPService
 
 log = logging.getLogger(__name__)
 
@@ -38,64 +31,6 @@ FLUSH_INTERVAL_S = 0.1  # outcomes wait at most this long before their transacti
 FLUSH_BATCH = 256
 IDLE_POLL_S = 1.0  # look for new work this often when idle (jobs from other processes)
 PURGE_INTERVAL_S = 60.0
-
-
-def error_of(exc: BaseException) -> tuple[str, str, str | None]:
-    """(type, message, param) of a task's error, as /jvp would answer it."""
-    if isinstance(exc, EngineError):
-        type_ = next(
-            (v[1] for cls, v in STATUS_OF.items() if isinstance(exc, cls)), "internal_error"
-        )
-        return type_, exc.message, exc.param
-    return "internal_error", f"Internal error computing this task: {type(exc).__name__}", None
-
-
-def _wire(t: torch.Tensor) -> dict[str, Any]:
-    """A stored tensor as a form-3 wire tensor, so /jvp's decoder reads it back bit for bit."""
-    t = t.contiguous()
-    raw = (
-        t.view(torch.int16).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
-    )
-    return {
-        "shape": list(t.shape),
-        "dtype": DTYPE_NAMES[t.dtype],
-        "b64": base64.b64encode(raw).decode(),
-    }
-
-
-def request_of(spec: TaskSpec) -> JVPRequest:
-    """The /jvp request a stored task stands for."""
-    groups = blobs.load_inputs(spec.inputs)
-    options = {k: v for k, v in spec.options.items() if v is not None}
-    return JVPRequest(
-        expression=spec.expression,
-        model=spec.model,
-        primals={n: _wire(t) for n, t in groups["primals"].items()},
-        tangents={n: _wire(t) for n, t in groups["tangents"].items()},
-        parameter_tangents={n: _wire(t) for n, t in groups["parameter_tangents"].items()},
-        options=JVPOptions(**options),
-    )
-
-
-@dataclass
-class _Finished:
-    """A task that ended in the runner; its result is serialized with the write."""
-
-    spec: TaskSpec
-    kind: str
-    task: JVPTask | None = None
-    result: JVPResult | None = None
-    error: tuple[str, str, str | None] | None = None
-
-    def outcome(self) -> Outcome:
-        blob = None
-        if self.kind == DONE:
-            assert self.task is not None and self.result is not None
-            single = self.task.target.single_output and len(self.result.outputs) == 1
-            blob = blobs.dump_result(
-                self.result.outputs, self.result.jvps, single=single, method=self.result.method
-            )
-        return Outcome(self.spec.job_id, self.spec.idx, self.kind, result=blob, error=self.error)
 
 
 class LocalRunner:
@@ -122,7 +57,7 @@ class LocalRunner:
         # Claimed and not ended: None while being prepared, else its worker future.
         self._inflight: dict[tuple[str, int], Future[JVPResult] | None] = {}
         self._waiting: list[tuple[TaskSpec, JVPTask]] = []  # prepared; the queue was full
-        self._pending: list[_Finished] = []
+        self._pending: list[Finished] = []
         self._wake = asyncio.Event()
         self._flush_now = asyncio.Event()
         self._idle = asyncio.Event()
@@ -227,12 +162,7 @@ class LocalRunner:
         """Claim tasks and prepare each exactly as /jvp would (worker thread)."""
         out: list[tuple[TaskSpec, JVPTask | None, tuple[str, str, str | None] | None]] = []
         for spec in self.store.claim(limit, skip_jobs=skip):
-            try:
-                out.append((spec, self.service.prepare(request_of(spec)), None))
-            except Exception as e:  # noqa: BLE001 - recorded for the task; the job goes on
-                if not isinstance(e, EngineError):
-                    log.exception("jobs: task %s/%d failed unexpectedly", spec.job_id, spec.idx)
-                out.append((spec, None, error_of(e)))
+            out.append((spec, *prepare(self.service, spec)))
         return out
 
     def _enqueue(self, spec: TaskSpec, task: JVPTask) -> None:
@@ -246,7 +176,7 @@ class LocalRunner:
             self._waiting.append((spec, task))
             return
         except EngineError as e:
-            self._end(spec, FAILED, error=error_of(e))
+            self._end(spec, FAILED, error=task_error(spec, e))
             return
         self._inflight[key] = future
         loop = self._loop
@@ -264,13 +194,11 @@ class LocalRunner:
         if error is None:
             self._end(spec, DONE, task=task, result=future.result())
         else:
-            if not isinstance(error, EngineError):
-                log.error("jobs: task %s/%d failed unexpectedly: %r", spec.job_id, spec.idx, error)
-            self._end(spec, FAILED, error=error_of(error))
+            self._end(spec, FAILED, error=task_error(spec, error))
 
     def _end(self, spec: TaskSpec, kind: str, **kw: Any) -> None:
         self._inflight.pop((spec.job_id, spec.idx), None)
-        self._pending.append(_Finished(spec, kind, **kw))
+        self._pending.append(Finished(spec, kind, **kw))
         if kind in (DONE, FAILED):
             self.completed += 1
         if len(self._pending) >= FLUSH_BATCH:
@@ -302,7 +230,7 @@ class LocalRunner:
             self._pending[:0] = batch
             raise
 
-    def _write(self, batch: list[_Finished]) -> None:
+    def _write(self, batch: list[Finished]) -> None:
         self.store.record([f.outcome() for f in batch])
         metrics = self.service.metrics
         if metrics is not None:  # counted once written, so a crash never counts a task twice

@@ -18,16 +18,16 @@ from typing import Any
 import orjson
 import torch
 
-from app.codec import decode_tensor, encode_tensor
 from app.engine.devices import parse_device, parse_dtype
 from app.engine.errors import EngineError, InvalidRequest, TooLarge
 from app.jobs import blobs
 from app.jobs.backend import JobBackend
-from app.jobs.runner import error_of
+from app.jobs.execute import error_of
 from app.jobs.schemas import JobCreate, JobOptions, JobTask
 from app.jobs.store import JobStore, JobView, NewJob, NewTask, StoredTask, now
 from app.models.registry import ModelRegistry
-from app.service import JVPService, expression_target
+from app.services.jvp import JVPService, expression_target
+from app.wire.codec import decode_tensor, encode_tensor
 
 
 def job_sha256(body: JobCreate) -> str:

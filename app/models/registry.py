@@ -6,7 +6,7 @@ import copy
 import math
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -168,6 +168,3 @@ class ModelRegistry:
     def all(self) -> list[ServedModel]:
         with self._lock:
             return [self._models[k] for k in sorted(self._models)]
-
-
-ModelFactory = Callable[[], ServedModel]

@@ -138,6 +138,8 @@ def _inside(repository: Path, path: Path) -> bool:
     return path.resolve().is_relative_to(repository.resolve())
 
 
+# A long function on purpose: reading one model folder, each check with its own message,
+# in the order a folder is read (the program file, config.json, the program, its specs).
 def load_model(path: Path) -> ServedModel:
     """Load one repository entry (a folder) as a served model, or raise ModelLoadError."""
     name = path.name

@@ -236,9 +236,10 @@ STACKED = ["gelu", "sinh", "cosh", "sigmoid", "tanh", "acosh", "expm1"]
 @pytest.mark.parametrize("name", STACKED)
 def test_stacked_requests_get_the_mpmath_numbers(name: str) -> None:
     # Tiny requests computed as one (NOTE [stacking tiny expressions]) go through the same forms.
+    from app.engine.compute import compute
     from app.engine.stacking import split, stack_tasks
-    from app.engine.worker import JVPTask, compute
-    from app.service import expression_target
+    from app.engine.task import JVPTask
+    from app.services.jvp import expression_target
 
     value, derivative, points = CASES[name]
     target = expression_target(f"{name}(x)", 2000, 500, 50)

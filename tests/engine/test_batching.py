@@ -17,14 +17,15 @@ from torch import nn
 from torch.func import jvp as func_jvp
 
 from app.engine.batching import batch_key
+from app.engine.engine import Engine
 from app.engine.errors import DeadlineExceeded, InvalidRequest
 from app.engine.operations import jvp_operation
 from app.engine.target import Materialized, Target
-from app.engine.worker import BATCH, INTERACTIVE, Engine, JVPResult, JVPTask
+from app.engine.task import BATCH, INTERACTIVE, JVPResult, JVPTask
 from app.models.builtin import mlp
 from app.models.registry import ModelRegistry, ServedModel, TensorSpec, module_target
 from app.schemas import JVPRequest
-from app.service import JVPService, expression_target
+from app.services.jvp import JVPService, expression_target
 from app.settings import Settings
 
 CPU = torch.device("cpu")
@@ -331,7 +332,7 @@ def test_operations_and_unbatchable_models_never_batch() -> None:
 
 
 def test_batch_payoff_stops_batching_when_a_batch_costs_more_per_item() -> None:
-    from app.engine.batching import BatchPayoff
+    from app.engine.policy import BatchPayoff
 
     payoff = BatchPayoff(alpha=1.0, probe_every=4)
     assert payoff.worth_batching("k")  # nothing measured: try a batch
@@ -346,7 +347,7 @@ def test_batch_payoff_stops_batching_when_a_batch_costs_more_per_item() -> None:
 
 
 def test_batch_payoff_keeps_batching_when_a_batch_is_cheaper_per_item() -> None:
-    from app.engine.batching import BatchPayoff
+    from app.engine.policy import BatchPayoff
 
     payoff = BatchPayoff(alpha=1.0, probe_every=64)
     for _ in range(2):  # the first of each is not counted
@@ -360,7 +361,7 @@ def test_batch_payoff_keeps_batching_when_a_batch_is_cheaper_per_item() -> None:
 
 
 def test_batch_payoff_stops_waiting_when_the_wait_costs_more_than_it_saves() -> None:
-    from app.engine.batching import BatchPayoff
+    from app.engine.policy import BatchPayoff
 
     payoff = BatchPayoff(alpha=1.0, probe_every=4)
     assert payoff.worth_waiting("k")  # nothing measured: wait
@@ -376,7 +377,7 @@ def test_batch_payoff_stops_waiting_when_the_wait_costs_more_than_it_saves() -> 
 
 
 def test_batch_payoff_keeps_waiting_while_the_company_pays_for_it() -> None:
-    from app.engine.batching import BatchPayoff
+    from app.engine.policy import BatchPayoff
 
     payoff = BatchPayoff(alpha=1.0, probe_every=64)
     for _ in range(2):
@@ -389,7 +390,7 @@ def test_batch_payoff_keeps_waiting_while_the_company_pays_for_it() -> None:
 
 
 def test_batch_payoff_without_a_wait_leaves_the_wait_unjudged() -> None:
-    from app.engine.batching import BatchPayoff
+    from app.engine.policy import BatchPayoff
 
     payoff = BatchPayoff(alpha=1.0, probe_every=64)
     for _ in range(2):

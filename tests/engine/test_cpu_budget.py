@@ -20,8 +20,9 @@ from app.engine.cpu_budget import (
     this_process_cpus,
     usable_cpus,
 )
+from app.engine.engine import Engine
 from app.engine.target import Materialized, Target
-from app.engine.worker import Engine, JVPTask
+from app.engine.task import JVPTask
 
 CPU = torch.device("cpu")
 

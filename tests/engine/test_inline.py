@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from app.engine.batching import work_key
+from app.engine.engine import Engine
 from app.engine.target import Materialized, Target
-from app.engine.worker import FIRST_INLINE_MAX_ELEMENTS, Engine, JVPTask
+from app.engine.task import JVPTask
+from app.engine.worker import FIRST_INLINE_MAX_ELEMENTS
 
 CPU = torch.device("cpu")
 

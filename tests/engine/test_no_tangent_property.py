@@ -19,9 +19,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from app.engine import functions
+from app.engine.compute import compute
 from app.engine.jvp import ZERO_DUAL_MAX_ELEMENTS
-from app.engine.worker import JVPTask, compute
-from app.service import expression_target
+from app.engine.task import JVPTask
+from app.services.jvp import expression_target
 
 F64 = torch.float64
 CPU = torch.device("cpu")

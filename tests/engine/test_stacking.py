@@ -8,10 +8,12 @@ import asyncio
 import pytest
 import torch
 
+from app.engine.compute import compute
+from app.engine.engine import Engine
 from app.engine.errors import InvalidRequest
 from app.engine.stacking import split, stack_tasks
-from app.engine.worker import Engine, JVPResult, JVPTask, compute
-from app.service import expression_target
+from app.engine.task import JVPResult, JVPTask
+from app.services.jvp import expression_target
 
 CPU = torch.device("cpu")
 

@@ -9,6 +9,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from app.engine.compute import compute
+from app.engine.engine import Engine
 from app.engine.errors import (
     DeadlineExceeded,
     DeviceOutOfMemory,
@@ -17,7 +19,7 @@ from app.engine.errors import (
     Overloaded,
 )
 from app.engine.target import Materialized, Target
-from app.engine.worker import BATCH, INTERACTIVE, Engine, JVPTask, compute
+from app.engine.task import BATCH, INTERACTIVE, JVPTask
 
 CPU = torch.device("cpu")
 

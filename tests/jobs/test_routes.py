@@ -37,6 +37,15 @@ def wait_finished(client: TestClient, job_id: str, timeout_s: float = 120) -> di
     raise AssertionError(f"job {job_id} did not finish: {client.get(f'/jobs/{job_id}').json()}")
 
 
+def wait_until(condition: Any, what: str, timeout_s: float = 120, poll_s: float = 0.01) -> None:
+    """Poll ``condition()`` until it holds; fail saying ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout_s:g} s")
+        time.sleep(poll_s)
+
+
 def all_results(client: TestClient, job_id: str, limit: int = 100) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     offset: int | None = 0
@@ -383,16 +392,17 @@ def test_cancel_job_stops_tasks_not_started(jobs_client: TestClient) -> None:
         ],
     }
     job_id = jobs_client.post("/jobs", json=body).json()["id"]
-    while jobs_client.get(f"/jobs/{job_id}").json()["done"] < 20:
-        time.sleep(0.01)
+    wait_until(
+        lambda: jobs_client.get(f"/jobs/{job_id}").json()["done"] >= 20,
+        "20 tasks of the job did not finish",
+    )
     cancelled = jobs_client.delete(f"/jobs/{job_id}")
     assert cancelled.status_code == 200
     assert cancelled.json()["status"] == "cancelled"
     assert cancelled.json()["cancelled"] > 0
     job = wait_finished(jobs_client, job_id)
     runner = jobs_client.app.state.jobs.backend  # type: ignore[attr-defined]
-    while runner.inflight:
-        time.sleep(0.01)
+    wait_until(lambda: not runner.inflight, "the runner did not settle")
     # Every task either ran (and its result is kept) or never ran; none ran after the cancel
     # without being counted: the runner computed exactly the tasks that are done.
     assert job["status"] == "cancelled"
@@ -438,8 +448,10 @@ def test_stop_service_leaves_unfinished_tasks_queued(tmp_path: Path) -> None:
     body = {"expression": "tanh(x @ x) @ x", "options": {"dtype": "float64"}, "tasks": [task] * 800}
     with make_client(database_url=url, device="cpu") as c:
         job_id = c.post("/jobs", json=body).json()["id"]
-        while c.get(f"/jobs/{job_id}").json()["done"] < 10:
-            time.sleep(0.01)
+        wait_until(
+            lambda: c.get(f"/jobs/{job_id}").json()["done"] >= 10,
+            "10 tasks of the job did not finish",
+        )
     # The lifespan stopped the runner: nothing is left marked running, nothing was lost.
     store = JobStore(url)
     try:
@@ -451,3 +463,21 @@ def test_stop_service_leaves_unfinished_tasks_queued(tmp_path: Path) -> None:
     assert counts.get("done", 0) == job.done
     assert counts["queued"] == 800 - job.done
     assert job.status == "running"
+
+
+def test_metrics_count_the_tasks_queued_and_running_now(tmp_path: Path) -> None:
+    # No runner in this process: the tasks stay queued, and GET /metrics reads them from
+    # the store (which every API process shares), not from what this process ran.
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    with make_client(database_url=url, device="cpu", job_runner="off") as c:
+        before = c.get("/metrics").text
+        assert 'jvp_job_tasks_active{state="queued"} 0.0' in before
+        tasks = [{"primals": {"x": float(i)}} for i in range(7)]
+        created = c.post("/jobs", json={"expression": "x * 2", "tasks": tasks})
+        assert created.status_code in (200, 201, 202), created.text
+        other = c.post("/jobs", json={"expression": "x", "tasks": tasks[:2]}).json()["id"]
+        text = c.get("/metrics").text
+        assert 'jvp_job_tasks_active{state="queued"} 9.0' in text
+        assert 'jvp_job_tasks_active{state="running"} 0.0' in text
+        assert c.delete(f"/jobs/{other}").status_code == 200
+        assert 'jvp_job_tasks_active{state="queued"} 7.0' in c.get("/metrics").text

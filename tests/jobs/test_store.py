@@ -10,8 +10,8 @@ from sqlalchemy import inspect, update
 
 from app.engine.errors import InvalidRequest, NotFound
 from app.jobs import blobs
-from app.jobs.models import JobRow
 from app.jobs.store import JobStore, NewJob, NewTask, Outcome
+from app.jobs.tables import JobRow
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from app.jobs.models import TaskRow
 from app.jobs.store import JobStore
+from app.jobs.tables import TaskRow
 from tests.conftest import ROOT, LiveServer
 from tests.jobs.conftest import postgresql_url  # noqa: F401 - the fixture, reused
 

@@ -20,11 +20,11 @@ import torch
 from torch.func import jvp
 
 from app.jobs import blobs
-from app.jobs.celery_app import ranges_of
 from app.jobs.celery_backend import chunks
-from app.jobs.models import DONE
+from app.jobs.celery_config import ranges_of
 from app.jobs.service import batch_key
 from app.jobs.store import NewJob, NewTask
+from app.jobs.tables import DONE
 from tests.conftest import ROOT, free_port
 from tests.scaleout.conftest import Cluster, wait_for
 from tests.wire import from_wire, to_wire

@@ -14,7 +14,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from app.main import create_app
+from app.api.app import create_app
 from app.settings import Settings
 
 # POST /jvp also takes a safetensors body: fuzz it as raw bytes (the parser must answer 4xx).
@@ -35,6 +35,6 @@ schema.app = APP
     suppress_health_check=list(HealthCheck),
 )
 def test_api_conforms_to_its_schema(case: schemathesis.Case) -> None:
-    # Not positive_data_acceptance: a tensor's schema is "any JSON" (app/codec.py checks it,
+    # Not positive_data_acceptance: a tensor's schema is "any JSON" (app/wire/codec.py checks it,
     # with a 422 naming the field), so schema-valid bodies are rightly rejected.
     case.call_and_validate(excluded_checks=[positive_data_acceptance])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from app.jobs.models import Base
+from app.jobs.tables import Base
 
 VERSION_TABLE = "jvp_alembic_version"
 

@@ -1,0 +1,47 @@
+"""GET /metrics: Prometheus text (app/metrics.py).
+
+With API keys on it needs a key (inference or admin), like every route but
+/healthz and /readyz, unless ``JVP_METRICS_PUBLIC=true`` opens it for a
+scraper that cannot send one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from app.api.auth import MetricsKeyDep
+from app.jobs import JobService
+from app.metrics import JOB_TASK_STATES, Metrics
+from app.schemas import ErrorBody
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        401: {"model": ErrorBody},
+    },
+)
+async def read_metrics(request: Request, _: MetricsKeyDep) -> Response:
+    """Prometheus metrics: requests, latency (queue and compute), queue depth, memory."""
+    metrics: Metrics = request.app.state.metrics
+    jobs: JobService | None = getattr(request.app.state, "jobs", None)
+    if jobs is not None:
+        try:
+            counts = await asyncio.to_thread(jobs.store.active_task_counts)
+        except Exception:  # noqa: BLE001 - the store is down: the gauge keeps its last values
+            log.warning("metrics: counting job tasks failed", exc_info=True)
+        else:
+            for state in JOB_TASK_STATES:
+                metrics.set_job_tasks(state, counts.get(state, 0))
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
