@@ -1,16 +1,32 @@
-"""Batch jobs: a handle on one job of ``POST /jobs`` (API.md, "Batch jobs")."""
+"""Batch jobs: a handle on one job of ``POST /jobs`` (API.md, "Batch jobs").
+
+The handles' methods are plans (NOTE [plans] in ``_plans.py``), written once here
+for :class:`Job` and :class:`AsyncJob`; a handle reaches the service through the
+client it was made by, typed by the Protocols ``SyncRunner`` / ``AsyncRunner``.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+from . import _parsing as parsing
 from ._base import OutputKind, job_path
+from ._plans import (
+    AsyncRunner,
+    Call,
+    Emit,
+    Plan,
+    Sleep,
+    SyncRunner,
+    aiterate,
+    async_method,
+    iterate,
+    sync_method,
+)
+from ._stacking import JobArrays, OnError, stack_results
 from ._types import JobInfo, JobResultsPage, JobTaskResult
-
-if TYPE_CHECKING:
-    from ._client import AsyncJVPClient, JVPClient
 
 __all__ = ["AsyncJob", "Job"]
 
@@ -19,14 +35,21 @@ DEFAULT_PAGE_SIZE = 100
 
 
 class _Progress:
-    """A tqdm bar of done/total tasks with the failure count; ETA from tqdm's rate."""
+    """A tqdm bar (``tqdm.auto``: a widget in notebooks) of done/total tasks with the
+    failure count; ETA from tqdm's rate. The total is known from the first frame."""
 
-    def __init__(self, job_id: str, *, enabled: bool) -> None:
+    def __init__(self, info: JobInfo, *, enabled: bool) -> None:
         self._bar: Any = None
         if enabled:
-            from tqdm import tqdm
+            from tqdm.auto import tqdm
 
-            self._bar = tqdm(desc=f"job {job_id}", unit="task", dynamic_ncols=True)
+            self._bar = tqdm(
+                desc=f"job {info.id}",
+                total=info.total,
+                initial=info.done,
+                unit="task",
+                dynamic_ncols=True,
+            )
 
     def update(self, info: JobInfo) -> None:
         bar = self._bar
@@ -43,20 +66,6 @@ class _Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-
-
-def _timeout_error(info: JobInfo, timeout_s: float) -> TimeoutError:
-    return TimeoutError(
-        f"Job {info.id} did not finish within {timeout_s:g} s "
-        f"(status {info.status}, {info.done}/{info.total} tasks done, {info.failed} failed)"
-    )
-
-
-def _check_wait_args(poll_interval_s: float, timeout_s: float | None) -> None:
-    if not poll_interval_s > 0:
-        raise ValueError(f"wait(): expected poll_interval_s > 0, got {poll_interval_s!r}")
-    if timeout_s is not None and timeout_s < 0:
-        raise ValueError(f"wait(): expected timeout_s >= 0 or None, got {timeout_s!r}")
 
 
 def _check_page_args(offset: int, page_size: int) -> None:
@@ -86,6 +95,10 @@ class _JobHandle(Generic[C]):
         self.idempotency_key = idempotency_key
 
     @property
+    def _runner(self) -> C:
+        return self._client
+
+    @property
     def id(self) -> str:
         return self.info.id
 
@@ -97,150 +110,164 @@ class _JobHandle(Generic[C]):
         )
 
 
-class Job(_JobHandle["JVPClient"]):
+# -- plans --------------------------------------------------------------------------------
+
+
+def status(job: _JobHandle[Any]) -> Plan[JobInfo]:
+    """``GET /jobs/{id}``: the job's current state."""
+    response = yield Call("GET", job_path(job.id))
+    job.info = parsing.parse(response, "job", JobInfo.from_json)
+    return job.info
+
+
+def wait(
+    job: _JobHandle[Any],
+    *,
+    progress: bool = False,
+    poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+    timeout_s: float | None = None,
+) -> Plan[JobInfo]:
+    """Poll until the job is completed or cancelled; returns its final state.
+
+    Args:
+        progress: show a tqdm bar (done/total tasks, failures, ETA) on stderr, or a
+            widget in a notebook (``tqdm.auto``).
+        poll_interval_s: seconds between two polls.
+        timeout_s: raise ``TimeoutError`` when the job is still running after this long.
+    """
+    if not poll_interval_s > 0:
+        raise ValueError(f"wait(): expected poll_interval_s > 0, got {poll_interval_s!r}")
+    if timeout_s is not None and timeout_s < 0:
+        raise ValueError(f"wait(): expected timeout_s >= 0 or None, got {timeout_s!r}")
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    bar = _Progress(job.info, enabled=progress)
+    try:
+        while True:
+            info = yield from status(job)
+            bar.update(info)
+            if info.finished:
+                return info
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"Job {info.id} did not finish within {timeout_s:g} s (status {info.status}, "
+                    f"{info.done}/{info.total} tasks done, {info.failed} failed)"
+                )
+            yield Sleep(poll_interval_s)
+    finally:
+        bar.close()
+
+
+def pages(job: _JobHandle[Any], offset: int, page_size: int) -> Plan[None]:
+    """``GET /jobs/{id}/results`` page after page, following ``next_offset``."""
+    _check_page_args(offset, page_size)
+    next_offset: int | None = offset
+    while next_offset is not None:
+        params = {"offset": next_offset, "limit": page_size}
+        response = yield Call("GET", f"{job_path(job.id)}/results", params=params)
+        page = parsing.parse(response, "job results", parsing.read_results_page(job._kind))
+        yield Emit(page)
+        if page.next_offset is not None and page.next_offset <= next_offset:
+            break  # a server that does not move forward would loop forever
+        next_offset = page.next_offset
+
+
+def results(job: _JobHandle[Any], offset: int, page_size: int) -> Plan[None]:
+    """Every task's result in task order (fetched a page at a time)."""
+    for_pages = pages(job, offset, page_size)
+    value = None
+    while True:
+        try:
+            step = for_pages.send(value)
+        except StopIteration:
+            return
+        if isinstance(step, Emit):
+            value = None
+            for result in step.item.results:
+                yield Emit(result)
+        else:
+            value = yield step
+
+
+def results_array(
+    job: _JobHandle[Any], *, on_error: OnError = "raise", page_size: int = DEFAULT_PAGE_SIZE
+) -> Plan[JobArrays]:
+    """Every task's result stacked into arrays: ``output`` and ``jvp`` with a leading
+    task dimension (row i is task ``index[i]``); see :func:`stack_results`.
+
+    Args:
+        on_error: ``"raise"`` (default): a failed task is a ValueError naming it;
+            ``"skip"``: the failed tasks are left out (``errors`` holds them).
+        page_size: results per request.
+    """
+    collected: list[JobTaskResult] = []
+    listing = results(job, 0, page_size)
+    value = None
+    while True:
+        try:
+            step = listing.send(value)
+        except StopIteration:
+            break
+        if isinstance(step, Emit):
+            value = None
+            collected.append(step.item)
+        else:
+            value = yield step
+    return stack_results(collected, on_error=on_error)
+
+
+def cancel(job: _JobHandle[Any]) -> Plan[JobInfo]:
+    """``DELETE /jobs/{id}``: tasks not yet started never run. Returns the job's state."""
+    response = yield Call("DELETE", job_path(job.id))
+    if not parsing.is_job(parsing.json_or_none(response)):
+        return (yield from status(job))
+    job.info = parsing.parse(response, "job", JobInfo.from_json)
+    return job.info
+
+
+# -- handles ------------------------------------------------------------------------------
+
+
+class Job(_JobHandle[SyncRunner]):
     """A batch job. ``info`` is the state last seen; :meth:`status` asks again.
 
     Results come back in task order as numpy arrays (torch tensors when the job
-    was submitted with torch tensors).
+    was submitted with torch tensors); :meth:`results_array` stacks them.
     """
 
-    _client: JVPClient
-
-    def status(self) -> JobInfo:
-        """``GET /jobs/{id}``: the job's current state."""
-        response = self._client._request("GET", job_path(self.id))
-        self.info = self._client._parse_job(response)
-        return self.info
-
-    def wait(
-        self,
-        *,
-        progress: bool = False,
-        poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
-        timeout_s: float | None = None,
-    ) -> JobInfo:
-        """Poll until the job is completed or cancelled; returns its final state.
-
-        Args:
-            progress: show a tqdm bar (done/total tasks, failures, ETA) on stderr.
-            poll_interval_s: seconds between two polls.
-            timeout_s: raise ``TimeoutError`` when the job is still running after this long.
-        """
-        _check_wait_args(poll_interval_s, timeout_s)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        bar = _Progress(self.id, enabled=progress)
-        try:
-            while True:
-                info = self.status()
-                bar.update(info)
-                if info.finished:
-                    return info
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise _timeout_error(info, timeout_s or 0.0)
-                self._client._sleep(poll_interval_s)
-        finally:
-            bar.close()
+    status = sync_method(status)
+    wait = sync_method(wait)
+    results_array = sync_method(results_array)
+    cancel = sync_method(cancel)
 
     def pages(
         self, *, offset: int = 0, page_size: int = DEFAULT_PAGE_SIZE
     ) -> Iterator[JobResultsPage]:
         """``GET /jobs/{id}/results`` page after page, following ``next_offset``."""
-        _check_page_args(offset, page_size)
-        next_offset: int | None = offset
-        while next_offset is not None:
-            response = self._client._request(
-                "GET",
-                f"{job_path(self.id)}/results",
-                params={"offset": next_offset, "limit": page_size},
-            )
-            page = self._client._parse_results_page(response, self._kind)
-            yield page
-            if page.next_offset is not None and page.next_offset <= next_offset:
-                break  # a server that does not move forward would loop forever
-            next_offset = page.next_offset
+        return iterate(self._client, pages(self, offset, page_size))
 
     def results(
         self, *, offset: int = 0, page_size: int = DEFAULT_PAGE_SIZE
     ) -> Iterator[JobTaskResult]:
         """Every task's result in task order (fetched a page at a time)."""
-        for page in self.pages(offset=offset, page_size=page_size):
-            yield from page.results
-
-    def cancel(self) -> JobInfo:
-        """``DELETE /jobs/{id}``: tasks not yet started never run. Returns the job's state."""
-        response = self._client._request("DELETE", job_path(self.id))
-        info = self._client._parse_job_if_any(response)
-        if info is None:
-            return self.status()
-        self.info = info
-        return info
+        return iterate(self._client, results(self, offset, page_size))
 
 
-class AsyncJob(_JobHandle["AsyncJVPClient"]):
+class AsyncJob(_JobHandle[AsyncRunner]):
     """The async twin of :class:`Job`: the same methods, awaited; results is an async iterator."""
 
-    _client: AsyncJVPClient
+    status = async_method(status)
+    wait = async_method(wait)
+    results_array = async_method(results_array)
+    cancel = async_method(cancel)
 
-    async def status(self) -> JobInfo:
-        """``GET /jobs/{id}``: the job's current state."""
-        response = await self._client._request("GET", job_path(self.id))
-        self.info = self._client._parse_job(response)
-        return self.info
-
-    async def wait(
-        self,
-        *,
-        progress: bool = False,
-        poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
-        timeout_s: float | None = None,
-    ) -> JobInfo:
-        """Poll until the job is completed or cancelled; see :meth:`Job.wait`."""
-        _check_wait_args(poll_interval_s, timeout_s)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        bar = _Progress(self.id, enabled=progress)
-        try:
-            while True:
-                info = await self.status()
-                bar.update(info)
-                if info.finished:
-                    return info
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise _timeout_error(info, timeout_s or 0.0)
-                await self._client._sleep(poll_interval_s)
-        finally:
-            bar.close()
-
-    async def pages(
+    def pages(
         self, *, offset: int = 0, page_size: int = DEFAULT_PAGE_SIZE
     ) -> AsyncIterator[JobResultsPage]:
         """``GET /jobs/{id}/results`` page after page, following ``next_offset``."""
-        _check_page_args(offset, page_size)
-        next_offset: int | None = offset
-        while next_offset is not None:
-            response = await self._client._request(
-                "GET",
-                f"{job_path(self.id)}/results",
-                params={"offset": next_offset, "limit": page_size},
-            )
-            page = self._client._parse_results_page(response, self._kind)
-            yield page
-            if page.next_offset is not None and page.next_offset <= next_offset:
-                break
-            next_offset = page.next_offset
+        return aiterate(self._client, pages(self, offset, page_size))
 
-    async def results(
+    def results(
         self, *, offset: int = 0, page_size: int = DEFAULT_PAGE_SIZE
     ) -> AsyncIterator[JobTaskResult]:
         """Every task's result in task order (fetched a page at a time)."""
-        async for page in self.pages(offset=offset, page_size=page_size):
-            for result in page.results:
-                yield result
-
-    async def cancel(self) -> JobInfo:
-        """``DELETE /jobs/{id}``: tasks not yet started never run. Returns the job's state."""
-        response = await self._client._request("DELETE", job_path(self.id))
-        info = self._client._parse_job_if_any(response)
-        if info is None:
-            return await self.status()
-        self.info = info
-        return info
+        return aiterate(self._client, results(self, offset, page_size))

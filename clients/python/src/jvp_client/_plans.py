@@ -1,0 +1,204 @@
+"""Operations written once for the sync and the async client: plans and their two drivers.
+
+# NOTE [plans]
+An operation of the client (``jvp``, ``Job.wait``, ``Linearization.close``, ...) is
+a *plan*: a generator that yields steps, a :class:`Call` (one HTTP request; the
+driver sends it, with the retries of NOTE [retries], and sends the response back
+into the plan, or throws the client error into it), a :class:`Sleep`, or, for the
+plans of iterators, an :class:`Emit` of one item. It returns the operation's
+result. A plan does no I/O, so the same code serves :class:`JVPClient` (driven by
+:func:`run` and :func:`iterate`) and :class:`AsyncJVPClient` (by :func:`arun` and
+:func:`aiterate`); the methods are bound with :func:`sync_method` and
+:func:`async_method`, which keep the plan's signature and docstring (for ``help``,
+IDEs and mypy). The objects that drive plans (the clients; ``Job`` and
+``Linearization`` through the client they hold) are typed by the Protocols
+:class:`SyncRunner` and :class:`AsyncRunner`, so no module imports the clients.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, Union
+
+import httpx
+
+from ._base import NOT_GIVEN, Limits, TimeoutTypes
+from ._exceptions import JVPError
+
+__all__ = [
+    "AsyncRunner",
+    "Call",
+    "Emit",
+    "Plan",
+    "Sleep",
+    "SyncRunner",
+    "aiterate",
+    "arun",
+    "async_method",
+    "iterate",
+    "run",
+    "sync_method",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One HTTP request of a plan: the body is ``json_body`` (sent as JSON) or ``content``
+    (bytes, whose ``Content-Type`` is in ``headers``)."""
+
+    method: str
+    path: str
+    json_body: Any = None
+    content: bytes | None = None
+    params: Mapping[str, Any] | None = None
+    headers: Mapping[str, str] | None = None
+    timeout: TimeoutTypes = NOT_GIVEN
+    max_retries: int | None = None
+    ok_statuses: frozenset[int] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Wait (between job polls)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Emit(Generic[T]):
+    """One item of an iterator plan (a page, a job)."""
+
+    item: T
+
+
+Step = Union[Call, Sleep, Emit[Any]]
+#: A plan: yields steps, receives responses, returns ``R``. See NOTE [plans].
+Plan = Generator[Step, Any, R]
+
+
+class SyncRunner(Limits, Protocol):
+    """What drives plans synchronously: :class:`JVPClient`."""
+
+    def _send(self, call: Call) -> httpx.Response: ...
+
+    def _sleep(self, seconds: float) -> None: ...
+
+
+class AsyncRunner(Limits, Protocol):
+    """What drives plans on an event loop: :class:`AsyncJVPClient`."""
+
+    async def _send(self, call: Call) -> httpx.Response: ...
+
+    async def _sleep(self, seconds: float) -> None: ...
+
+
+def _advance(plan: Plan[Any], value: Any, error: BaseException | None) -> Step:
+    return plan.throw(error) if error is not None else plan.send(value)
+
+
+def _step(runner: SyncRunner, step: Step) -> tuple[Any, BaseException | None]:
+    if isinstance(step, Sleep):
+        runner._sleep(step.seconds)
+        return None, None
+    if not isinstance(step, Call):
+        raise TypeError(f"a plan yielded {step!r} where a request was expected")
+    try:
+        return runner._send(step), None
+    except JVPError as exc:
+        return None, exc
+
+
+async def _astep(runner: AsyncRunner, step: Step) -> tuple[Any, BaseException | None]:
+    if isinstance(step, Sleep):
+        await runner._sleep(step.seconds)
+        return None, None
+    if not isinstance(step, Call):
+        raise TypeError(f"a plan yielded {step!r} where a request was expected")
+    try:
+        return await runner._send(step), None
+    except JVPError as exc:
+        return None, exc
+
+
+def run(runner: SyncRunner, plan: Plan[R]) -> R:
+    """Drive ``plan`` to its result."""
+    value, error = None, None
+    while True:
+        try:
+            step = _advance(plan, value, error)
+        except StopIteration as stop:
+            result: R = stop.value
+            return result
+        value, error = _step(runner, step)
+
+
+async def arun(runner: AsyncRunner, plan: Plan[R]) -> R:
+    """Drive ``plan`` to its result on the event loop."""
+    value, error = None, None
+    while True:
+        try:
+            step = _advance(plan, value, error)
+        except StopIteration as stop:
+            result: R = stop.value
+            return result
+        value, error = await _astep(runner, step)
+
+
+def iterate(runner: SyncRunner, plan: Plan[None]) -> Iterator[Any]:
+    """The items ``plan`` emits, fetched as they are asked for."""
+    value, error = None, None
+    while True:
+        try:
+            step = _advance(plan, value, error)
+        except StopIteration:
+            return
+        if isinstance(step, Emit):
+            value, error = None, None
+            yield step.item
+        else:
+            value, error = _step(runner, step)
+
+
+async def aiterate(runner: AsyncRunner, plan: Plan[None]) -> AsyncIterator[Any]:
+    """The items ``plan`` emits, for ``async for``."""
+    value, error = None, None
+    while True:
+        try:
+            step = _advance(plan, value, error)
+        except StopIteration:
+            return
+        if isinstance(step, Emit):
+            value, error = None, None
+            yield step.item
+        else:
+            value, error = await _astep(runner, step)
+
+
+def sync_method(
+    build: Callable[Concatenate[Any, P], Plan[R]],
+) -> Callable[Concatenate[Any, P], R]:
+    """A method that runs the plan ``build(self, ...)`` with ``self._runner``."""
+
+    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return run(self._runner, build(self, *args, **kwargs))
+
+    functools.update_wrapper(method, build)
+    return method
+
+
+def async_method(
+    build: Callable[Concatenate[Any, P], Plan[R]],
+) -> Callable[Concatenate[Any, P], Coroutine[Any, Any, R]]:
+    """The coroutine method that runs the plan ``build(self, ...)`` with ``self._runner``."""
+
+    async def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await arun(self._runner, build(self, *args, **kwargs))
+
+    functools.update_wrapper(method, build)
+    return method
