@@ -26,8 +26,8 @@ from typing import Any
 from ._base import NOT_GIVEN, Encoding, Limits, OutputKind, TimeoutTypes
 from ._plans import Call
 from ._safetensors import SAFETENSORS, encode_safetensors
-from ._tensors import count_elements, encode_tensor, infer_dtype, normalize_dtype
 from ._tensors import _to_wire_array as to_wire_array
+from ._tensors import count_elements, encode_tensor, infer_dtype, normalize_dtype
 from ._types import ShapeInfo
 
 __all__ = ["job_request", "names", "request"]

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from . import _jobs as job_ops
 from . import _operations as ops
 from ._base import (
     B64_MIN_ELEMENTS,
@@ -169,14 +170,14 @@ class JVPClient(BaseClient):
     load_model = sync_method(ops.load_model)
     unload_model = sync_method(ops.unload_model)
     health = sync_method(ops.health)
-    submit_job = sync_method(ops.submit_job)
-    get_job = sync_method(ops.get_job)
-    list_jobs = sync_method(ops.list_jobs)
+    submit_job = sync_method(job_ops.submit_job)
+    get_job = sync_method(job_ops.get_job)
+    list_jobs = sync_method(job_ops.list_jobs)
 
     def iter_jobs(self, *, status: str | None = None, page_size: int = 100) -> Iterator[JobInfo]:
         """Every job (only those in ``status`` when given), newest first, fetched a page
         (``page_size`` jobs) at a time as the loop asks for them."""
-        return iterate(self, ops.iter_jobs(status, page_size))
+        return iterate(self, job_ops.iter_jobs(status, page_size))
 
 
 class AsyncJVPClient(BaseClient):
@@ -268,12 +269,12 @@ class AsyncJVPClient(BaseClient):
     load_model = async_method(ops.load_model)
     unload_model = async_method(ops.unload_model)
     health = async_method(ops.health)
-    submit_job = async_method(ops.submit_job)
-    get_job = async_method(ops.get_job)
-    list_jobs = async_method(ops.list_jobs)
+    submit_job = async_method(job_ops.submit_job)
+    get_job = async_method(job_ops.get_job)
+    list_jobs = async_method(job_ops.list_jobs)
 
     def iter_jobs(
         self, *, status: str | None = None, page_size: int = 100
     ) -> AsyncIterator[JobInfo]:
         """``async for job in client.iter_jobs(...)``; see :meth:`JVPClient.iter_jobs`."""
-        return aiterate(self, ops.iter_jobs(status, page_size))
+        return aiterate(self, job_ops.iter_jobs(status, page_size))

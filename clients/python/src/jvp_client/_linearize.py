@@ -37,7 +37,9 @@ C = TypeVar("C")
 class _LinearizationBase(Generic[C]):
     """What the sync and async handles share: the session's facts."""
 
-    def __init__(self, client: C, info: LinearizationInfo, *, kind: OutputKind | None = None) -> None:
+    def __init__(
+        self, client: C, info: LinearizationInfo, *, kind: OutputKind | None = None
+    ) -> None:
         self._client = client
         self.info = info
         self._kind = kind or OutputKind()

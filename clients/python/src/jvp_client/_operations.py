@@ -12,8 +12,7 @@ own methods (as ``Linearization``) keeps its plans beside its classes.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from . import _parsing as parsing
@@ -25,11 +24,10 @@ from ._base import (
     OutputKind,
     Reduction,
     TimeoutTypes,
-    job_path,
 )
 from ._base import model_path as _model_path
-from ._bodies import job_request, names, request
-from ._plans import Call, Emit, Plan
+from ._bodies import names, request
+from ._plans import Call, Plan
 from ._types import (
     EvalShapeResult,
     HealthStatus,
@@ -45,7 +43,6 @@ Tensors = Mapping[str, Any]
 L = TypeVar("L", covariant=True)
 J = TypeVar("J", covariant=True)
 Lin = TypeVar("Lin")
-Jb = TypeVar("Jb")
 
 
 class Handles(Limits, Protocol[L, J]):
@@ -107,7 +104,11 @@ def jvp(
         "jvp()",
         "jvp",
         target=(expression, model),
-        tensors={"primals": primals, "tangents": tangents, "parameter_tangents": parameter_tangents},
+        tensors={
+            "primals": primals,
+            "tangents": tangents,
+            "parameter_tangents": parameter_tangents,
+        },
         dtype=dtype,
         encoding=encoding,
         options={
@@ -241,7 +242,11 @@ def hvp(
         where,
         "hvp",
         target=(expression, model),
-        tensors={"primals": primals, "tangents": tangents, "parameter_tangents": parameter_tangents},
+        tensors={
+            "primals": primals,
+            "tangents": tangents,
+            "parameter_tangents": parameter_tangents,
+        },
         dtype=dtype,
         encoding=encoding,
         fields={
@@ -293,7 +298,11 @@ def eval_shape(
         "eval_shape()",
         "eval_shape",
         target=(expression, model),
-        tensors={"primals": primals, "tangents": tangents, "parameter_tangents": parameter_tangents},
+        tensors={
+            "primals": primals,
+            "tangents": tangents,
+            "parameter_tangents": parameter_tangents,
+        },
         dtype=dtype,
         encoding=None,
         fields={
@@ -376,84 +385,3 @@ def health(client: Limits) -> Plan[HealthStatus]:
         ready=ready.is_success,
         detail={"healthz": parsing.body_or_text(live), "readyz": parsing.body_or_text(ready)},
     )
-
-
-def submit_job(
-    client: Handles[Any, Jb],
-    tasks: Iterable[Mapping[str, Any]],
-    *,
-    expression: str | None = None,
-    model: str | None = None,
-    dtype: object = None,
-    device: str | None = None,
-    engine: str | None = None,
-    fallback: str | None = None,
-    encoding: Encoding = "auto",
-    options: Mapping[str, Any] | None = None,
-    idempotency_key: str | None = None,
-    timeout: TimeoutTypes = NOT_GIVEN,
-) -> Plan[Jb]:
-    """``POST /jobs``: run many JVPs as one batch job.
-
-    ``tasks`` are ``{"primals": ..., "tangents": ..., "parameter_tangents": ...}``
-    mappings (with tensors as for :meth:`jvp`), each of which may override the
-    job-wide ``expression``/``model`` and ``options``. One ``Idempotency-Key``
-    (``idempotency_key``, or a new random one) is sent with every attempt, so a
-    retried submission returns the same job.
-    """
-    key = idempotency_key or f"jvp-{uuid.uuid4().hex}"
-    call, kind = job_request(
-        client,
-        tasks,
-        expression=expression,
-        model=model,
-        dtype=dtype,
-        encoding=encoding,
-        options={"dtype": True, "device": device, "engine": engine, "fallback": fallback},
-        extra_options=options,
-        headers={"Idempotency-Key": key},
-        timeout=timeout,
-    )
-    response = yield call
-    return client._job(parsing.parse(response, "job", JobInfo.from_json), kind, key)
-
-
-def get_job(client: Handles[Any, Jb], job_id: str, *, as_torch: bool = False) -> Plan[Jb]:
-    """``GET /jobs/{id}``: a handle on an existing job (``as_torch``: torch results)."""
-    response = yield Call("GET", job_path(job_id))
-    return client._job(
-        parsing.parse(response, "job", JobInfo.from_json), OutputKind(as_torch=as_torch), None
-    )
-
-
-def _jobs_call(offset: int, limit: int, status: str | None) -> Call:
-    params: dict[str, Any] = {"offset": offset, "limit": limit}
-    if status is not None:
-        params["status"] = status
-    return Call("GET", "jobs", params=params)
-
-
-def list_jobs(
-    client: Limits, *, offset: int = 0, limit: int = 20, status: str | None = None
-) -> Plan[list[JobInfo]]:
-    """``GET /jobs``: jobs, newest first, one page; ``status``: only the jobs in that
-    status (``"queued"``, ``"running"``, ``"completed"``, ``"cancelled"``).
-    :meth:`iter_jobs` follows the pages."""
-    response = yield _jobs_call(offset, limit, status)
-    jobs, _ = parsing.parse(response, "/jobs", parsing.read_jobs_page)
-    return jobs
-
-
-def iter_jobs(status: str | None = None, page_size: int = 100) -> Plan[None]:
-    """Every job (of ``status``), newest first, fetching page after page."""
-    if page_size < 1:
-        raise ValueError(f"iter_jobs(): expected page_size >= 1, got {page_size}")
-    offset: int | None = 0
-    while offset is not None:
-        response = yield _jobs_call(offset, page_size, status)
-        jobs, next_offset = parsing.parse(response, "/jobs", parsing.read_jobs_page)
-        for job in jobs:
-            yield Emit(job)
-        if next_offset is not None and next_offset <= offset:
-            break  # a server that does not move forward would loop forever
-        offset = next_offset

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, Union
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 import httpx
 
@@ -77,7 +77,7 @@ class Emit(Generic[T]):
     item: T
 
 
-Step = Union[Call, Sleep, Emit[Any]]
+Step = Call | Sleep | Emit[Any]
 #: A plan: yields steps, receives responses, returns ``R``. See NOTE [plans].
 Plan = Generator[Step, Any, R]
 

@@ -72,15 +72,18 @@ def stack_results(results: Iterable[JobTaskResult], *, on_error: OnError = "rais
 def _stack_field(results: Sequence[JobTaskResult], key: str) -> Array | list[Array]:
     values = [getattr(r, key) for r in results]
     if not isinstance(values[0], list):
-        return _stack([(r.index, v) for r, v in zip(results, values)], key)
+        return _stack([(r.index, v) for r, v in zip(results, values, strict=True)], key)
     count = len(values[0])
-    for r, v in zip(results, values):
+    for r, v in zip(results, values, strict=True):
         if not isinstance(v, list) or len(v) != count:
             raise ValueError(
                 f"cannot stack {key}: task {results[0].index} has {count} outputs, "
                 f"task {r.index} has {len(v) if isinstance(v, list) else 1}"
             )
-    return [_stack([(r.index, v[i]) for r, v in zip(results, values)], key) for i in range(count)]
+    return [
+        _stack([(r.index, v[i]) for r, v in zip(results, values, strict=True)], key)
+        for i in range(count)
+    ]
 
 
 def _stack(items: list[tuple[int, Any]], key: str) -> Array:

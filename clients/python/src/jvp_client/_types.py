@@ -99,7 +99,7 @@ class JVPResult:
     request_id: str | None = None
 
     def __iter__(self) -> Iterator[Array | list[Array]]:
-        """``out, jvp = client.jvp(...)``, as ``jax.jvp`` returns ``(primals_out, tangents_out)``."""
+        """``out, jvp = client.jvp(...)``, as ``jax.jvp`` answers ``(out, tangent_out)``."""
         return iter((self.output, self.jvp))
 
 
