@@ -91,7 +91,8 @@ class APIConnectionError(JVPError):
     ) -> APIConnectionError:
         """The error for ``exc``, the last attempt's, once ``retries`` retries were made."""
         timeout = _timeout_text(request)
-        tried = f"{retries + 1} attempt{'s' if retries else ''} ({retries} retries)"
+        retried = f"{retries} retr{'y' if retries == 1 else 'ies'}"
+        tried = f"{retries + 1} attempt{'s' if retries else ''} ({retried})"
         if issubclass(cls, APITimeoutError):
             message = (
                 f"Request timed out: {request.method} {request.url} got no answer within its "
