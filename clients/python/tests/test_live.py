@@ -34,14 +34,6 @@ import pytest
 import pytest_asyncio
 from jvp_fakes import REPO_ROOT
 
-# The server and torch, installed beside the client by `make test`; without them these
-# tests skip (with the reason) instead of failing to import.
-app_main = pytest.importorskip(
-    "app.main", reason="the live tests need the server: `make install-dev` installs it"
-)
-torch = pytest.importorskip("torch", reason="the live tests need torch for their references")
-nn = torch.nn
-
 from jvp_client import (
     AsyncJVPClient,
     AuthenticationError,
@@ -54,6 +46,14 @@ from jvp_client import (
     UnprocessableEntityError,
 )
 from jvp_client.cli import main as cli_main
+
+# The server and torch, installed beside the client by `make test`; without them these
+# tests skip (with the reason) instead of failing to import.
+app_main = pytest.importorskip(
+    "app.main", reason="the live tests need the server: `make install-dev` installs it"
+)
+torch = pytest.importorskip("torch", reason="the live tests need torch for their references")
+nn = torch.nn
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SERVER_ENV = {"JVP_DEVICE": "cpu", "JVP_NUM_THREADS": "2"}
