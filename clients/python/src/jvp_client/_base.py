@@ -41,7 +41,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import httpx
 
@@ -142,26 +142,29 @@ def _base_url(base_url: str | httpx.URL | None) -> httpx.URL:
     return url.copy_with(path=url.path.rstrip("/") + "/")
 
 
-Self = TypeVar("Self", bound="BaseClient")
+Self = TypeVar("Self", bound="BaseClient[Any]")
+H = TypeVar("H", httpx.Client, httpx.AsyncClient)
 
 
-class BaseClient:
-    """Configuration shared by :class:`JVPClient` and :class:`AsyncJVPClient`."""
+class BaseClient(Generic[H]):
+    """Configuration shared by :class:`JVPClient` and :class:`AsyncJVPClient` (whose
+    ``http_client`` is an ``httpx.Client`` and an ``httpx.AsyncClient``: ``_http_type``)."""
 
+    _http_type: type[H]
     base_url: httpx.URL
     api_key: str | None
     timeout: TimeoutTypes
     max_retries: int
-    _owns_client: bool
 
     def __init__(
         self,
         *,
-        base_url: str | httpx.URL | None,
-        api_key: str | None,
-        timeout: TimeoutTypes | _NotGiven,
-        max_retries: int,
-        b64_min_elements: int,
+        base_url: str | httpx.URL | None = None,
+        api_key: str | None = None,
+        timeout: TimeoutTypes | _NotGiven = NOT_GIVEN,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        http_client: H | None = None,
+        b64_min_elements: int = B64_MIN_ELEMENTS,
         binary_min_elements: int | None = BINARY_MIN_ELEMENTS,
     ) -> None:
         if api_key is None:
@@ -175,6 +178,13 @@ class BaseClient:
         self.max_retries = max_retries
         self.b64_min_elements = b64_min_elements
         self.binary_min_elements = binary_min_elements
+        if http_client is not None and not isinstance(http_client, self._http_type):
+            raise TypeError(
+                f"http_client: expected an httpx.{self._http_type.__name__}, "
+                f"got {type(http_client).__name__}"
+            )
+        self._owns_client = http_client is None
+        self._client: H = http_client if http_client is not None else self._http_type()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={str(self.base_url)!r})"

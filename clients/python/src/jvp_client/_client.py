@@ -17,14 +17,10 @@ import httpx
 from . import _jobs as job_ops
 from . import _operations as ops
 from ._base import (
-    B64_MIN_ELEMENTS,
-    BINARY_MIN_ELEMENTS,
-    DEFAULT_MAX_RETRIES,
     NOT_GIVEN,
     BaseClient,
     OutputKind,
     Retrying,
-    TimeoutTypes,
 )
 from ._jobs import AsyncJob, Job
 from ._linearize import AsyncLinearization, Linearization
@@ -34,7 +30,7 @@ from ._types import JobInfo, LinearizationInfo
 __all__ = ["AsyncJVPClient", "JVPClient"]
 
 
-def _build(client: BaseClient, http: httpx.Client | httpx.AsyncClient, call: Call) -> Any:
+def _build(client: BaseClient[Any], http: httpx.Client | httpx.AsyncClient, call: Call) -> Any:
     """The httpx request of ``call`` (sync and async alike)."""
     headers = client._headers(call.headers)
     content = call.content
@@ -53,12 +49,12 @@ def _build(client: BaseClient, http: httpx.Client | httpx.AsyncClient, call: Cal
     )
 
 
-def _retrying(client: BaseClient, request: httpx.Request, call: Call) -> Retrying:
+def _retrying(client: BaseClient[Any], request: httpx.Request, call: Call) -> Retrying:
     retries = client.max_retries if call.max_retries is None else call.max_retries
     return Retrying(request, retries, call.ok_statuses)
 
 
-class JVPClient(BaseClient):
+class JVPClient(BaseClient[httpx.Client]):
     """A synchronous client of the JVP service.
 
     Args:
@@ -88,31 +84,7 @@ class JVPClient(BaseClient):
         array([0., 2., 4.])
     """
 
-    def __init__(
-        self,
-        *,
-        base_url: str | httpx.URL | None = None,
-        api_key: str | None = None,
-        timeout: TimeoutTypes = NOT_GIVEN,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        http_client: httpx.Client | None = None,
-        b64_min_elements: int = B64_MIN_ELEMENTS,
-        binary_min_elements: int | None = BINARY_MIN_ELEMENTS,
-    ) -> None:
-        super().__init__(
-            base_url=base_url,
-            api_key=api_key,
-            timeout=timeout,
-            max_retries=max_retries,
-            b64_min_elements=b64_min_elements,
-            binary_min_elements=binary_min_elements,
-        )
-        if http_client is not None and not isinstance(http_client, httpx.Client):
-            raise TypeError(
-                f"http_client: expected an httpx.Client, got {type(http_client).__name__}"
-            )
-        self._owns_client = http_client is None
-        self._client = http_client if http_client is not None else httpx.Client()
+    _http_type = httpx.Client
 
     def close(self) -> None:
         """Close the underlying connection pool (unless it was passed in as ``http_client``)."""
@@ -180,38 +152,14 @@ class JVPClient(BaseClient):
         return iterate(self, job_ops.iter_jobs(status, page_size))
 
 
-class AsyncJVPClient(BaseClient):
+class AsyncJVPClient(BaseClient[httpx.AsyncClient]):
     """The asyncio twin of :class:`JVPClient`: the same arguments, methods awaited.
 
     ``http_client`` is an ``httpx.AsyncClient`` (``httpx.ASGITransport`` serves an app
     in-process).
     """
 
-    def __init__(
-        self,
-        *,
-        base_url: str | httpx.URL | None = None,
-        api_key: str | None = None,
-        timeout: TimeoutTypes = NOT_GIVEN,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        http_client: httpx.AsyncClient | None = None,
-        b64_min_elements: int = B64_MIN_ELEMENTS,
-        binary_min_elements: int | None = BINARY_MIN_ELEMENTS,
-    ) -> None:
-        super().__init__(
-            base_url=base_url,
-            api_key=api_key,
-            timeout=timeout,
-            max_retries=max_retries,
-            b64_min_elements=b64_min_elements,
-            binary_min_elements=binary_min_elements,
-        )
-        if http_client is not None and not isinstance(http_client, httpx.AsyncClient):
-            raise TypeError(
-                f"http_client: expected an httpx.AsyncClient, got {type(http_client).__name__}"
-            )
-        self._owns_client = http_client is None
-        self._client = http_client if http_client is not None else httpx.AsyncClient()
+    _http_type = httpx.AsyncClient
 
     async def close(self) -> None:
         """Close the underlying connection pool (unless it was passed in as ``http_client``)."""
