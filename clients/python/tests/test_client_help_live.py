@@ -32,20 +32,21 @@ from jvp_client import (
 torch = test_live.torch
 
 
+def _server(tmp: pytest.TempPathFactory, env: dict[str, str]) -> Iterator[str]:
+    """A uvicorn server with its own job store."""
+    db = tmp.mktemp("jobs") / "jobs.db"
+    with test_live.uvicorn_server({**env, "JVP_DATABASE_URL": f"sqlite:///{db}"}) as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    db = tmp_path_factory.mktemp("jobs") / "jobs.db"
-    env = {**test_live.SERVER_ENV, "JVP_DATABASE_URL": f"sqlite:///{db}"}
-    with test_live.uvicorn_server(env) as url:
-        yield url
+    yield from _server(tmp_path_factory, test_live.SERVER_ENV)
 
 
 @pytest.fixture(scope="module")
 def restricted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    db = tmp_path_factory.mktemp("jobs") / "jobs.db"
-    env = {**test_live.RESTRICTED_ENV, "JVP_DATABASE_URL": f"sqlite:///{db}"}
-    with test_live.uvicorn_server(env) as url:
-        yield url
+    yield from _server(tmp_path_factory, test_live.RESTRICTED_ENV)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from . import _parsing as parsing
 from ._base import NOT_GIVEN, Encoding, Limits, OutputKind, TimeoutTypes, job_path
@@ -20,6 +20,7 @@ from ._plans import (
     AsyncRunner,
     Call,
     Emit,
+    Handle,
     Plan,
     Sleep,
     SyncRunner,
@@ -82,7 +83,7 @@ C = TypeVar("C")
 Jb = TypeVar("Jb")
 
 
-class _JobHandle(Generic[C]):
+class _JobHandle(Handle[C]):
     """What :class:`Job` and :class:`AsyncJob` share: the client, the state last seen."""
 
     def __init__(
@@ -93,14 +94,9 @@ class _JobHandle(Generic[C]):
         kind: OutputKind | None = None,
         idempotency_key: str | None = None,
     ) -> None:
-        self._client = client
+        super().__init__(client, kind)
         self.info = info
-        self._kind = kind or OutputKind()
         self.idempotency_key = idempotency_key
-
-    @property
-    def _runner(self) -> C:
-        return self._client
 
     @property
     def id(self) -> str:

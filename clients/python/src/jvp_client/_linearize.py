@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from . import _parsing as parsing
 from ._base import NOT_GIVEN, Encoding, OutputKind, TimeoutTypes, linearization_path
 from ._bodies import request
 from ._exceptions import NotFoundError
-from ._plans import AsyncRunner, Call, Plan, SyncRunner, async_method, sync_method
+from ._plans import AsyncRunner, Call, Handle, Plan, SyncRunner, async_method, sync_method
 from ._tensors import Array
 from ._types import LinearizationInfo
 
@@ -34,20 +34,15 @@ _Tensors = Mapping[str, Any]
 C = TypeVar("C")
 
 
-class _LinearizationBase(Generic[C]):
+class _LinearizationBase(Handle[C]):
     """What the sync and async handles share: the session's facts."""
 
     def __init__(
         self, client: C, info: LinearizationInfo, *, kind: OutputKind | None = None
     ) -> None:
-        self._client = client
+        super().__init__(client, kind)
         self.info = info
-        self._kind = kind or OutputKind()
         self._closed = False
-
-    @property
-    def _runner(self) -> C:
-        return self._client
 
     @property
     def id(self) -> str:

@@ -24,13 +24,14 @@ from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 import httpx
 
-from ._base import NOT_GIVEN, Limits, TimeoutTypes
+from ._base import NOT_GIVEN, Limits, OutputKind, TimeoutTypes
 from ._exceptions import JVPError
 
 __all__ = [
     "AsyncRunner",
     "Call",
     "Emit",
+    "Handle",
     "Plan",
     "Sleep",
     "SyncRunner",
@@ -45,6 +46,7 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+C = TypeVar("C")
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,19 @@ class AsyncRunner(Limits, Protocol):
     async def _send(self, call: Call) -> httpx.Response: ...
 
     async def _sleep(self, seconds: float) -> None: ...
+
+
+class Handle(Generic[C]):
+    """A resource made by a client (``Job``, ``Linearization``): its plans run with that
+    client (``_runner``), and its tensors come back as ``kind`` says."""
+
+    def __init__(self, client: C, kind: OutputKind | None) -> None:
+        self._client = client
+        self._kind = kind or OutputKind()
+
+    @property
+    def _runner(self) -> C:
+        return self._client
 
 
 def _advance(plan: Plan[Any], value: Any, error: BaseException | None) -> Step:
