@@ -18,6 +18,7 @@ IDEs and mypy). The objects that drive plans (the clients; ``Job`` and
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
@@ -195,6 +196,21 @@ async def aiterate(runner: AsyncRunner, plan: Plan[None]) -> AsyncIterator[Any]:
             value, error = await _astep(runner, step)
 
 
+def _as_method(method: Callable[..., Any], build: Callable[..., Any]) -> None:
+    """Give ``method`` the plan's name, docstring and signature, with ``self`` first and
+    the plan's result as the return annotation (what ``help()`` and IDEs show)."""
+    functools.update_wrapper(method, build)
+    signature = inspect.signature(build)
+    first, *rest = signature.parameters.values()
+    result = signature.return_annotation
+    if isinstance(result, str) and result.startswith("Plan[") and result.endswith("]"):
+        result = result[len("Plan[") : -1]
+    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[first.replace(name="self", annotation=inspect.Parameter.empty), *rest],
+        return_annotation=result,
+    )
+
+
 def sync_method(
     build: Callable[Concatenate[Any, P], Plan[R]],
 ) -> Callable[Concatenate[Any, P], R]:
@@ -203,7 +219,7 @@ def sync_method(
     def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return run(self._runner, build(self, *args, **kwargs))
 
-    functools.update_wrapper(method, build)
+    _as_method(method, build)
     return method
 
 
@@ -215,5 +231,5 @@ def async_method(
     async def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return await arun(self._runner, build(self, *args, **kwargs))
 
-    functools.update_wrapper(method, build)
+    _as_method(method, build)
     return method
