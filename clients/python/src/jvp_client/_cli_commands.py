@@ -30,18 +30,30 @@ from ._jobs import Job
 from ._types import JobTaskError
 
 
-def _cmd_call(client: JVPClient, args: argparse.Namespace) -> int:
+def _primals(args: argparse.Namespace, command: str) -> dict[str, Any]:
     primals = _parse_assignments(args.primal, "--primal")
     if primals is None:
-        raise UsageError("call: give at least one --primal NAME=FILE.npy")
+        raise UsageError(f"{command}: give at least one --primal NAME=FILE.npy")
+    return primals
+
+
+def _target(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments every computing command passes on as they are."""
+    return {
+        "expression": args.expression,
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": args.device,
+    }
+
+
+def _cmd_call(client: JVPClient, args: argparse.Namespace) -> int:
+    primals = _primals(args, "call")
     result = client.jvp(
-        expression=args.expression,
-        model=args.model,
+        **_target(args),
         primals=primals,
         tangents=_parse_assignments(args.tangent, "--tangent"),
         parameter_tangents=_parse_assignments(args.parameter_tangent, "--parameter-tangent"),
-        dtype=args.dtype,
-        device=args.device,
         engine=args.engine,
         fallback=args.fallback,
         tangent_batch=args.tangent_batch,
@@ -60,17 +72,8 @@ def _cmd_call(client: JVPClient, args: argparse.Namespace) -> int:
 
 
 def _cmd_jacobian(client: JVPClient, args: argparse.Namespace) -> int:
-    primals = _parse_assignments(args.primal, "--primal")
-    if primals is None:
-        raise UsageError("jacobian: give at least one --primal NAME=FILE.npy")
-    result = client.jacobian(
-        expression=args.expression,
-        model=args.model,
-        primals=primals,
-        wrt=args.wrt,
-        dtype=args.dtype,
-        device=args.device,
-    )
+    primals = _primals(args, "jacobian")
+    result = client.jacobian(**_target(args), primals=primals, wrt=args.wrt)
     _print_jacobian(result)
     if args.out:
         _write_npz(args.out, _jacobian_arrays(result))
@@ -78,24 +81,19 @@ def _cmd_jacobian(client: JVPClient, args: argparse.Namespace) -> int:
 
 
 def _cmd_hvp(client: JVPClient, args: argparse.Namespace) -> int:
-    primals = _parse_assignments(args.primal, "--primal")
-    if primals is None:
-        raise UsageError("hvp: give at least one --primal NAME=FILE.npy")
+    primals = _primals(args, "hvp")
     tangents = _parse_assignments(args.tangent, "--tangent")
     parameter_tangents = _parse_assignments(args.parameter_tangent, "--parameter-tangent")
     if tangents is None and parameter_tangents is None:
         raise UsageError("hvp: give at least one --tangent NAME=FILE.npy (the direction v)")
     result = client.hvp(
-        expression=args.expression,
-        model=args.model,
+        **_target(args),
         primals=primals,
         tangents=tangents,
         parameter_tangents=parameter_tangents,
         output_index=args.output_index,
         reduction=args.reduction,
         tangent_batch=args.tangent_batch,
-        dtype=args.dtype,
-        device=args.device,
     )
     _print_hvp(result)
     if args.out:
@@ -121,16 +119,13 @@ def _cmd_eval_shape(client: JVPClient, args: argparse.Namespace) -> int:
     tangents.update(_parse_shapes(args.tangent_shape, "--tangent-shape") or {})
     result = client.eval_shape(
         args.operation,
-        expression=args.expression,
-        model=args.model,
+        **_target(args),
         primals=primals,
         tangents=tangents or None,
         parameter_tangents=_parse_assignments(args.parameter_tangent, "--parameter-tangent"),
         wrt=args.wrt,
         reduction=args.reduction,
         tangent_batch=args.tangent_batch,
-        dtype=args.dtype,
-        device=args.device,
     )
     _print_eval_shape(result, args.operation)
     return 0
