@@ -26,6 +26,7 @@ from ._plans import (
     SyncRunner,
     aiterate,
     async_method,
+    gather,
     iterate,
     sync_method,
 )
@@ -157,35 +158,20 @@ def wait(
         bar.close()
 
 
-def pages(job: _JobHandle[Any], offset: int, page_size: int) -> Plan[None]:
-    """``GET /jobs/{id}/results`` page after page, following ``next_offset``."""
+def pages(job: _JobHandle[Any], offset: int, page_size: int, *, each: bool = False) -> Plan[None]:
+    """``GET /jobs/{id}/results`` page after page, following ``next_offset``; emits the
+    pages, or (``each``) the results they hold, in task order."""
     _check_page_args(offset, page_size)
     next_offset: int | None = offset
     while next_offset is not None:
         params = {"offset": next_offset, "limit": page_size}
         response = yield Call("GET", f"{job_path(job.id)}/results", params=params)
         page = parsing.parse(response, "job results", parsing.read_results_page(job._kind))
-        yield Emit(page)
+        for item in page.results if each else [page]:
+            yield Emit(item)
         if page.next_offset is not None and page.next_offset <= next_offset:
             break  # a server that does not move forward would loop forever
         next_offset = page.next_offset
-
-
-def results(job: _JobHandle[Any], offset: int, page_size: int) -> Plan[None]:
-    """Every task's result in task order (fetched a page at a time)."""
-    for_pages = pages(job, offset, page_size)
-    value = None
-    while True:
-        try:
-            step = for_pages.send(value)
-        except StopIteration:
-            return
-        if isinstance(step, Emit):
-            value = None
-            for result in step.item.results:
-                yield Emit(result)
-        else:
-            value = yield step
 
 
 def results_array(
@@ -199,19 +185,7 @@ def results_array(
             ``"skip"``: the failed tasks are left out (``errors`` holds them).
         page_size: results per request.
     """
-    collected: list[JobTaskResult] = []
-    listing = results(job, 0, page_size)
-    value = None
-    while True:
-        try:
-            step = listing.send(value)
-        except StopIteration:
-            break
-        if isinstance(step, Emit):
-            value = None
-            collected.append(step.item)
-        else:
-            value = yield step
+    collected = yield from gather(pages(job, 0, page_size, each=True))
     return stack_results(collected, on_error=on_error)
 
 
@@ -333,7 +307,7 @@ class Job(_JobHandle[SyncRunner]):
         self, *, offset: int = 0, page_size: int = DEFAULT_PAGE_SIZE
     ) -> Iterator[JobTaskResult]:
         """Every task's result in task order (fetched a page at a time)."""
-        return iterate(self._client, results(self, offset, page_size))
+        return iterate(self._client, pages(self, offset, page_size, each=True))
 
 
 class AsyncJob(_JobHandle[AsyncRunner]):
@@ -354,4 +328,4 @@ class AsyncJob(_JobHandle[AsyncRunner]):
         self, *, offset: int = 0, page_size: int = DEFAULT_PAGE_SIZE
     ) -> AsyncIterator[JobTaskResult]:
         """Every task's result in task order (fetched a page at a time)."""
-        return aiterate(self._client, results(self, offset, page_size))
+        return aiterate(self._client, pages(self, offset, page_size, each=True))

@@ -39,6 +39,7 @@ __all__ = [
     "aiterate",
     "arun",
     "async_method",
+    "gather",
     "iterate",
     "run",
     "sync_method",
@@ -209,6 +210,23 @@ def _as_method(method: Callable[..., Any], build: Callable[..., Any]) -> None:
         parameters=[first.replace(name="self", annotation=inspect.Parameter.empty), *rest],
         return_annotation=result,
     )
+
+
+def gather(plan: Plan[None]) -> Plan[list[Any]]:
+    """Run the iterator plan ``plan`` inside another plan: its steps pass through, the
+    items it emits come back as a list (``items = yield from gather(plan)``)."""
+    items: list[Any] = []
+    value = None
+    while True:
+        try:
+            step = plan.send(value)
+        except StopIteration:
+            return items
+        if isinstance(step, Emit):
+            items.append(step.item)
+            value = None
+        else:
+            value = yield step
 
 
 def sync_method(
