@@ -5,7 +5,10 @@ built-in models are rebuilt locally the way ``app/models/builtin.py`` documents
 them (PyTorch's default initialisation under a fixed seed in a forked RNG), so
 the references use the same weights as the service.
 
-Skipped as a whole while ``app.main`` cannot be imported.
+Skipped as a whole, with the reason, while ``app.main`` (the server) or torch cannot
+be imported: the client alone (``pip install -e clients/python``) has neither.
+``test_derivatives_live.py`` and ``test_eval_shape_live.py`` import this module, so
+they skip with it.
 """
 
 from __future__ import annotations
@@ -25,14 +28,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import app.main as app_main  # noqa: E402 - the server, installed beside the client by make test
 import httpx
 import numpy as np
 import pytest
 import pytest_asyncio
-import torch
 from jvp_fakes import REPO_ROOT
-from torch import nn
 
 from jvp_client import (
     AsyncJVPClient,
@@ -46,6 +46,14 @@ from jvp_client import (
     UnprocessableEntityError,
 )
 from jvp_client.cli import main as cli_main
+
+# The server and torch, installed beside the client by `make test`; without them these
+# tests skip (with the reason) instead of failing to import.
+app_main = pytest.importorskip(
+    "app.main", reason="the live tests need the server: `make install-dev` installs it"
+)
+torch = pytest.importorskip("torch", reason="the live tests need torch for their references")
+nn = torch.nn
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SERVER_ENV = {"JVP_DEVICE": "cpu", "JVP_NUM_THREADS": "2"}

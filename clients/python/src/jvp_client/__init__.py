@@ -36,6 +36,7 @@ from ._exceptions import (
 )
 from ._jobs import AsyncJob, Job
 from ._linearize import AsyncLinearization, Linearization
+from ._stacking import JobArrays, stack_results
 from ._tensors import B64_MIN_ELEMENTS, decode_tensor, encode_tensor
 from ._types import (
     BufferSpec,
@@ -85,6 +86,7 @@ __all__ = [
     "JVPResult",
     "JacobianResult",
     "Job",
+    "JobArrays",
     "JobInfo",
     "JobResultsPage",
     "JobTaskError",
@@ -102,4 +104,5 @@ __all__ = [
     "__version__",
     "decode_tensor",
     "encode_tensor",
+    "stack_results",
 ]

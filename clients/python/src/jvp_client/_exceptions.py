@@ -65,18 +65,74 @@ class JVPError(Exception):
 
 
 class APIConnectionError(JVPError):
-    """The request failed before a response came back (DNS, refused, reset, ...)."""
+    """The request failed before a response came back (DNS, refused, reset, ...).
 
-    def __init__(self, message: str = "Connection error.", *, request: httpx.Request) -> None:
+    Raised after the retries: ``url``, ``timeout`` (the request's, in seconds per
+    phase) and ``retries`` (how many were made) say what was tried, and the
+    message suggests what to check.
+    """
+
+    def __init__(
+        self,
+        message: str = "Connection error.",
+        *,
+        request: httpx.Request,
+        retries: int = 0,
+    ) -> None:
         super().__init__(message)
         self.request = request
+        self.url = str(request.url)
+        self.timeout: dict[str, float | None] = dict(request.extensions.get("timeout") or {})
+        self.retries = retries
+
+    @classmethod
+    def after(
+        cls, exc: httpx.TransportError, *, request: httpx.Request, retries: int
+    ) -> APIConnectionError:
+        """The error for ``exc``, the last attempt's, once ``retries`` retries were made."""
+        timeout = _timeout_text(request)
+        retried = f"{retries} retr{'y' if retries == 1 else 'ies'}"
+        tried = f"{retries + 1} attempt{'s' if retries else ''} ({retried})"
+        if issubclass(cls, APITimeoutError):
+            message = (
+                f"Request timed out: {request.method} {request.url} got no answer within its "
+                f"timeout ({timeout}) in {tried}; last error: {type(exc).__name__}: {exc}. "
+                "Check that the service is not overloaded (`jvp health`), or allow more time "
+                "(timeout=..., client.with_options(timeout=...), `jvp --timeout S`); long work "
+                "fits a batch job (submit_job)."
+            )
+            return APITimeoutError(message, request=request, retries=retries)
+        message = (
+            f"Connection error: {request.method} {request.url} failed in {tried} "
+            f"(timeout {timeout}): {type(exc).__name__}: {exc}. Check that the service is "
+            "running and reachable at that URL (`jvp health`), and base_url= / JVP_BASE_URL "
+            "/ `jvp --base-url`."
+        )
+        return cls(message, request=request, retries=retries)
 
 
 class APITimeoutError(APIConnectionError):
     """The request timed out (connect, read, write or pool timeout)."""
 
-    def __init__(self, *, request: httpx.Request) -> None:
-        super().__init__("Request timed out.", request=request)
+    def __init__(
+        self, message: str = "Request timed out.", *, request: httpx.Request, retries: int = 0
+    ) -> None:
+        super().__init__(message, request=request, retries=retries)
+
+
+def _timeout_text(request: httpx.Request) -> str:
+    """``"60 s"``, or ``"connect 10 s, read 60 s, ..."`` when the phases differ."""
+    phases: dict[str, float | None] = dict(request.extensions.get("timeout") or {})
+    if not phases:
+        return "none"
+
+    def text(value: float | None) -> str:
+        return "none" if value is None else f"{value:g} s"
+
+    values = set(phases.values())
+    if len(values) == 1:
+        return f"{text(values.pop())} per attempt"
+    return ", ".join(f"{name} {text(value)}" for name, value in phases.items()) + " per attempt"
 
 
 class APIResponseValidationError(JVPError):

@@ -8,34 +8,40 @@ session on exit::
 
     with client.linearize(expression="sin(x) * y", primals={"x": x, "y": y}) as lin:
         for v in directions:
-            lin.jvp(tangents={"x": v})
+            lin.jvp(tangents={"x": v})   # or lin({"x": v}); lin(v) when wrt is one name
+
+A handle is callable as the function ``jax.linearize`` returns is: ``lin(v)``.
+Its methods are plans (NOTE [plans] in ``_plans.py``) written once for both handles.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
+from . import _parsing as parsing
 from ._base import NOT_GIVEN, Encoding, OutputKind, TimeoutTypes, linearization_path
+from ._bodies import request
 from ._exceptions import NotFoundError
+from ._plans import AsyncRunner, Call, Handle, Plan, SyncRunner, async_method, sync_method
 from ._tensors import Array
 from ._types import LinearizationInfo
-
-if TYPE_CHECKING:
-    from ._client import AsyncJVPClient, JVPClient
 
 __all__ = ["AsyncLinearization", "Linearization"]
 
 _Tensors = Mapping[str, Any]
+C = TypeVar("C")
 
 
-class _LinearizationBase:
+class _LinearizationBase(Handle[C]):
     """What the sync and async handles share: the session's facts."""
 
-    def __init__(self, info: LinearizationInfo, *, kind: OutputKind | None = None) -> None:
+    def __init__(
+        self, client: C, info: LinearizationInfo, *, kind: OutputKind | None = None
+    ) -> None:
+        super().__init__(client, kind)
         self.info = info
-        self._kind = kind or OutputKind()
         self._closed = False
 
     @property
@@ -79,66 +85,90 @@ class _LinearizationBase:
             f"expires_at={self.expires_at!r}{state})"
         )
 
-    def _kind_for(self, kind: OutputKind | None) -> OutputKind:
-        """torch out when torch tangents went in, else as the session's primals were."""
-        return kind if kind is not None else self._kind
+
+def jvp(
+    lin: _LinearizationBase[Any],
+    *,
+    tangents: _Tensors | None = None,
+    parameter_tangents: _Tensors | None = None,
+    tangent_batch: bool = False,
+    encoding: Encoding = "auto",
+    timeout: TimeoutTypes = NOT_GIVEN,
+) -> Plan[Array | list[Array]]:
+    """``POST /linearize/{id}/jvp``: J·t at the session's point.
+
+    Args:
+        tangents: per input of :attr:`wrt`, shaped like its primal; missing ones are zero.
+        parameter_tangents: per parameter of :attr:`wrt`.
+        tangent_batch: every tangent has a leading K; the answer then has that leading K.
+        encoding: ``"auto"`` (base64 answers when base64 went out), ``"json"``, ``"b64"``.
+        timeout: this request's timeout, instead of the client's.
+
+    Returns:
+        J·t: an array, or a list of arrays for several outputs (torch tensors when
+        torch tangents went in or the session was made from torch primals).
+
+    Raises:
+        NotFoundError: the session expired or was closed.
+    """
+    call, kind, _ = request(
+        lin._client,
+        "Linearization.jvp()",
+        f"{linearization_path(lin.id)}/jvp",
+        target=None,
+        tensors={"tangents": tangents, "parameter_tangents": parameter_tangents},
+        dtype=lin.dtype or None,
+        encoding=encoding,
+        options={"tangent_batch": tangent_batch},
+        timeout=timeout,
+    )
+    response = yield call
+    # torch out when torch tangents went in, else as the session's primals were
+    kind = kind if kind.as_torch else lin._kind
+    return parsing.parse(response, "/linearize/{id}/jvp", parsing.read_tensors("jvp", kind))
 
 
-class Linearization(_LinearizationBase):
+def apply(
+    lin: _LinearizationBase[Any],
+    tangents: _Tensors | Any,
+    /,
+    *,
+    tangent_batch: bool = False,
+    timeout: TimeoutTypes = NOT_GIVEN,
+) -> Plan[Array | list[Array]]:
+    """``lin(v)``: J·v, as the function ``jax.linearize`` returns applies it.
+
+    ``tangents`` is ``{name: tangent}`` (names of :attr:`wrt`), or one tensor when the
+    session was made for one name (``wrt``). Parameters' tangents go by name to
+    :meth:`jvp` (``parameter_tangents=``).
+    """
+    if not isinstance(tangents, Mapping):
+        if len(lin.wrt) != 1:
+            raise TypeError(
+                f"Linearization(v): pass {{name: tangent}} for a session of several names "
+                f"(wrt={lin.wrt!r}), or linearize with one name in wrt="
+            )
+        tangents = {lin.wrt[0]: tangents}
+    return (yield from jvp(lin, tangents=tangents, tangent_batch=tangent_batch, timeout=timeout))
+
+
+def close(lin: _LinearizationBase[Any]) -> Plan[None]:
+    """``DELETE /linearize/{id}``: free the session now. A session already gone is fine."""
+    if lin._closed:
+        return
+    try:
+        yield Call("DELETE", linearization_path(lin.id))
+    except NotFoundError:
+        pass  # it expired: gone either way
+    lin._closed = True
+
+
+class Linearization(_LinearizationBase[SyncRunner]):
     """A linearize session of :meth:`JVPClient.linearize`; closes its session on ``with`` exit."""
 
-    def __init__(
-        self, client: JVPClient, info: LinearizationInfo, *, kind: OutputKind | None = None
-    ) -> None:
-        super().__init__(info, kind=kind)
-        self._client = client
-
-    def jvp(
-        self,
-        *,
-        tangents: _Tensors | None = None,
-        parameter_tangents: _Tensors | None = None,
-        tangent_batch: bool = False,
-        encoding: Encoding = "auto",
-        timeout: TimeoutTypes = NOT_GIVEN,
-    ) -> Array | list[Array]:
-        """``POST /linearize/{id}/jvp``: J·t at the session's point.
-
-        Args:
-            tangents: per input of :attr:`wrt`, shaped like its primal; missing ones are zero.
-            parameter_tangents: per parameter of :attr:`wrt`.
-            tangent_batch: every tangent has a leading K; the answer then has that leading K.
-            encoding: ``"auto"`` (base64 answers when base64 went out), ``"json"``, ``"b64"``.
-            timeout: this request's timeout, instead of the client's.
-
-        Returns:
-            J·t: an array, or a list of arrays for several outputs (torch tensors when
-            torch tangents went in or the session was made from torch primals).
-
-        Raises:
-            NotFoundError: the session expired or was closed.
-        """
-        body, kind = self._client._linearized_jvp_body(
-            tangents=tangents,
-            parameter_tangents=parameter_tangents,
-            dtype=self.dtype or None,
-            tangent_batch=tangent_batch,
-            encoding=encoding,
-        )
-        response = self._client._request(
-            "POST", f"{linearization_path(self.id)}/jvp", json_body=body, timeout=timeout
-        )
-        return self._client._parse_linearized_jvp(response, self._kind_for(kind))
-
-    def close(self) -> None:
-        """``DELETE /linearize/{id}``: free the session now. A session already gone is fine."""
-        if self._closed:
-            return
-        try:
-            self._client._request("DELETE", linearization_path(self.id))
-        except NotFoundError:
-            pass  # it expired: gone either way
-        self._closed = True
+    jvp = sync_method(jvp)
+    __call__ = sync_method(apply)
+    close = sync_method(close)
 
     def __enter__(self) -> Linearization:
         return self
@@ -152,46 +182,13 @@ class Linearization(_LinearizationBase):
         self.close()
 
 
-class AsyncLinearization(_LinearizationBase):
-    """The async twin of :class:`Linearization`: ``await lin.jvp(...)``, ``async with``."""
+class AsyncLinearization(_LinearizationBase[AsyncRunner]):
+    """The async twin of :class:`Linearization`: ``await lin.jvp(...)``, ``await lin(v)``,
+    ``async with``."""
 
-    def __init__(
-        self, client: AsyncJVPClient, info: LinearizationInfo, *, kind: OutputKind | None = None
-    ) -> None:
-        super().__init__(info, kind=kind)
-        self._client = client
-
-    async def jvp(
-        self,
-        *,
-        tangents: _Tensors | None = None,
-        parameter_tangents: _Tensors | None = None,
-        tangent_batch: bool = False,
-        encoding: Encoding = "auto",
-        timeout: TimeoutTypes = NOT_GIVEN,
-    ) -> Array | list[Array]:
-        """``POST /linearize/{id}/jvp``; see :meth:`Linearization.jvp`."""
-        body, kind = self._client._linearized_jvp_body(
-            tangents=tangents,
-            parameter_tangents=parameter_tangents,
-            dtype=self.dtype or None,
-            tangent_batch=tangent_batch,
-            encoding=encoding,
-        )
-        response = await self._client._request(
-            "POST", f"{linearization_path(self.id)}/jvp", json_body=body, timeout=timeout
-        )
-        return self._client._parse_linearized_jvp(response, self._kind_for(kind))
-
-    async def close(self) -> None:
-        """``DELETE /linearize/{id}``; see :meth:`Linearization.close`."""
-        if self._closed:
-            return
-        try:
-            await self._client._request("DELETE", linearization_path(self.id))
-        except NotFoundError:
-            pass
-        self._closed = True
+    jvp = async_method(jvp)
+    __call__ = async_method(apply)
+    close = async_method(close)
 
     async def __aenter__(self) -> AsyncLinearization:
         return self

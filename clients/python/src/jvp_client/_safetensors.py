@@ -9,6 +9,20 @@ https://huggingface.co/docs/safetensors and NOTE [binary bodies] in ``_base.py``
 
 Arrays here are the wire arrays of ``_tensors.py``: bfloat16 travels as its
 uint16 bit patterns, with the wire dtype name beside it.
+
+# NOTE [own safetensors code]
+Why not ``safetensors.numpy`` (the issue's default choice), with safetensors 0.8.0:
+- it has no bfloat16: ``safetensors.numpy._TYPES`` lacks "BF16", so a bfloat16
+  answer cannot be read, and the bits of a bfloat16 request would be written as
+  "U16", which the service refuses (tests/test_binary.py checks both facts);
+- ``safetensors.numpy.load(bytes)`` drops ``__metadata__``, where the request and
+  the answer keep their JSON fields, so the header must be parsed here anyway;
+- measured for two 4M-element float32 tensors (a loaded 2-core machine, best of
+  5): writing 5 ms here against 41 ms with ``safetensors.numpy.save``; reading 0 ms
+  here (read-only views of the body) against 6 ms with ``safetensors.numpy.load``
+  (it copies).
+The library stays the reference: tests read what this writes with it and the other
+way round (tests/test_binary.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +82,8 @@ class JVPResult:
     """The answer of ``POST /jvp``.
 
     ``output`` and ``jvp`` are arrays (numpy, or torch when torch tensors went
-    in), or lists of arrays when the function returns several tensors.
+    in), or lists of arrays when the function returns several tensors. It unpacks
+    as JAX's ``jax.jvp`` answers: ``out, jvp = client.jvp(...)``.
     """
 
     output: Array | list[Array]
@@ -94,6 +95,12 @@ class JVPResult:
     timing_ms: dict[str, float]
     check: GradientCheck | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
+    request_id: str | None = None
+
+    def __iter__(self) -> Iterator[Array | list[Array]]:
+        """``out, jvp = client.jvp(...)``, as ``jax.jvp`` answers ``(out, tangent_out)``."""
+        return iter((self.output, self.jvp))
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,8 @@ class JacobianResult:
     device: str
     timing_ms: dict[str, float]
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,8 @@ class HVPResult:
     device: str
     timing_ms: dict[str, float]
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,8 @@ class LinearizationInfo:
     device: str
     timing_ms: dict[str, float]
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +198,8 @@ class ModelInfo:
     parameters: list[TensorSpec]
     buffers: list[BufferSpec]
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
+    request_id: str | None = None
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> ModelInfo:
@@ -211,7 +226,13 @@ class HealthStatus:
 
 @dataclass(frozen=True)
 class JobInfo:
-    """A batch job's state: ``done`` counts ended tasks, ``failed`` those that ended in error."""
+    """A batch job's state: ``done`` counts ended tasks, ``failed`` those that ended in error,
+    ``cancelled`` those that never ran because the job was cancelled.
+
+    ``started_at``/``finished_at``: when the first task started and the job completed or
+    was cancelled (ISO 8601, None until then); ``eta_s``: seconds until it completes at
+    its rate so far (None before a rate is known, 0 once finished).
+    """
 
     id: str
     status: str
@@ -221,6 +242,12 @@ class JobInfo:
     created_at: str | None = None
     updated_at: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    cancelled: int = 0
+    started_at: str | None = None
+    finished_at: str | None = None
+    eta_s: float | None = None
+    #: The ``X-Request-ID`` of the response this state came in.
+    request_id: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -238,6 +265,10 @@ class JobInfo:
             created_at=obj.get("created_at"),
             updated_at=obj.get("updated_at"),
             raw=dict(obj),
+            cancelled=int(obj.get("cancelled") or 0),
+            started_at=obj.get("started_at"),
+            finished_at=obj.get("finished_at"),
+            eta_s=None if obj.get("eta_s") is None else float(obj["eta_s"]),
         )
 
 
@@ -297,3 +328,5 @@ class EvalShapeResult:
     flops: int
     peak_bytes: int
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
+    request_id: str | None = None

@@ -1,0 +1,253 @@
+"""Operations written once for the sync and the async client: plans and their two drivers.
+
+# NOTE [plans]
+An operation of the client (``jvp``, ``Job.wait``, ``Linearization.close``, ...) is
+a *plan*: a generator that yields steps, a :class:`Call` (one HTTP request; the
+driver sends it, with the retries of NOTE [retries], and sends the response back
+into the plan, or throws the client error into it), a :class:`Sleep`, or, for the
+plans of iterators, an :class:`Emit` of one item. It returns the operation's
+result. A plan does no I/O, so the same code serves :class:`JVPClient` (driven by
+:func:`run` and :func:`iterate`) and :class:`AsyncJVPClient` (by :func:`arun` and
+:func:`aiterate`); the methods are bound with :func:`sync_method` and
+:func:`async_method`, which keep the plan's signature and docstring (for ``help``,
+IDEs and mypy). The objects that drive plans (the clients; ``Job`` and
+``Linearization`` through the client they hold) are typed by the Protocols
+:class:`SyncRunner` and :class:`AsyncRunner`, so no module imports the clients.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
+
+import httpx
+
+from ._base import NOT_GIVEN, Limits, OutputKind, TimeoutTypes
+from ._exceptions import JVPError
+
+__all__ = [
+    "AsyncRunner",
+    "Call",
+    "Emit",
+    "Handle",
+    "Plan",
+    "Sleep",
+    "SyncRunner",
+    "aiterate",
+    "arun",
+    "async_method",
+    "gather",
+    "iterate",
+    "run",
+    "sync_method",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One HTTP request of a plan: the body is ``json_body`` (sent as JSON) or ``content``
+    (bytes, whose ``Content-Type`` is in ``headers``)."""
+
+    method: str
+    path: str
+    json_body: Any = None
+    content: bytes | None = None
+    params: Mapping[str, Any] | None = None
+    headers: Mapping[str, str] | None = None
+    timeout: TimeoutTypes = NOT_GIVEN
+    max_retries: int | None = None
+    ok_statuses: frozenset[int] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Wait (between job polls)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Emit(Generic[T]):
+    """One item of an iterator plan (a page, a job)."""
+
+    item: T
+
+
+Step = Call | Sleep | Emit[Any]
+#: A plan: yields steps, receives responses, returns ``R``. See NOTE [plans].
+Plan = Generator[Step, Any, R]
+
+
+class SyncRunner(Limits, Protocol):
+    """What drives plans synchronously: :class:`JVPClient`."""
+
+    def _send(self, call: Call) -> httpx.Response: ...
+
+    def _sleep(self, seconds: float) -> None: ...
+
+
+class AsyncRunner(Limits, Protocol):
+    """What drives plans on an event loop: :class:`AsyncJVPClient`."""
+
+    async def _send(self, call: Call) -> httpx.Response: ...
+
+    async def _sleep(self, seconds: float) -> None: ...
+
+
+class Handle(Generic[C]):
+    """A resource made by a client (``Job``, ``Linearization``): its plans run with that
+    client (``_runner``), and its tensors come back as ``kind`` says."""
+
+    def __init__(self, client: C, kind: OutputKind | None) -> None:
+        self._client = client
+        self._kind = kind or OutputKind()
+
+    @property
+    def _runner(self) -> C:
+        return self._client
+
+
+def _advance(plan: Plan[Any], value: Any, error: BaseException | None) -> Step:
+    return plan.throw(error) if error is not None else plan.send(value)
+
+
+def _step(runner: SyncRunner, step: Step) -> tuple[Any, BaseException | None]:
+    if isinstance(step, Sleep):
+        runner._sleep(step.seconds)
+        return None, None
+    if not isinstance(step, Call):
+        raise TypeError(f"a plan yielded {step!r} where a request was expected")
+    try:
+        return runner._send(step), None
+    except JVPError as exc:
+        return None, exc
+
+
+async def _astep(runner: AsyncRunner, step: Step) -> tuple[Any, BaseException | None]:
+    if isinstance(step, Sleep):
+        await runner._sleep(step.seconds)
+        return None, None
+    if not isinstance(step, Call):
+        raise TypeError(f"a plan yielded {step!r} where a request was expected")
+    try:
+        return await runner._send(step), None
+    except JVPError as exc:
+        return None, exc
+
+
+def run(runner: SyncRunner, plan: Plan[R]) -> R:
+    """Drive ``plan`` to its result."""
+    value, error = None, None
+    while True:
+        try:
+            step = _advance(plan, value, error)
+        except StopIteration as stop:
+            result: R = stop.value
+            return result
+        value, error = _step(runner, step)
+
+
+async def arun(runner: AsyncRunner, plan: Plan[R]) -> R:
+    """Drive ``plan`` to its result on the event loop."""
+    value, error = None, None
+    while True:
+        try:
+            step = _advance(plan, value, error)
+        except StopIteration as stop:
+            result: R = stop.value
+            return result
+        value, error = await _astep(runner, step)
+
+
+def iterate(runner: SyncRunner, plan: Plan[None]) -> Iterator[Any]:
+    """The items ``plan`` emits, fetched as they are asked for."""
+    value, error = None, None
+    while True:
+        try:
+            step = _advance(plan, value, error)
+        except StopIteration:
+            return
+        if isinstance(step, Emit):
+            value, error = None, None
+            yield step.item
+        else:
+            value, error = _step(runner, step)
+
+
+async def aiterate(runner: AsyncRunner, plan: Plan[None]) -> AsyncIterator[Any]:
+    """The items ``plan`` emits, for ``async for``."""
+    value, error = None, None
+    while True:
+        try:
+            step = _advance(plan, value, error)
+        except StopIteration:
+            return
+        if isinstance(step, Emit):
+            value, error = None, None
+            yield step.item
+        else:
+            value, error = await _astep(runner, step)
+
+
+def _as_method(method: Callable[..., Any], build: Callable[..., Any]) -> None:
+    """Give ``method`` the plan's name, docstring and signature, with ``self`` first and
+    the plan's result as the return annotation (what ``help()`` and IDEs show)."""
+    functools.update_wrapper(method, build)
+    signature = inspect.signature(build)
+    first, *rest = signature.parameters.values()
+    result = signature.return_annotation
+    if isinstance(result, str) and result.startswith("Plan[") and result.endswith("]"):
+        result = result[len("Plan[") : -1]
+    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[first.replace(name="self", annotation=inspect.Parameter.empty), *rest],
+        return_annotation=result,
+    )
+
+
+def gather(plan: Plan[None]) -> Plan[list[Any]]:
+    """Run the iterator plan ``plan`` inside another plan: its steps pass through, the
+    items it emits come back as a list (``items = yield from gather(plan)``)."""
+    items: list[Any] = []
+    value = None
+    while True:
+        try:
+            step = plan.send(value)
+        except StopIteration:
+            return items
+        if isinstance(step, Emit):
+            items.append(step.item)
+            value = None
+        else:
+            value = yield step
+
+
+def sync_method(
+    build: Callable[Concatenate[Any, P], Plan[R]],
+) -> Callable[Concatenate[Any, P], R]:
+    """A method that runs the plan ``build(self, ...)`` with ``self._runner``."""
+
+    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return run(self._runner, build(self, *args, **kwargs))
+
+    _as_method(method, build)
+    return method
+
+
+def async_method(
+    build: Callable[Concatenate[Any, P], Plan[R]],
+) -> Callable[Concatenate[Any, P], Coroutine[Any, Any, R]]:
+    """The coroutine method that runs the plan ``build(self, ...)`` with ``self._runner``."""
+
+    async def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await arun(self._runner, build(self, *args, **kwargs))
+
+    _as_method(method, build)
+    return method
