@@ -29,6 +29,7 @@ STATUS_OF: dict[type[engine_errors.EngineError], tuple[int, str]] = {
     engine_errors.UnsupportedMediaType: (415, "unsupported_media_type"),
     engine_errors.InvalidRequest: (422, "invalid_request"),
     engine_errors.ForwardADUnsupported: (501, "forward_ad_unsupported"),
+    engine_errors.ReverseADUnsupported: (501, "reverse_ad_unsupported"),
     engine_errors.Overloaded: (503, "overloaded"),
     engine_errors.DeadlineExceeded: (504, "timeout"),
     engine_errors.DeviceOutOfMemory: (507, "out_of_memory"),

@@ -24,10 +24,11 @@ from app.middleware import BodyLimitMiddleware, KeyFirstMiddleware, RequestConte
 from app.models.builtin import BUILTINS
 from app.models.registry import ModelRegistry
 from app.models.repository import load_repository
-from app.routes import derivatives, docs, health, jobs, jvp, metrics, models, shapes
+from app.routes import derivatives, docs, health, jobs, jvp, metrics, models, shapes, vjp
 from app.service import JVPService
 from app.settings import Settings
 from app.shapes import ShapeService
+from app.vjp_service import VJPService
 
 log = logging.getLogger("app")
 
@@ -75,7 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = registry
         app.state.service = JVPService(settings, engine, registry, metrics=app_metrics)
         app.state.derivatives, sweeper = start_derivatives(settings, app.state.service)
-        app.state.shapes = ShapeService(app.state.derivatives)
+        app.state.vjp = VJPService(app.state.derivatives)
+        app.state.shapes = ShapeService(app.state.derivatives, app.state.vjp)
         app_metrics.bind_engine(engine)
         engine.start()  # warms every device up, then marks the engine ready
         # Everything made so far (torch, the models, the app) lives as long as the process.
@@ -127,6 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.include_router(jvp.router)
     app.include_router(derivatives.router)
+    app.include_router(vjp.router)
     app.include_router(shapes.router)
     app.include_router(models.router)
     app.include_router(health.router)

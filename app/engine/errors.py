@@ -40,6 +40,10 @@ class ForwardADUnsupported(EngineError):
     """An operator without a forward-AD formula; the message names it (501)."""
 
 
+class ReverseADUnsupported(EngineError):
+    """An operator without a backward (reverse-mode) formula; the message names it (501)."""
+
+
 class Overloaded(EngineError):
     """The queue is full or the engine is not ready (503)."""
 

@@ -565,6 +565,7 @@ class LinearizeOperation:
     input_indices: tuple[int, ...]
     parameter_names: tuple[str, ...]
     argument_names: tuple[str, ...]
+    transpose: bool = False  # options.transpose: keep the reverse pass too (app/engine/vjp.py)
     kind: str = "linearize"
     session: LinearizeSession | None = field(default=None, init=False)
 
@@ -583,6 +584,12 @@ class LinearizeOperation:
         held = _held_bytes(jvp_fn, kept=tuple(inputs))
         if held is None:
             held = 4 * sum(t.nbytes for t in (*primals, *outputs)) + sum(x.nbytes for x in inputs)
+        transpose = None
+        if self.transpose:
+            from app.engine.vjp import make_transpose  # it imports this module
+
+            transpose = make_transpose(f, primals)
+            held += transpose.nbytes
         self.session = self.store.add(
             target=self.source,
             dtype=primals[0].dtype if primals else outputs[0].dtype,
@@ -594,6 +601,7 @@ class LinearizeOperation:
             apply=jvp_fn,
             nbytes=held + SESSION_OVERHEAD_BYTES,
             apply_without=partial(_jvp_without, f, primals),
+            transpose=transpose,
         )
         return tuple(o.detach() for o in outputs), ()
 
