@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = registry
         app.state.service = JVPService(settings, engine, registry, metrics=app_metrics)
         app.state.derivatives, sweeper = start_derivatives(settings, app.state.service)
-        app.state.vjp = VJPService(app.state.derivatives)
+        app.state.vjp = VJPService(app.state.service, app.state.derivatives.store)
         app.state.shapes = ShapeService(app.state.derivatives, app.state.vjp)
         app_metrics.bind_engine(engine)
         engine.start()  # warms every device up, then marks the engine ready

@@ -16,9 +16,10 @@ import torch
 
 from app.codec import decode_tensor, encode_tensor
 from app.derivatives import DerivativeService, _timing
+from app.engine.linearize import LinearizeStore
 from app.engine.abstract import Plan
 from app.engine.devices import DTYPE_NAMES
-from app.engine.errors import InvalidRequest, TooLarge
+from app.engine.errors import InvalidRequest, NotFound, TooLarge
 from app.engine.target import Target
 from app.engine.vjp import (
     LinearizedVJPOperation,
@@ -26,20 +27,26 @@ from app.engine.vjp import (
     check_cotangent_shapes,
     total_elements,
 )
-from app.engine.worker import JVPTask
-from app.schemas import DerivativeOptions, JacobianRequest
+from app.engine.worker import JVPResult, JVPTask
+from app.schemas import JVPOptions, JVPRequest
+from app.service import JVPService
 from app.schemas_vjp import LinearizedVJPRequest, VJPRequest
 
 OptionalTensors = tuple[torch.Tensor | None, ...]
 
 
 class VJPService:
-    """Vector-Jacobian products, on the checks of `JVPService` and `DerivativeService`."""
+    """Vector-Jacobian products, on the checks of `JVPService` and `DerivativeService`
+    (``store``: the linearize sessions; None where there are none, as in a job worker)."""
 
-    def __init__(self, derivatives: DerivativeService) -> None:
-        self.derivatives = derivatives
-        self.service = derivatives.service
-        self.settings = derivatives.settings
+    def __init__(self, service: JVPService, store: LinearizeStore | None = None) -> None:
+        self.service = service
+        self.store = store
+        self.settings = service.settings
+
+    async def _run(self, task: JVPTask, arrived: float | None = None) -> JVPResult:
+        self.service.schedule(task, arrived)
+        return await self.service.engine.run(task, timeout_s=self.settings.request_timeout_s)
 
     def decode_cotangents(
         self, value: Any, target: Target, dtype: torch.dtype, outputs: int | None
@@ -72,19 +79,15 @@ class VJPService:
 
     def prepare(self, body: VJPRequest) -> tuple[JVPTask, tuple[str, ...], VJPOperation]:
         """The queued task of a /vjp request (every 4xx before it is queued)."""
-        d = self.derivatives
-        point = JacobianRequest(
+        point = JVPRequest(
             expression=body.expression,
             model=body.model,
             primals=body.primals,
-            options=DerivativeOptions(
-                dtype=body.options.dtype,
-                device=body.options.device,
-                encoding=body.options.encoding,
-            ),
+            options=JVPOptions(dtype=body.options.dtype, device=body.options.device),
         )
-        task = d._prepare(point)
-        indices, params, names = d._wrt(task.target, body.wrt)
+        task = self.service.prepare(point, bound=False)  # bounded once its operation is set
+        task.operation = None
+        indices, params, names = DerivativeService._wrt(task.target, body.wrt)
         # The output count first, from the forward pass on meta tensors (cached).
         forward = self.service.estimator(
             task.target,
@@ -98,9 +101,7 @@ class VJPService:
         batched = body.options.cotangent_batch
         single = task.target.single_output and len(cotangents) == 1
         if forward is not None:
-            check_cotangent_shapes(
-                [s.shape for s in forward.outputs], cotangents, batched, single
-            )
+            check_cotangent_shapes([s.shape for s in forward.outputs], cotangents, batched, single)
         total = sum(x.numel() for x in task.inputs) + total_elements(cotangents)
         if total > self.settings.max_request_elements:
             raise TooLarge(
@@ -124,7 +125,7 @@ class VJPService:
     async def vjp(self, body: VJPRequest, arrived: float | None = None) -> dict[str, Any]:
         started = time.monotonic()
         task, names, op = await asyncio.to_thread(self.prepare, body)
-        result = await self.derivatives._run(task, arrived)
+        result = await self._run(task, arrived)
         encoding = body.options.encoding
 
         def render() -> dict[str, Any]:
@@ -151,7 +152,9 @@ class VJPService:
     def _prepare_linearized(
         self, session_id: str, body: LinearizedVJPRequest
     ) -> tuple[JVPTask, tuple[str, ...]]:
-        session = self.derivatives.store.get(session_id)
+        if self.store is None:
+            raise NotFound(f"Unknown or expired linearize session {session_id!r}", param="id")
+        session = self.store.get(session_id)
         transpose = session.transpose
         if transpose is None:
             raise InvalidRequest(
@@ -192,7 +195,7 @@ class VJPService:
     async def linearized_vjp(self, session_id: str, body: LinearizedVJPRequest) -> dict[str, Any]:
         started = time.monotonic()
         task, names = await asyncio.to_thread(self._prepare_linearized, session_id, body)
-        result = await self.derivatives._run(task)
+        result = await self._run(task)
         encoding = body.options.encoding
 
         def render() -> dict[str, Any]:

@@ -172,7 +172,9 @@ class CoverageMode(TorchDispatchMode):
                 self.mark(t)
         return out
 
-    def _check(self, func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> NotCovered | None:
+    def _check(
+        self, func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> NotCovered | None:
         name = coverage_table._name(func)
         if not isinstance(func, torch._ops.OpOverload):
             return NotCovered(name, "not an aten operator, so its derivative is unknown")
@@ -298,11 +300,14 @@ def check_cotangent_shapes(
         got = list(c.shape)
         ok = got[1:] == list(shape) if batched else got == list(shape)
         if not ok:
-            expected = ["K", *shape] if batched else list(shape)
+            dims = ", ".join(str(d) for d in shape)
+            expected = f"[K{', ' + dims if dims else ''}]" if batched else f"[{dims}]"
+            why = "the output's shape" + (
+                " with a leading K: options.cotangent_batch" if batched else ""
+            )
+            which = "" if single else f"{i} "
             raise InvalidRequest(
-                f"Expected cotangent {'' if single else f'{i} '}of shape {expected} "
-                f"(the output's shape{' with a leading K: options.cotangent_batch' if batched else ''}"
-                f"), got {got}",
+                f"Expected cotangent {which}of shape {expected} ({why}), got {got}",
                 param=param,
             )
         if batched:
@@ -310,8 +315,7 @@ def check_cotangent_shapes(
     if batched:
         if not sizes:
             raise InvalidRequest(
-                "options.cotangent_batch needs at least one cotangent (its leading dimension "
-                "is K)",
+                "options.cotangent_batch needs at least one cotangent (its leading dimension is K)",
                 param="options.cotangent_batch",
             )
         if len(sizes) > 1:
@@ -441,7 +445,9 @@ class VJPOperation:
             )
             return outputs, zero_vjps(primals, cotangents, self.cotangent_batch)
         which = [i for i, c in enumerate(cotangents) if c is not None]
-        _, vjp_fn, outputs = func_vjp(_selected(f, which), *primals, has_aux=True)
+        _, vjp_fn, outputs = func_vjp(  # type: ignore[misc]
+            _selected(f, which), *primals, has_aux=True
+        )
         check_cotangent_shapes(
             [o.shape for o in outputs], cotangents, self.cotangent_batch, self.single_output
         )
@@ -487,7 +493,7 @@ class VJPOperation:
         x64 = tuple(x.to(torch.float64) for x in inputs)
         fd, eps, _ = _central_difference(target64, x64, tuple(tangents64), params64)
         which = [i for i, c in enumerate(cotangents) if c is not None]
-        us = [cotangents[i] for i in which]
+        us = [c for c in cotangents if c is not None]
         batched = self.cotangent_batch
         rtol, atol = CHECK_TOLERANCES[dtype]
 
@@ -588,7 +594,7 @@ class Transpose:
             grads = torch.autograd.grad(
                 [self.outputs[i] for i in live],
                 list(self.leaves),
-                [cotangents[i] for i in live],  # type: ignore[misc]
+                [c for i, c in enumerate(cotangents) if i in live],
                 retain_graph=True,
                 allow_unused=True,
                 is_grads_batched=batched,
