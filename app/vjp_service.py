@@ -16,10 +16,10 @@ import torch
 
 from app.codec import decode_tensor, encode_tensor
 from app.derivatives import DerivativeService, _timing
-from app.engine.linearize import LinearizeStore
 from app.engine.abstract import Plan
 from app.engine.devices import DTYPE_NAMES
 from app.engine.errors import InvalidRequest, NotFound, TooLarge
+from app.engine.linearize import LinearizeStore
 from app.engine.target import Target
 from app.engine.vjp import (
     LinearizedVJPOperation,
@@ -29,8 +29,8 @@ from app.engine.vjp import (
 )
 from app.engine.worker import JVPResult, JVPTask
 from app.schemas import JVPOptions, JVPRequest
-from app.service import JVPService
 from app.schemas_vjp import LinearizedVJPRequest, VJPRequest
+from app.service import JVPService
 
 OptionalTensors = tuple[torch.Tensor | None, ...]
 
@@ -117,6 +117,7 @@ class VJPService:
             check_target=task.target if body.options.check else None,
             source=task.target,
             single_output=single,
+            names=names,
         )
         task.operation = op
         self.service.bound(task)

@@ -375,6 +375,7 @@ class VJPOperation:
     check_target: Target | None = None  # options.check: rematerialized in float64
     source: Target | None = None  # for the coverage cache's key
     single_output: bool = True
+    names: tuple[str, ...] = ()  # of the arguments, in order (a job stores its result so)
     kind: str = "vjp"
     check: dict[str, Any] | None = field(default=None, init=False)
     method: str = field(default=REVERSE, init=False)

@@ -170,14 +170,15 @@ class WorkerRuntime:
         from app.engine.errors import DeadlineExceeded, EngineError
         from app.engine.worker import BATCH
         from app.jobs.models import DONE, FAILED
-        from app.jobs.runner import _Finished, error_of, request_of
+        from app.jobs.operations import prepare_spec
+        from app.jobs.runner import _Finished, error_of
 
         service = self.service()
         finished: list[_Finished] = []
         submitted: list[tuple[TaskSpec, JVPTask, Future[JVPResult]]] = []
         for spec in specs:
             try:
-                task = service.prepare(request_of(spec))
+                task = prepare_spec(service, spec)
                 future = service.engine.submit(task, priority=BATCH)
             except Exception as e:  # noqa: BLE001 - recorded for the task; the job goes on
                 if not isinstance(e, EngineError):

@@ -28,6 +28,7 @@ from app.engine.worker import BATCH, JVPResult, JVPTask
 from app.errors import STATUS_OF
 from app.jobs import blobs
 from app.jobs.models import CANCELLED, DONE, FAILED, QUEUED
+from app.jobs.operations import prepare_spec
 from app.jobs.store import JobStore, Outcome, TaskSpec
 from app.schemas import JVPOptions, JVPRequest
 from app.service import JVPService
@@ -93,7 +94,11 @@ class _Finished:
             assert self.task is not None and self.result is not None
             single = self.task.target.single_output and len(self.result.outputs) == 1
             blob = blobs.dump_result(
-                self.result.outputs, self.result.jvps, single=single, method=self.result.method
+                self.result.outputs,
+                self.result.jvps,
+                single=single,
+                method=self.result.method,
+                names=getattr(self.task.operation, "names", None),  # a vjp task's
             )
         return Outcome(self.spec.job_id, self.spec.idx, self.kind, result=blob, error=self.error)
 
@@ -228,7 +233,7 @@ class LocalRunner:
         out: list[tuple[TaskSpec, JVPTask | None, tuple[str, str, str | None] | None]] = []
         for spec in self.store.claim(limit, skip_jobs=skip):
             try:
-                out.append((spec, self.service.prepare(request_of(spec)), None))
+                out.append((spec, prepare_spec(self.service, spec), None))
             except Exception as e:  # noqa: BLE001 - recorded for the task; the job goes on
                 if not isinstance(e, EngineError):
                     log.exception("jobs: task %s/%d failed unexpectedly", spec.job_id, spec.idx)
