@@ -633,7 +633,11 @@ class LinearizedJVPOperation:
     ) -> tuple[Tensors, Tensors]:
         given: list[torch.Tensor | None] = [tangents[i] for i in self.input_indices]
         given += [parameter_tangents.get(n) for n in self.parameter_names]
-        batch = next((int(t.shape[0]) for t in given if t is not None), None)
+        batch = (  # a 0-d tangent has no shape[0]: K only under tangent_batch
+            next((int(t.shape[0]) for t in given if t is not None), None)
+            if self.tangent_batch
+            else None
+        )
         device = self.session.device
         dtype = self.session.dtype
 

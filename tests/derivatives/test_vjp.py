@@ -506,3 +506,32 @@ def test_openapi_lists_vjp(client: TestClient) -> None:
     assert "/vjp" in spec["paths"] and "/linearize/{session_id}/vjp" in spec["paths"]
     responses = spec["paths"]["/vjp"]["post"]["responses"]
     assert {"200", "413", "422", "501"} <= set(responses)
+
+
+def test_linearized_jvp_and_vjp_of_0d_arguments(client: TestClient) -> None:
+    """0-d arguments (scalar parameters of a fit): J·t without tangent_batch used to fail
+    reading a K from a 0-d tangent (a 422 'tuple index out of range')."""
+    t = torch.tensor([0.0, 1.0, 2.0], dtype=F64)
+    a, b = torch.tensor(1.0, dtype=F64), torch.tensor(0.5, dtype=F64)
+    made = post(
+        client,
+        "/linearize",
+        {
+            "expression": "a * exp(-b * t)",
+            "primals": {"a": 1.0, "b": 0.5, "t": to_wire(t)},
+            "wrt": ["a", "b"],
+            "options": {"dtype": "float64", "transpose": True},
+        },
+    )
+
+    def f(a_: torch.Tensor, b_: torch.Tensor) -> torch.Tensor:
+        return a_ * torch.exp(-b_ * t)
+
+    got = post(client, f"/linearize/{made['id']}/jvp", {"tangents": {"a": 1.0}})
+    ref = torch.func.jvp(lambda a_: f(a_, b), (a,), (torch.tensor(1.0, dtype=F64),))[1]
+    torch.testing.assert_close(from_wire(got["jvp"]), ref)
+    u = torch.tensor([1.0, -1.0, 2.0], dtype=F64)
+    got = post(client, f"/linearize/{made['id']}/vjp", {"cotangents": to_wire(u)})
+    ga, gb = vjp(f, a, b)[1](u)
+    torch.testing.assert_close(from_wire(got["vjp"]["a"]), ga)
+    torch.testing.assert_close(from_wire(got["vjp"]["b"]), gb)

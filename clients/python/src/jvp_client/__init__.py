@@ -55,6 +55,7 @@ from ._types import (
     TensorSpec,
 )
 from ._version import __version__
+from ._vjp import VJPResult
 
 __all__ = [
     "B64_MIN_ELEMENTS",
@@ -67,6 +68,7 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "AsyncJVPClient",
+    "VJPResult",
     "AsyncJob",
     "AsyncLinearization",
     "AuthenticationError",

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from . import _vjp
 from ._base import (
     B64_MIN_ELEMENTS,
     BINARY_MIN_ELEMENTS,
@@ -36,6 +37,7 @@ from ._types import (
     JVPResult,
     ModelInfo,
 )
+from ._vjp import VJPResult
 
 __all__ = ["AsyncJVPClient", "JVPClient"]
 
@@ -414,6 +416,71 @@ class JVPClient(BaseClient):
         response = self._request("POST", "linearize", json_body=body, timeout=timeout)
         return Linearization(self, self._parse_linearize(response, kind), kind=kind)
 
+    def vjp(
+        self,
+        *,
+        expression: str | None = None,
+        model: str | None = None,
+        primals: _Tensors,
+        cotangents: Any,
+        wrt: str | Sequence[str] | None = None,
+        cotangent_batch: bool = False,
+        check: bool = False,
+        dtype: object = None,
+        device: str | None = None,
+        encoding: Encoding = "auto",
+        options: Mapping[str, Any] | None = None,
+        timeout: TimeoutTypes = NOT_GIVEN,
+    ) -> VJPResult:
+        """``POST /vjp``: Jᵀ·u by reverse mode at ``primals``.
+
+        Args:
+            expression, model, primals, dtype, device, encoding, timeout: as for :meth:`jvp`.
+            cotangents: u, shaped like the output; for several outputs a tuple (or a list of
+                arrays), one per output, None for an output without one.
+            wrt: the input and parameter names to differentiate by; default all inputs.
+            cotangent_batch: every cotangent has a leading K; every entry then has it too.
+            check: also check against float64 finite differences and <u, J v> = <Jᵀu, v>.
+            options: more ``options`` fields, sent as they are.
+
+        Returns:
+            :class:`VJPResult`: ``output`` and ``vjp``, ``{name: Jᵀu}``.
+
+        Raises:
+            ForwardADUnsupportedError: (501, type ``reverse_ad_unsupported``) an operator
+                without a backward formula; the message names it.
+        """
+        body, kind = _vjp.vjp_body(
+            self,
+            expression=expression,
+            model=model,
+            primals=primals,
+            cotangents=cotangents,
+            wrt=wrt,
+            cotangent_batch=cotangent_batch,
+            check=check,
+            dtype=dtype,
+            device=device,
+            encoding=encoding,
+            options=options,
+        )
+        response = self._request("POST", "vjp", json_body=body, timeout=timeout)
+        return _vjp.parse_vjp(self, response, kind)
+
+    def linear_operator(self, **kwargs: Any) -> Any:
+        """The Jacobian at a point as a ``scipy.sparse.linalg.LinearOperator`` (needs the
+        ``scipy`` extra); see :func:`jvp_client.scipy.linear_operator`."""
+        from .scipy import linear_operator
+
+        return linear_operator(self, **kwargs)
+
+    def least_squares_jac(self, **kwargs: Any) -> Any:
+        """A ``jac=`` for ``scipy.optimize.least_squares(..., tr_solver="lsmr")``; see
+        :func:`jvp_client.scipy.least_squares_jac`."""
+        from .scipy import least_squares_jac
+
+        return least_squares_jac(self, **kwargs)
+
     def models(self) -> list[ModelInfo]:
         """``GET /models``: every registered model."""
         return self._parse_models(self._request("GET", "models"))
@@ -777,6 +844,40 @@ class AsyncJVPClient(BaseClient):
         )
         response = await self._request("POST", "linearize", json_body=body, timeout=timeout)
         return AsyncLinearization(self, self._parse_linearize(response, kind), kind=kind)
+
+    async def vjp(
+        self,
+        *,
+        expression: str | None = None,
+        model: str | None = None,
+        primals: _Tensors,
+        cotangents: Any,
+        wrt: str | Sequence[str] | None = None,
+        cotangent_batch: bool = False,
+        check: bool = False,
+        dtype: object = None,
+        device: str | None = None,
+        encoding: Encoding = "auto",
+        options: Mapping[str, Any] | None = None,
+        timeout: TimeoutTypes = NOT_GIVEN,
+    ) -> VJPResult:
+        """``POST /vjp``; see :meth:`JVPClient.vjp`."""
+        body, kind = _vjp.vjp_body(
+            self,
+            expression=expression,
+            model=model,
+            primals=primals,
+            cotangents=cotangents,
+            wrt=wrt,
+            cotangent_batch=cotangent_batch,
+            check=check,
+            dtype=dtype,
+            device=device,
+            encoding=encoding,
+            options=options,
+        )
+        response = await self._request("POST", "vjp", json_body=body, timeout=timeout)
+        return _vjp.parse_vjp(self, response, kind)
 
     async def models(self) -> list[ModelInfo]:
         """``GET /models``: every registered model."""

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from . import _vjp
 from ._base import NOT_GIVEN, Encoding, OutputKind, TimeoutTypes, linearization_path
 from ._exceptions import NotFoundError
 from ._tensors import Array
@@ -130,6 +131,29 @@ class Linearization(_LinearizationBase):
         )
         return self._client._parse_linearized_jvp(response, self._kind_for(kind))
 
+    def vjp(
+        self,
+        *,
+        cotangents: Any,
+        cotangent_batch: bool = False,
+        encoding: Encoding = "auto",
+        timeout: TimeoutTypes = NOT_GIVEN,
+    ) -> dict[str, Array]:
+        """``POST /linearize/{id}/vjp``: Jᵀ·u at the session's point, ``{name: array}`` per
+        name of :attr:`wrt`; the session must be made with ``options={"transpose": True}``.
+        ``cotangents`` as for :meth:`JVPClient.vjp`."""
+        body, kind = _vjp.linearized_vjp_body(
+            self._client,
+            cotangents=cotangents,
+            dtype=self.dtype or None,
+            cotangent_batch=cotangent_batch,
+            encoding=encoding,
+        )
+        response = self._client._request(
+            "POST", f"{linearization_path(self.id)}/vjp", json_body=body, timeout=timeout
+        )
+        return _vjp.parse_linearized_vjp(self._client, response, self._kind_for(kind))
+
     def close(self) -> None:
         """``DELETE /linearize/{id}``: free the session now. A session already gone is fine."""
         if self._closed:
@@ -182,6 +206,27 @@ class AsyncLinearization(_LinearizationBase):
             "POST", f"{linearization_path(self.id)}/jvp", json_body=body, timeout=timeout
         )
         return self._client._parse_linearized_jvp(response, self._kind_for(kind))
+
+    async def vjp(
+        self,
+        *,
+        cotangents: Any,
+        cotangent_batch: bool = False,
+        encoding: Encoding = "auto",
+        timeout: TimeoutTypes = NOT_GIVEN,
+    ) -> dict[str, Array]:
+        """``POST /linearize/{id}/vjp``; see :meth:`Linearization.vjp`."""
+        body, kind = _vjp.linearized_vjp_body(
+            self._client,
+            cotangents=cotangents,
+            dtype=self.dtype or None,
+            cotangent_batch=cotangent_batch,
+            encoding=encoding,
+        )
+        response = await self._client._request(
+            "POST", f"{linearization_path(self.id)}/vjp", json_body=body, timeout=timeout
+        )
+        return _vjp.parse_linearized_vjp(self._client, response, self._kind_for(kind))
 
     async def close(self) -> None:
         """``DELETE /linearize/{id}``; see :meth:`Linearization.close`."""

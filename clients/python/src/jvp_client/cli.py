@@ -261,6 +261,43 @@ def _cmd_jacobian(client: JVPClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_vjp(client: JVPClient, args: argparse.Namespace) -> int:
+    primals = _parse_assignments(args.primal, "--primal")
+    if primals is None:
+        raise UsageError("vjp: give at least one --primal NAME=FILE.npy")
+    if not args.cotangent:
+        raise UsageError("vjp: give --cotangent FILE.npy (one per output, in order; 'null': none)")
+    given = [None if c == "null" else _load_value(c) for c in args.cotangent]
+    cotangents: Any = given[0] if len(given) == 1 else tuple(given)
+    result = client.vjp(
+        expression=args.expression,
+        model=args.model,
+        primals=primals,
+        cotangents=cotangents,
+        wrt=args.wrt,
+        cotangent_batch=args.cotangent_batch,
+        check=args.check,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    print(f"output: {_describe(result.output)}")
+    for name, value in result.vjp.items():
+        print(f"vjp {name}: {_describe(value)}")
+    _print_facts(result.dtype, result.device, result.timing_ms)
+    if args.out:
+        _write_npz(
+            args.out, {**_arrays("output", result.output), **_named_arrays("vjp", result.vjp)}
+        )
+    if args.check:
+        check = result.check or {}
+        print(
+            f"check: {'passed' if check.get('passed') else 'FAILED'} "
+            f"(max_rel_error {check.get('max_rel_error')}, identity {check.get('identity')})"
+        )
+        return 0 if check.get("passed") else 1
+    return 0
+
+
 def _cmd_hvp(client: JVPClient, args: argparse.Namespace) -> int:
     primals = _parse_assignments(args.primal, "--primal")
     if primals is None:
@@ -580,6 +617,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="write output and jacobian_NAME (output_I, jacobian_I_NAME for several outputs)",
     )
     jacobian.set_defaults(handler=_cmd_jacobian)
+
+    vjp = add(commands, "vjp", "compute a vector-Jacobian product Jᵀ·u (POST /vjp)")
+    _add_target_options(vjp, required=True, jvp_options=False)
+    _add_tensor_options(vjp, tangents=False)
+    vjp.add_argument(
+        "--cotangent",
+        "-u",
+        action="append",
+        metavar="FILE",
+        help="u, shaped like the output (.npy or JSON); repeat per output, 'null' for none",
+    )
+    vjp.add_argument(
+        "--wrt", action="append", metavar="NAME", help="differentiate by; repeat (default: all)"
+    )
+    vjp.add_argument("--cotangent-batch", action="store_true", help="cotangents have a leading K")
+    vjp.add_argument(
+        "--check", action="store_true", help="check it; exit 1 when the check does not pass"
+    )
+    vjp.add_argument("--out", "-o", metavar="FILE.npz", help="write output and vjp_NAME")
+    vjp.set_defaults(handler=_cmd_vjp)
 
     hvp = add(commands, "hvp", "compute Hessian-vector products of a scalar (POST /hvp)")
     _add_target_options(hvp, required=True, jvp_options=False)
