@@ -23,10 +23,10 @@ import time
 from typing import Any
 
 import numpy as np
+from jvp_client import JVPClient
 from scipy.sparse.linalg import LinearOperator, gmres
 
 from bench.servers import jvp_service
-from jvp_client import JVPClient
 
 ITERATIONS = 50
 
