@@ -28,6 +28,7 @@ from app.models.repository import load_repository
 from app.services.derivatives import DerivativeService, SessionSweeper, derivative_service
 from app.services.jvp import JVPService
 from app.services.shapes import ShapeService
+from app.services.vjp import VJPService
 from app.settings import Settings
 
 log = logging.getLogger("app")
@@ -77,6 +78,7 @@ class Runtime:
     derivatives: DerivativeService
     sweeper: SessionSweeper
     shapes: ShapeService
+    vjp: VJPService
     metrics: Metrics | None = None
     jobs: JobService | None = None
 
@@ -129,5 +131,8 @@ def build(settings: Settings, *, metrics: Metrics | None = None, plan_cpu: bool 
     derivatives, sweeper = derivative_service(settings, service)
     if metrics is not None:
         metrics.bind_engine(engine)
-    shapes = ShapeService(derivatives)
-    return Runtime(settings, engine, registry, service, derivatives, sweeper, shapes, metrics)
+    vjp = VJPService(service, derivatives.store)
+    shapes = ShapeService(derivatives, vjp)
+    return Runtime(
+        settings, engine, registry, service, derivatives, sweeper, shapes, vjp, metrics
+    )

@@ -237,8 +237,16 @@ class HVPResponse(BaseModel):
     timing_ms: TimingMs
 
 
+class LinearizeOptions(DerivativeOptions):
+    transpose: bool = Field(
+        False,
+        description="Also keep what the reverse pass needs, for POST /linearize/{id}/vjp "
+        "(counted in the session's bytes).",
+    )
+
+
 class LinearizeRequest(JacobianRequest):
-    pass
+    options: LinearizeOptions = Field(default_factory=LinearizeOptions)
 
 
 class LinearizeResponse(BaseModel):
@@ -290,8 +298,8 @@ class EvalShapeRequest(BaseModel):
 
     operation: Literal["jvp", "vjp", "jacobian", "hvp", "linearize", "solve"] = Field(
         "jvp",
-        description="Whose shapes and cost: jvp, jacobian, hvp, linearize (vjp and solve "
-        "are not available yet: 422). The other fields are that route's body. " + SHAPE_ONLY,
+        description="Whose shapes and cost: jvp, vjp, jacobian, hvp, linearize (solve is "
+        "not available yet: 422). The other fields are that route's body. " + SHAPE_ONLY,
     )
     expression: str | None = Field(None, description="An expression such as 'x**2 + y**2'.")
     model: str | None = Field(None, description="A registered model's name (GET /models).")
@@ -321,4 +329,5 @@ class EvalShapeResponse(BaseModel):
         None, description="jacobian: per input, output shape + input shape."
     )
     hvp: dict[str, ShapeSpec] | None = Field(None, description="hvp: per input with a tangent.")
+    vjp: dict[str, ShapeSpec] | None = Field(None, description="vjp: per name in wrt.")
     cost: Cost

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from app.api import errors
 from app.api.fastpath import JVPApp, JVPEndpoint
 from app.api.middleware import BodyLimitMiddleware, KeyFirstMiddleware, RequestContextMiddleware
-from app.api.routes import derivatives, docs, health, jobs, jvp, metrics, models, shapes
+from app.api.routes import derivatives, docs, health, jobs, jvp, metrics, models, shapes, vjp
 from app.metrics import Metrics
 from app.runtime import build
 from app.settings import Settings
@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.service = runtime.service
         app.state.derivatives = runtime.derivatives
         app.state.shapes = runtime.shapes
+        app.state.vjp = runtime.vjp
         await runtime.start()
         app.state.jobs = runtime.jobs
         try:
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.include_router(jvp.router)
     app.include_router(derivatives.router)
+    app.include_router(vjp.router)
     app.include_router(shapes.router)
     app.include_router(models.router)
     app.include_router(health.router)

@@ -107,7 +107,7 @@ class Bounds:
 class Plan:
     """What the operation does with the target, as far as its shapes and cost go.
 
-    ``kind``: jvp | jacobian | hvp | linearize. ``batch``: K of tangent_batch (0: none).
+    ``kind``: jvp | jacobian | hvp | linearize | vjp. ``batch``: K of tangent_batch (0: none).
     ``directions``: how many arguments have a tangent (or are differentiated).
     ``columns``: the Jacobian's N (elements of every argument differentiated).
     ``result_shapes``: the differentiated arguments' shapes (jacobian, hvp, linearize).
@@ -123,6 +123,7 @@ class Plan:
     check: bool = False
     output_index: int = 0
     reduction: str = "none"
+    transpose: bool = False  # linearize with options.transpose: it keeps the reverse pass
 
 
 @dataclass(frozen=True)
@@ -319,10 +320,20 @@ def _derive(forward: Forward, plan: Plan, dtype: torch.dtype) -> Estimate:
         results = tuple(Spec(lead + s, dtype) for s in plan.result_shapes)
         work, carried = 3 * (1 + k), 1 + k
         peak = 2 * carried * (forward.total + forward.peak) + _bytes(results)
+    elif plan.kind == "vjp":
+        # Reverse mode keeps every intermediate of the forward pass for the backward one
+        # (forward.total, not its peak), then K backward passes (vmap), each about two
+        # forward passes of work and an intermediate's gradient per intermediate.
+        results = tuple(Spec(lead + s, dtype) for s in plan.result_shapes)
+        work, carried = 1 + 2 * k + (3 if plan.check else 0), 1 + k
+        peak = forward.total + (1 + k) * forward.peak + _bytes(results)
     elif plan.kind == "linearize":
         results = tuple(Spec(o.shape, o.dtype) for o in outputs)  # J·t of the session
         work, carried = 3, 2
         peak = 2 * forward.total + 2 * forward.peak
+        if plan.transpose:  # one more forward pass, its autograd graph kept
+            work += 1
+            peak += forward.total
     else:
         raise ValueError(f"unknown operation {plan.kind!r}")
     matmul = work * forward.matmul_flops
@@ -597,6 +608,10 @@ def plan_of(
 
     if operation is None:  # the hot path: one Plan per number of directions
         return _plain(sum(t is not None for t in tangents) + len(parameter_tangents))
+    plan_for = getattr(operation, "plan_for", None)  # an operation that says its own plan
+    if plan_for is not None:
+        plan: Plan = plan_for(target, inputs)
+        return plan
     given = [t for t in tangents if t is not None] + list(parameter_tangents.values())
     if isinstance(operation, JVPOperation):
         batch = int(given[0].shape[0]) if operation.tangent_batch and given else 0
@@ -611,6 +626,7 @@ def plan_of(
             columns=sum(math.prod(s) for s in shapes),
             result_shapes=tuple(shapes),
             directions=len(shapes),
+            transpose=getattr(operation, "transpose", False),
         )
     if isinstance(operation, HVPOperation):
         batch = int(given[0].shape[0]) if operation.tangent_batch and given else 0

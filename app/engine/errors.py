@@ -50,6 +50,10 @@ class ForwardADUnsupported(EngineError, status=501, type="forward_ad_unsupported
     """An operator without a forward-AD formula; the message names it (501)."""
 
 
+class ReverseADUnsupported(EngineError, status=501, type="reverse_ad_unsupported"):
+    """An operator without a backward (reverse-mode) formula; the message names it (501)."""
+
+
 class Overloaded(EngineError, status=503, type="overloaded"):
     """The queue is full or the engine is not ready (503)."""
 

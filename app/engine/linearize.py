@@ -48,6 +48,8 @@ class LinearizeSession:
     # (tangents, batched) -> J·t with the arguments whose tangent is None held fixed,
     # exactly (NOTE [linearize without a tangent] in app/engine/operations.py).
     apply_without: Callable[..., Any] | None = None
+    # With options.transpose: what Jᵀu needs (app.engine.vjp.Transpose), else None.
+    transpose: Any = None
 
 
 class LinearizeStore:
@@ -100,6 +102,7 @@ class LinearizeStore:
         apply: Callable[..., Any],
         nbytes: int,
         apply_without: Callable[..., Any] | None = None,
+        transpose: Any = None,
     ) -> LinearizeSession:
         """Keep a new session, or refuse it: 413 past the per-session limit, 503 past
         the budget."""
@@ -133,6 +136,7 @@ class LinearizeStore:
                 nbytes=nbytes,
                 expires_at=now + self.ttl_s,
                 apply_without=apply_without,
+                transpose=transpose,
             )
             self._sessions[session.id] = session
             return session

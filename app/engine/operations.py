@@ -570,6 +570,7 @@ class LinearizeOperation:
     input_indices: tuple[int, ...]
     parameter_names: tuple[str, ...]
     argument_names: tuple[str, ...]
+    transpose: bool = False  # options.transpose: keep the reverse pass too (app/engine/vjp.py)
     kind: str = "linearize"
     session: LinearizeSession | None = field(default=None, init=False)
 
@@ -588,6 +589,12 @@ class LinearizeOperation:
         held = _held_bytes(jvp_fn, kept=tuple(inputs))
         if held is None:
             held = 4 * sum(t.nbytes for t in (*primals, *outputs)) + sum(x.nbytes for x in inputs)
+        transpose = None
+        if self.transpose:
+            from app.engine.vjp import make_transpose  # it imports this module
+
+            transpose = make_transpose(f, primals)
+            held += transpose.nbytes
         self.session = self.store.add(
             target=self.source,
             dtype=primals[0].dtype if primals else outputs[0].dtype,
@@ -599,6 +606,7 @@ class LinearizeOperation:
             apply=jvp_fn,
             nbytes=held + SESSION_OVERHEAD_BYTES,
             apply_without=partial(_jvp_without, f, primals),
+            transpose=transpose,
         )
         return tuple(o.detach() for o in outputs), ()
 
@@ -630,7 +638,11 @@ class LinearizedJVPOperation:
     ) -> tuple[Tensors, Tensors]:
         given: list[torch.Tensor | None] = [tangents[i] for i in self.input_indices]
         given += [parameter_tangents.get(n) for n in self.parameter_names]
-        batch = next((int(t.shape[0]) for t in given if t is not None), None)
+        batch = (  # a 0-d tangent has no shape[0]: K only under tangent_batch
+            next((int(t.shape[0]) for t in given if t is not None), None)
+            if self.tangent_batch
+            else None
+        )
         device = self.session.device
         dtype = self.session.dtype
 

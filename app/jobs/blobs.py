@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +40,7 @@ def header(blob: bytes) -> bytes:
 
 
 def dump_inputs(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> bytes:
-    flat = {f"{group}.{name}": t for group in GROUPS for name, t in groups.get(group, {}).items()}
+    flat = {f"{group}.{name}": t for group, named in groups.items() for name, t in named.items()}
     return save(_contiguous(flat), metadata={"kind": "jvp-task-inputs"})
 
 
@@ -48,7 +48,7 @@ def load_inputs(blob: bytes) -> dict[str, dict[str, torch.Tensor]]:
     groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GROUPS}
     for key, tensor in load(blob).items():
         group, _, name = key.partition(".")
-        groups[group][name] = tensor
+        groups.setdefault(group, {})[name] = tensor  # "cotangents" of a vjp task too
     return groups
 
 
@@ -58,14 +58,22 @@ class StoredResult:
     jvps: list[torch.Tensor]
     single: bool
     method: str
+    names: list[str] | None = None  # a vjp task's result: the names of its "vjp" entries
 
 
 def dump_result(
-    outputs: tuple[torch.Tensor, ...], jvps: tuple[torch.Tensor, ...], *, single: bool, method: str
+    outputs: tuple[torch.Tensor, ...],
+    jvps: tuple[torch.Tensor, ...],
+    *,
+    single: bool,
+    method: str,
+    names: Sequence[str] | None = None,
 ) -> bytes:
     flat = {f"output.{i}": t for i, t in enumerate(outputs)}
     flat.update({f"jvp.{i}": t for i, t in enumerate(jvps)})
     meta = {"kind": "jvp-task-result", "single": "1" if single else "0", "method": method}
+    if names is not None:
+        meta["names"] = json.dumps(list(names))
     return save(_contiguous(flat), metadata=meta)
 
 
@@ -84,4 +92,5 @@ def load_result(blob: bytes) -> StoredResult:
         jvps=series("jvp."),
         single=meta.get("single") == "1",
         method=meta.get("method", "forward"),
+        names=json.loads(meta["names"]) if "names" in meta else None,
     )

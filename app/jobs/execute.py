@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from app.engine.errors import EngineError
 from app.engine.task import JVPResult, JVPTask
 from app.jobs import blobs
+from app.jobs.operations import VJP_KEYS, is_vjp, vjp_task
 from app.jobs.store import Outcome, TaskSpec
 from app.jobs.tables import DONE
 from app.schemas import JVPOptions, JVPRequest
@@ -34,7 +35,7 @@ def request_of(spec: TaskSpec) -> JVPRequest:
     limits when the job was submitted): `JVPService.prepare` takes tensors as they are, as
     from a safetensors body, so none is encoded again only to be decoded."""
     groups = blobs.load_inputs(spec.inputs)
-    options = {k: v for k, v in spec.options.items() if v is not None}
+    options = {k: v for k, v in spec.options.items() if v is not None and k not in VJP_KEYS}
     return JVPRequest(
         expression=spec.expression,
         model=spec.model,
@@ -61,7 +62,11 @@ class Finished:
             assert self.task is not None and self.result is not None
             single = self.task.target.single_output and len(self.result.outputs) == 1
             blob = blobs.dump_result(
-                self.result.outputs, self.result.jvps, single=single, method=self.result.method
+                self.result.outputs,
+                self.result.jvps,
+                single=single,
+                method=self.result.method,
+                names=getattr(self.task.operation, "names", None),  # a vjp task's
             )
         return Outcome(self.spec.job_id, self.spec.idx, self.kind, result=blob, error=self.error)
 
@@ -78,9 +83,11 @@ def task_error(spec: TaskSpec, exc: BaseException, *, traceback: bool = False) -
 
 
 def prepare(service: JVPService, spec: TaskSpec) -> tuple[JVPTask | None, Error | None]:
-    """The task's work item, prepared as /jvp would; or, when that fails, its error (the
-    task fails, the job goes on)."""
+    """The task's work item, prepared as its route (/jvp, or /vjp for a vjp task) would; or,
+    when that fails, its error (the task fails, the job goes on)."""
     try:
+        if is_vjp(spec):
+            return vjp_task(service, spec), None
         return service.prepare(request_of(spec)), None
     except Exception as e:  # noqa: BLE001 - recorded for the task; the job goes on
         return None, task_error(spec, e, traceback=True)

@@ -37,6 +37,13 @@ class JobTask(BaseModel):
     tangents: dict[str, Tensor] = Field(default_factory=dict)
     parameter_tangents: dict[str, Tensor] = Field(default_factory=dict)
     options: JobOptions = Field(default_factory=JobOptions)
+    operation: Literal["jvp", "vjp"] | None = Field(
+        None, description="Overrides the job's operation: jvp (default) or vjp."
+    )
+    cotangents: Any = Field(
+        None, description='For "operation": "vjp": as in POST /vjp (a list for several outputs).'
+    )
+    wrt: list[str] | None = Field(None, description='For "vjp": as in POST /vjp.')
 
 
 class JobCreate(BaseModel):
@@ -47,6 +54,9 @@ class JobCreate(BaseModel):
     expression: str | None = Field(None, description="Every task's expression, unless it has one.")
     model: str | None = Field(None, description="Every task's model, unless it has one.")
     options: JobOptions = Field(default_factory=JobOptions)
+    operation: Literal["jvp", "vjp"] = Field(
+        "jvp", description="Every task's operation, unless it has one: jvp or vjp."
+    )
     tasks: list[JobTask] = Field(min_length=1, description="The JVPs, in order (index 0, 1, ...).")
 
 
@@ -76,6 +86,7 @@ class TaskResult(BaseModel):
     index: int
     output: Any = Field(None, description="A tensor, or a list of tensors for several outputs.")
     jvp: Any = None
+    vjp: Any = Field(None, description='For a "vjp" task: {"<name>": Jᵀu}.')
     error: ErrorDetail | None = None
 
 

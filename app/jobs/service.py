@@ -23,6 +23,7 @@ from app.engine.errors import EngineError, InvalidRequest, TooLarge
 from app.jobs import blobs
 from app.jobs.backend import JobBackend
 from app.jobs.execute import error_of
+from app.jobs.operations import cotangent_group, task_options
 from app.jobs.schemas import JobCreate, JobOptions, JobTask
 from app.jobs.store import JobStore, JobView, NewJob, NewTask, StoredTask, now
 from app.models.registry import ModelRegistry
@@ -108,8 +109,13 @@ class JobService:
             if (expression, model) != (body.expression, body.model):
                 new.expression, new.model = expression, model
             new.options = task.options.model_dump(exclude_none=True) or None
+            single = expression is not None or self.registry.get(str(model)).target.single_output
+            extra = task_options(task, body.operation, single)  # "operation": "vjp"
+            if extra:
+                new.options = {**(new.options or {}), **extra}
+                options = {**options, **extra}
             try:
-                new.inputs = self._encode_inputs(task, dtype)
+                new.inputs = self._encode_inputs(task, dtype, form=extra.get("cotangents"))
                 new.batch_key = batch_key(expression, model, options, new.inputs)
             except EngineError as e:
                 new.error = error_of(e)
@@ -179,10 +185,12 @@ class JobService:
             checked.add(("device", device))
         return dtype
 
-    def _encode_inputs(self, task: JobTask, dtype: torch.dtype) -> bytes:
+    def _encode_inputs(self, task: JobTask, dtype: torch.dtype, *, form: Any = None) -> bytes:
+        """``form``: a vjp task's cotangent form (`app.jobs.operations.task_options`)."""
         groups: dict[str, dict[str, torch.Tensor]] = {}
-        for group in blobs.GROUPS:
-            given: dict[str, Any] = getattr(task, group)
+        extra = {"cotangents": cotangent_group(task, form)} if form is not None else {}
+        for group in (*blobs.GROUPS, *extra):
+            given: dict[str, Any] = extra[group] if group in extra else getattr(task, group)
             groups[group] = {
                 name: decode_tensor(
                     value,
@@ -221,6 +229,12 @@ class JobService:
         stored = blobs.load_result(task.result)
         outputs = [encode_tensor(o, encoding=task.encoding) for o in stored.outputs]
         jvps = [encode_tensor(j, encoding=task.encoding) for j in stored.jvps]
+        if stored.names is not None:  # a vjp task
+            return {
+                "index": task.idx,
+                "output": outputs[0] if stored.single else outputs,
+                "vjp": dict(zip(stored.names, jvps, strict=True)),
+            }
         return {
             "index": task.idx,
             "output": outputs[0] if stored.single else outputs,

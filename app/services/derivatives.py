@@ -221,7 +221,9 @@ class DerivativeService:
     ) -> tuple[JVPTask, tuple[str, ...], LinearizeOperation]:
         task = self._prepare(body)
         indices, params, names = self._wrt(task.target, body.wrt)
-        op = LinearizeOperation(self.store, task.target, indices, params, names)
+        op = LinearizeOperation(
+            self.store, task.target, indices, params, names, transpose=body.options.transpose
+        )
         task.operation = op
         self.service.bound(task)
         return task, names, op

@@ -22,14 +22,16 @@ from app.engine.task import JVPTask
 from app.schemas import HVPRequest, JacobianRequest, JVPRequest, LinearizeRequest
 from app.services.derivatives import DerivativeService
 from app.wire.codec import check_limits
+from app.schemas_vjp import VJPRequest
 
 REQUESTS: dict[str, type[BaseModel]] = {
     "jvp": JVPRequest,
     "jacobian": JacobianRequest,
     "hvp": HVPRequest,
     "linearize": LinearizeRequest,
+    "vjp": VJPRequest,
 }
-NOT_YET = ("vjp", "solve")
+NOT_YET = ("solve",)
 TENSOR_FIELDS = ("primals", "tangents", "parameter_tangents")
 
 
@@ -49,9 +51,10 @@ def _spec(shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Any]:
 class ShapeService:
     """`POST /eval_shape` on the services of the operation routes."""
 
-    def __init__(self, derivatives: DerivativeService) -> None:
+    def __init__(self, derivatives: DerivativeService, vjp: Any = None) -> None:
         self.derivatives = derivatives
         self.service = derivatives.service
+        self.vjp = vjp  # app.services.vjp.VJPService, for operation "vjp"
 
     def _shape_only(self, value: Any, param: str) -> Any:
         """A ``{"shape", "dtype"}`` tensor as a meta tensor; anything else as it came."""
@@ -92,6 +95,14 @@ class ShapeService:
             given = body.get(name)
             if isinstance(given, dict):
                 body[name] = {k: self._shape_only(v, f"{name}.{k}") for k, v in given.items()}
+        cotangents = body.get("cotangents")
+        if operation == "vjp" and isinstance(cotangents, dict):
+            body["cotangents"] = self._shape_only(cotangents, "cotangents")
+        elif operation == "vjp" and isinstance(cotangents, list):
+            body["cotangents"] = [
+                self._shape_only(c, f"cotangents.{i}") if isinstance(c, dict) else c
+                for i, c in enumerate(cotangents)
+            ]
         try:
             return REQUESTS[operation].model_validate(body)
         except ValidationError as e:
@@ -112,6 +123,10 @@ class ShapeService:
             assert isinstance(request, HVPRequest)
             task, hvp_names = d._prepare_hvp(request)
             return task, tuple(hvp_names)
+        if operation == "vjp":
+            assert isinstance(request, VJPRequest) and self.vjp is not None
+            task, vjp_names = self.vjp.eval_shape(request)
+            return task, vjp_names
         assert isinstance(request, LinearizeRequest)
         task, names, _ = d._prepare_linearize(request)
         return task, names
@@ -138,6 +153,8 @@ class ShapeService:
         results = [one(r) for r in estimate.results]
         if operation in ("jvp", "linearize"):
             body["jvp"] = results[0] if single else results
+        elif operation == "vjp":
+            body["vjp"] = dict(zip(names, results, strict=True))
         elif operation == "jacobian":
             n = len(names)
             maps = [

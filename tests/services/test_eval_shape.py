@@ -261,7 +261,7 @@ def test_eval_shape_flops_of_a_matmul_expression_match_flop_counter(client: Test
 # The 4xx of /eval_shape.
 
 
-@pytest.mark.parametrize("operation", ["vjp", "solve"])
+@pytest.mark.parametrize("operation", ["solve"])
 def test_eval_shape_of_an_operation_not_available_yet_is_422(
     client: TestClient, operation: str
 ) -> None:

@@ -56,6 +56,7 @@ from ._types import (
     TensorSpec,
 )
 from ._version import __version__
+from ._vjp import VJPResult
 
 __all__ = [
     "B64_MIN_ELEMENTS",
@@ -68,6 +69,7 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "AsyncJVPClient",
+    "VJPResult",
     "AsyncJob",
     "AsyncLinearization",
     "AuthenticationError",

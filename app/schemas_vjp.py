@@ -1,0 +1,105 @@
+"""Bodies of POST /vjp and POST /linearize/{id}/vjp (API.md "Additions (v1.1)")."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.schemas import Tensor, TimingMs
+
+COTANGENTS = (
+    "One tensor shaped like the output; for a function with several outputs a list, one "
+    "per output, null for an output that gets no cotangent (it contributes nothing)."
+)
+
+
+class VJPOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: str | None = Field(
+        None,
+        description="Computation dtype: float16, bfloat16, float32, float64 (or FP16...). "
+        "Unset: the model's default dtype (config.json), else float32.",
+    )
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    encoding: Literal["json", "b64"] = Field("json", description="Response tensors as data or b64.")
+    cotangent_batch: bool = Field(
+        False,
+        description="Every cotangent has a leading dimension K (the same for all); every vjp "
+        "entry then has that leading K: Jᵀ·U for K cotangents in one call.",
+    )
+    check: bool = Field(
+        False,
+        description="Also check <Jᵀu, v> against float64 central differences of J·v and the "
+        "identity <u, J v> = <Jᵀu, v> for a random v, and report it ('check').",
+    )
+
+
+class VJPRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    expression: str | None = Field(None, description="An expression such as 'x**2 + y**2'.")
+    model: str | None = Field(None, description="A registered model's name (GET /models).")
+    primals: dict[str, Tensor] = Field(description="One tensor per input, by name.")
+    cotangents: Any = Field(description=COTANGENTS)
+    wrt: list[str] | None = Field(
+        None, description="Input and parameter names to differentiate by; default all inputs."
+    )
+    options: VJPOptions = Field(default_factory=VJPOptions)
+
+
+class IdentityCheck(BaseModel):
+    max_abs_error: float | str = Field(description="max |<u, J v> - <Jᵀu, v>|.")
+    max_rel_error: float | str = Field(description="max_abs_error over the terms' magnitude.")
+    passed: bool
+
+
+class VJPCheck(BaseModel):
+    """<Jᵀu, v> against float64 central differences (NOTE [VJP check] in app/engine/vjp.py)."""
+
+    max_abs_error: float | str = Field(description="max |<Jᵀu, v> - <u, FD(J v)>|.")
+    max_rel_error: float | str = Field(
+        description="max_abs_error / max(Σ|u||J v|, Σ|Jᵀu||v|): relative to the terms."
+    )
+    passed: bool = Field(description="Both comparisons within tolerance, nothing non-finite.")
+    eps: float | str = Field(description="The largest perturbation of any input element.")
+    rtol: float
+    atol: float
+    nonfinite: Literal["jvp", "estimate", "both"] | None = Field(
+        None, description="'jvp': the VJP's side is NaN or infinite where the estimate is not."
+    )
+    identity: IdentityCheck | None = Field(
+        None,
+        description="<u, J v> = <Jᵀu, v> with J v by forward mode; null where forward mode "
+        "has no formula.",
+    )
+
+
+class VJPResponse(BaseModel):
+    output: Any = Field(description="A tensor, or a list of tensors for several outputs.")
+    vjp: dict[str, Any] = Field(description='{"<name>": Jᵀu}, shaped like that input or parameter.')
+    dtype: str
+    device: str
+    method: Literal["reverse"] = Field(description="torch.func.vjp (reverse-mode AD).")
+    timing_ms: TimingMs
+    check: VJPCheck | None = Field(None, description="With options.check only.")
+
+
+class LinearizedVJPOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cotangent_batch: bool = Field(False, description="Cotangents have a leading K.")
+    encoding: Literal["json", "b64"] = Field("json", description="Response tensors as data or b64.")
+
+
+class LinearizedVJPRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cotangents: Any = Field(description=COTANGENTS)
+    options: LinearizedVJPOptions = Field(default_factory=LinearizedVJPOptions)
+
+
+class LinearizedVJPResponse(BaseModel):
+    vjp: dict[str, Any] = Field(description='{"<name>": Jᵀu} for every name in the session\'s wrt.')
+    timing_ms: TimingMs

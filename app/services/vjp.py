@@ -1,0 +1,221 @@
+"""What POST /vjp and POST /linearize/{id}/vjp do between the route and the engine.
+
+A /vjp request is checked by `JVPService.prepare` (names, shapes, dtypes, limits, as for
+/jvp) and `DerivativeService._wrt`; its cotangents are decoded here and checked against
+the output shapes of the abstract evaluation (NOTE [abstract evaluation]) before it is
+queued with an `app.engine.vjp.VJPOperation`; the VJP runs on the device worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import torch
+
+from app.wire.codec import decode_tensor, encode_tensor
+from app.services.derivatives import DerivativeService
+from app.engine.abstract import Plan
+from app.engine.devices import DTYPE_NAMES
+from app.engine.errors import InvalidRequest, NotFound, TooLarge
+from app.engine.linearize import LinearizeStore
+from app.engine.target import Target
+from app.engine.vjp import (
+    LinearizedVJPOperation,
+    VJPOperation,
+    check_cotangent_shapes,
+    total_elements,
+)
+from app.engine.task import JVPResult, JVPTask
+from app.schemas import JVPOptions, JVPRequest
+from app.schemas_vjp import LinearizedVJPRequest, VJPRequest
+from app.services.jvp import JVPService
+
+OptionalTensors = tuple[torch.Tensor | None, ...]
+
+
+class VJPService:
+    """Vector-Jacobian products, on the checks of `JVPService` and `DerivativeService`
+    (``store``: the linearize sessions; None where there are none, as in a job worker)."""
+
+    def __init__(self, service: JVPService, store: LinearizeStore | None = None) -> None:
+        self.service = service
+        self.store = store
+        self.settings = service.settings
+
+    async def _run(self, task: JVPTask, arrived: float | None = None) -> JVPResult:
+        self.service.schedule(task, arrived)
+        return await self.service.engine.run(task, timeout_s=self.settings.request_timeout_s)
+
+    def decode_cotangents(
+        self, value: Any, target: Target, dtype: torch.dtype, outputs: int | None
+    ) -> OptionalTensors:
+        """One tensor (or None) per output. A single-output target takes one tensor (or
+        null); any other a list, one entry per output (``outputs`` when known)."""
+
+        def one(v: Any, param: str) -> torch.Tensor | None:
+            if v is None:
+                return None
+            if isinstance(v, torch.Tensor):
+                return v  # a meta tensor from /eval_shape
+            return decode_tensor(v, param=param, default_dtype=dtype, limits=self.service.limits)
+
+        if target.single_output and (outputs is None or outputs == 1):
+            return (one(value, "cotangents"),)
+        if not isinstance(value, list):
+            raise InvalidRequest(
+                "This function has several outputs: 'cotangents' is a list with one tensor "
+                f"per output (null for an output without one), got {type(value).__name__}",
+                param="cotangents",
+            )
+        if outputs is not None and len(value) != outputs:
+            raise InvalidRequest(
+                f"Expected {outputs} cotangents (one per output, null for a zero one), got "
+                f"{len(value)}",
+                param="cotangents",
+            )
+        return tuple(one(v, f"cotangents.{i}") for i, v in enumerate(value))
+
+    def prepare(self, body: VJPRequest) -> tuple[JVPTask, tuple[str, ...], VJPOperation]:
+        """The queued task of a /vjp request (every 4xx before it is queued)."""
+        point = JVPRequest(
+            expression=body.expression,
+            model=body.model,
+            primals=body.primals,
+            options=JVPOptions(dtype=body.options.dtype, device=body.options.device),
+        )
+        task = self.service.prepare(point, bound=False)  # bounded once its operation is set
+        task.operation = None
+        indices, params, names = DerivativeService._wrt(task.target, body.wrt)
+        # The output count first, from the forward pass on meta tensors (cached).
+        forward = self.service.estimator(
+            task.target,
+            tuple(tuple(x.shape) for x in task.inputs),
+            task.dtype,
+            _FORWARD_PLAN,
+            self.service.bounds.get(task.device),
+        )
+        n_outputs = len(forward.outputs) if forward is not None else None
+        cotangents = self.decode_cotangents(body.cotangents, task.target, task.dtype, n_outputs)
+        batched = body.options.cotangent_batch
+        single = task.target.single_output and len(cotangents) == 1
+        if forward is not None:
+            check_cotangent_shapes([s.shape for s in forward.outputs], cotangents, batched, single)
+        total = sum(x.numel() for x in task.inputs) + total_elements(cotangents)
+        if total > self.settings.max_request_elements:
+            raise TooLarge(
+                f"The request holds {total} tensor elements; the limit is "
+                f"{self.settings.max_request_elements}",
+                param="cotangents",
+            )
+        op = VJPOperation(
+            input_indices=indices,
+            parameter_names=params,
+            cotangents=cotangents,
+            cotangent_batch=batched,
+            check_target=task.target if body.options.check else None,
+            source=task.target,
+            single_output=single,
+            names=names,
+        )
+        task.operation = op
+        self.service.bound(task)
+        return task, names, op
+
+    async def vjp(self, body: VJPRequest, arrived: float | None = None) -> dict[str, Any]:
+        started = time.monotonic()
+        task, names, op = await asyncio.to_thread(self.prepare, body)
+        result = await self._run(task, arrived)
+        encoding = body.options.encoding
+
+        def render() -> dict[str, Any]:
+            outputs = [encode_tensor(o, encoding=encoding) for o in result.outputs]
+            single = task.target.single_output and len(outputs) == 1
+            return {
+                "output": outputs[0] if single else outputs,
+                "vjp": {
+                    n: encode_tensor(g, encoding=encoding)
+                    for n, g in zip(names, result.jvps, strict=True)
+                },
+                "dtype": DTYPE_NAMES[task.dtype],
+                "device": str(task.device),
+                "method": op.method,
+                **op.report(),
+            }
+
+        response = await asyncio.to_thread(render)
+        response["timing_ms"] = JVPService._timing(result, started)
+        return response
+
+    # POST /linearize/{id}/vjp.
+
+    def _prepare_linearized(
+        self, session_id: str, body: LinearizedVJPRequest
+    ) -> tuple[JVPTask, tuple[str, ...]]:
+        if self.store is None:
+            raise NotFound(f"Unknown or expired linearize session {session_id!r}", param="id")
+        session = self.store.get(session_id)
+        transpose = session.transpose
+        if transpose is None:
+            raise InvalidRequest(
+                f"Linearize session {session_id!r} keeps no reverse pass: make it with "
+                '"options": {"transpose": true} to ask it for VJPs',
+                param="id",
+            )
+        target: Target = session.target
+        shapes = transpose.output_shapes
+        cotangents = self.decode_cotangents(body.cotangents, target, session.dtype, len(shapes))
+        batched = body.options.cotangent_batch
+        single = target.single_output and len(shapes) == 1
+        check_cotangent_shapes(shapes, cotangents, batched, single)
+        total = total_elements(cotangents)
+        if total > self.settings.max_request_elements:
+            raise TooLarge(
+                f"The request holds {total} tensor elements; the limit is "
+                f"{self.settings.max_request_elements}",
+                param="cotangents",
+            )
+        task = JVPTask(
+            target=target,
+            inputs=(),
+            tangents=tuple(None for _ in target.input_names),
+            parameter_tangents={},
+            dtype=session.dtype,
+            device=session.device,
+            engine="functional",
+            operation=LinearizedVJPOperation(
+                transpose=transpose,
+                cotangents=cotangents,
+                cotangent_batch=batched,
+                single_output=single,
+            ),
+        )
+        return task, session.argument_names
+
+    async def linearized_vjp(self, session_id: str, body: LinearizedVJPRequest) -> dict[str, Any]:
+        started = time.monotonic()
+        task, names = await asyncio.to_thread(self._prepare_linearized, session_id, body)
+        result = await self._run(task)
+        encoding = body.options.encoding
+
+        def render() -> dict[str, Any]:
+            return {
+                "vjp": {
+                    n: encode_tensor(g, encoding=encoding)
+                    for n, g in zip(names, result.jvps, strict=True)
+                }
+            }
+
+        response = await asyncio.to_thread(render)
+        response["timing_ms"] = JVPService._timing(result, started)
+        return response
+
+    def eval_shape(self, body: VJPRequest) -> tuple[JVPTask, tuple[str, ...]]:
+        """/eval_shape's task for operation "vjp" (the same checks as /vjp)."""
+        task, names, _ = self.prepare(body)
+        return task, names
+
+
+# The plain forward pass's evaluation: the output shapes, cached with every other estimate.
+_FORWARD_PLAN = Plan("jvp", directions=0)

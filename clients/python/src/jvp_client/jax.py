@@ -1,0 +1,243 @@
+"""The remote function inside JAX programs (``pip install "jvp-client[jax]"``).
+
+`remote` returns a function of JAX arrays usable under ``jax.jvp``, ``jax.vjp`` /
+``jax.grad`` and ``jax.jit``. The values come from ``jax.pure_callback`` (the service is
+called from the host; result shapes from ``POST /eval_shape``, asked once per input
+shapes while tracing). Derivatives:
+
+- forward mode: a ``jax.custom_jvp`` rule whose tangent is ``POST /jvp``; inputs whose
+  tangent is a symbolic zero are not sent (they contribute nothing, exactly);
+- reverse mode: that tangent map is linear, a ``jax.custom_derivatives.linear_call``
+  whose transpose is ``POST /vjp`` (so ``jax.grad`` transposes the JVP rule into one
+  /vjp, where a ``custom_vjp`` inside a JVP rule could not be transposed);
+- ``jax.vmap`` over tangents: not yet. JAX 0.10 has no batching rule for ``linear_call``,
+  so it raises NotImplementedError (a refusal, never a wrong number); the host side is
+  ready for it (a tangent with a leading axis goes as one ``tangent_batch`` request).
+  ``jax.vmap`` over primals works (one request per element).
+
+Higher derivatives (a JVP of the VJP) are refused by JAX: a callback has no derivative.
+
+    >>> import jax, jax.numpy as jnp
+    >>> f = remote(client, expression="sin(x) * y")  # doctest: +SKIP
+    >>> jax.grad(lambda x: jnp.sum(f(x, y=jnp.ones(3))))(jnp.zeros(3))  # doctest: +SKIP
+    Array([1., 1., 1.], dtype=float32)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+try:
+    import jax
+    import jax.numpy as jnp
+    from jax.custom_derivatives import SymbolicZero, linear_call
+except ImportError as exc:  # pragma: no cover - the extra is not installed
+    raise ImportError('jvp_client.jax needs JAX: pip install "jvp-client[jax]"') from exc
+
+from ._types import ShapeInfo
+from ._variables import expression_variables
+
+if TYPE_CHECKING:
+    from ._client import JVPClient
+
+__all__ = ["RemoteJaxFunction", "remote"]
+
+
+def _np(value: Any) -> np.ndarray:
+    return np.asarray(value)
+
+
+class RemoteJaxFunction:
+    """The function `remote` returns; ``.names`` lists its inputs in positional order;
+    ``.calls`` counts the requests it made, by route."""
+
+    def __init__(
+        self, client: JVPClient, *, expression: str | None = None, model: str | None = None
+    ) -> None:
+        if (expression is None) == (model is None):
+            raise ValueError("remote(): give exactly one of expression= or model=")
+        self.client = client
+        self.expression, self.model = expression, model
+        if expression is not None:
+            self.names = expression_variables(expression)
+        else:
+            assert model is not None
+            self.names = [spec.name for spec in client.model(model).inputs]
+        self.calls: dict[str, int] = {"jvp": 0, "vjp": 0, "eval_shape": 0}
+        self._shapes: dict[Any, tuple[list[jax.ShapeDtypeStruct], bool]] = {}
+        self._fn = self._build()
+
+    # -- shapes -----------------------------------------------------------------------
+
+    def _out_specs(self, xs: Sequence[Any]) -> tuple[list[jax.ShapeDtypeStruct], bool]:
+        """Output shapes and dtypes for inputs shaped like ``xs`` (POST /eval_shape)."""
+        key = tuple((tuple(x.shape), str(x.dtype)) for x in xs)
+        found = self._shapes.get(key)
+        if found is None:
+            self.calls["eval_shape"] += 1
+            dtype = str(xs[0].dtype) if xs else "float32"
+            result = self.client.eval_shape(
+                "jvp",
+                expression=self.expression,
+                model=self.model,
+                primals={
+                    n: ShapeInfo(tuple(x.shape), str(x.dtype))
+                    for n, x in zip(self.names, xs, strict=True)
+                },
+                dtype=dtype,
+            )
+            outputs = result.output if isinstance(result.output, list) else [result.output]
+            specs = [
+                jax.ShapeDtypeStruct(tuple(o.shape), np.dtype(o.dtype))  # type: ignore[no-untyped-call]
+                for o in outputs
+            ]
+            found = self._shapes[key] = (specs, isinstance(result.output, list))
+        return found
+
+    # -- host calls -------------------------------------------------------------------
+
+    def _host_eval(self, *arrays: Any) -> tuple[np.ndarray, ...]:
+        self.calls["jvp"] += 1
+        r = self.client.jvp(
+            expression=self.expression,
+            model=self.model,
+            primals={n: _np(a) for n, a in zip(self.names, arrays, strict=True)},
+        )
+        outs = r.output if isinstance(r.output, list) else [r.output]
+        return tuple(_np(o) for o in outs)
+
+    def _host_jvp(
+        self,
+        shapes: list[tuple[int, ...]],
+        which: tuple[int, ...],
+        dtypes: list[np.dtype[Any]],
+        *arrays: Any,
+    ) -> tuple[np.ndarray, ...]:
+        """J·t for the inputs in ``which``; a tangent with one more (leading) axis than its
+        primal is a batch (jax.vmap over tangents): sent as one tangent_batch request."""
+        self.calls["jvp"] += 1
+        n = len(self.names)
+        primals = {
+            name: _np(a).reshape(shape)
+            for name, a, shape in zip(self.names, arrays[:n], shapes, strict=True)
+        }
+        given = [_np(t) for t in arrays[n:]]
+        batch = max(
+            (t.shape[0] for t, i in zip(given, which, strict=True) if t.ndim > len(shapes[i])),
+            default=None,
+        )
+        tangents: dict[str, np.ndarray] = {}
+        for t, i in zip(given, which, strict=True):
+            shape = shapes[i]
+            if batch is not None:
+                t = t if t.ndim > len(shape) else t[None]
+                t = np.broadcast_to(t, (batch, *shape))
+            tangents[self.names[i]] = np.ascontiguousarray(t)
+        r = self.client.jvp(
+            expression=self.expression,
+            model=self.model,
+            primals=primals,
+            tangents=tangents,
+            tangent_batch=batch is not None,
+        )
+        jvps = r.jvp if isinstance(r.jvp, list) else [r.jvp]
+        return tuple(_np(j).astype(d) for j, d in zip(jvps, dtypes, strict=True))
+
+    def _host_vjp(
+        self, shapes: list[tuple[int, ...]], which: tuple[int, ...], *arrays: Any
+    ) -> tuple[np.ndarray, ...]:
+        self.calls["vjp"] += 1
+        n = len(self.names)
+        primals = {name: _np(a) for name, a in zip(self.names, arrays[:n], strict=True)}
+        cts = [_np(c) for c in arrays[n:]]
+        wrt = [self.names[i] for i in which]
+        cotangents: Any = tuple(cts) if len(cts) > 1 else cts[0]
+        r = self.client.vjp(
+            expression=self.expression,
+            model=self.model,
+            primals=primals,
+            cotangents=cotangents,
+            wrt=wrt,
+        )
+        return tuple(
+            _np(r.vjp[name]).astype(arrays[i].dtype) for name, i in zip(wrt, which, strict=True)
+        )
+
+    # -- the JAX function -------------------------------------------------------------
+
+    def _linear(self, which: tuple[int, ...], primals: tuple[Any, ...], tangents: Any) -> Any:
+        """J·t for the inputs in ``which`` (primals as residuals), through
+        ``jax.custom_derivatives.linear_call``: JAX transposes it with POST /vjp."""
+        specs, _ = self._out_specs(primals)
+        shapes = [tuple(p.shape) for p in primals]
+        dtypes = [s.dtype for s in specs]
+
+        def forward(residuals: tuple[Any, ...], ts: tuple[Any, ...]) -> Any:
+            return jax.pure_callback(
+                lambda *a: self._host_jvp(shapes, which, dtypes, *a),
+                tuple(specs),
+                *residuals,
+                *ts,
+                vmap_method="expand_dims",
+            )
+
+        def transpose(residuals: tuple[Any, ...], cts: Any) -> Any:
+            grads = jax.pure_callback(
+                lambda *a: self._host_vjp(shapes, which, *a),
+                tuple(
+                    jax.ShapeDtypeStruct(primals[i].shape, primals[i].dtype)  # type: ignore[no-untyped-call]
+                    for i in which
+                ),
+                *residuals,
+                *cts,
+                vmap_method="sequential",
+            )
+            return tuple(grads)
+
+        return linear_call(forward, transpose, tuple(primals), tuple(tangents))
+
+    def _build(self) -> Any:
+        @jax.custom_jvp
+        def f(*xs: Any) -> Any:
+            specs, _ = self._out_specs(xs)
+            return jax.pure_callback(self._host_eval, tuple(specs), *xs, vmap_method="sequential")
+
+        def f_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> Any:
+            out = f(*primals)
+            which = tuple(i for i, t in enumerate(tangents) if not isinstance(t, SymbolicZero))
+            if not which:
+                return out, tuple(jnp.zeros(o.shape, o.dtype) for o in out)
+            t_out = self._linear(which, tuple(primals), tuple(tangents[i] for i in which))
+            return out, tuple(t_out)
+
+        f.defjvp(f_jvp, symbolic_zeros=True)
+        return f
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) > len(self.names):
+            raise TypeError(f"expected at most {len(self.names)} inputs {self.names}")
+        given = dict(zip(self.names, args, strict=False))
+        for name, value in kwargs.items():
+            if name in given:
+                raise TypeError(f"input {name!r} given twice")
+            given[name] = value
+        missing = [n for n in self.names if n not in given]
+        unknown = [n for n in given if n not in self.names]
+        if missing or unknown:
+            raise TypeError(
+                f"expected the inputs {self.names}; missing {missing}, unknown {unknown}"
+            )
+        xs = [jnp.asarray(given[n]) for n in self.names]
+        outs = self._fn(*xs)
+        _, several = self._out_specs(xs)
+        return list(outs) if several else outs[0]
+
+
+def remote(
+    client: JVPClient, *, expression: str | None = None, model: str | None = None
+) -> RemoteJaxFunction:
+    """The service's function as a differentiable, jit-able JAX function (see the module)."""
+    return RemoteJaxFunction(client, expression=expression, model=model)

@@ -1,0 +1,107 @@
+"""client.vjp, Linearization.vjp and `jvp vjp` against the real server (in-process and over
+uvicorn), every number against torch.func.vjp computed here in float64."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import test_live
+import torch
+
+from jvp_client import AsyncJVPClient, JVPClient, VJPResult
+from jvp_client.cli import main as cli_main
+
+asgi = test_live.asgi
+live_url = test_live.live_url
+client = test_live.client
+async_client = test_live.async_client
+
+F64 = torch.float64
+EXPR = "tanh(A @ x) * y"
+
+
+def f(A: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(A @ x) * y
+
+
+def _point(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "A": torch.randn(4, 3, generator=g, dtype=F64),
+        "x": torch.randn(3, generator=g, dtype=F64),
+        "y": torch.randn(4, generator=g, dtype=F64),
+    }
+
+
+def test_vjp_numpy_in_numpy_out(client: JVPClient) -> None:
+    p = _point(1)
+    u = np.random.default_rng(2).standard_normal(4)
+    result = client.vjp(
+        expression=EXPR, primals={k: v.numpy() for k, v in p.items()}, cotangents=u, wrt="x"
+    )
+    assert isinstance(result, VJPResult) and result.method == "reverse"
+    assert list(result.vjp) == ["x"] and isinstance(result.vjp["x"], np.ndarray)
+    _, fn = torch.func.vjp(lambda x: f(p["A"], x, p["y"]), p["x"])
+    np.testing.assert_allclose(result.vjp["x"], fn(torch.from_numpy(u))[0].numpy(), rtol=1e-12)
+
+
+def test_vjp_torch_batched_with_check(client: JVPClient) -> None:
+    p = _point(3)
+    us = torch.randn(5, 4, generator=torch.Generator().manual_seed(4), dtype=F64)
+    result = client.vjp(expression=EXPR, primals=p, cotangents=us, cotangent_batch=True, check=True)
+    assert isinstance(result.vjp["A"], torch.Tensor) and result.vjp["A"].shape == (5, 4, 3)
+    _, fn = torch.func.vjp(f, *p.values())
+    for k in range(5):
+        for name, ref in zip(("A", "x", "y"), fn(us[k]), strict=True):
+            torch.testing.assert_close(result.vjp[name][k], ref, rtol=1e-12, atol=1e-14)
+    assert result.check is not None and result.check["passed"] is True
+
+
+@pytest.mark.asyncio
+async def test_async_vjp(async_client: AsyncJVPClient) -> None:
+    p = _point(5)
+    u = torch.ones(4, dtype=F64)
+    result = await async_client.vjp(expression=EXPR, primals=p, cotangents=u)
+    _, fn = torch.func.vjp(f, *p.values())
+    torch.testing.assert_close(result.vjp["x"], fn(u)[1], rtol=1e-12, atol=1e-14)
+
+
+def test_linearization_vjp(asgi: JVPClient) -> None:
+    p = _point(6)
+    _, fn = torch.func.vjp(f, *p.values())
+    with asgi.linearize(expression=EXPR, primals=p, options={"transpose": True}) as lin:
+        for seed in (7, 8):
+            u = torch.randn(4, generator=torch.Generator().manual_seed(seed), dtype=F64)
+            got = lin.vjp(cotangents=u)
+            for name, ref in zip(("A", "x", "y"), fn(u), strict=True):
+                torch.testing.assert_close(got[name], ref, rtol=1e-12, atol=1e-14)
+
+
+def _save(tmp_path: Path, **arrays: Any) -> dict[str, str]:
+    paths = {}
+    for name, value in arrays.items():
+        path = tmp_path / f"{name}.npy"
+        np.save(path, np.asarray(value))
+        paths[name] = str(path)
+    return paths
+
+
+def test_vjp_cli_round_trip(live_url: str, tmp_path: Path, capsys: Any) -> None:
+    p = _point(9)
+    u = np.arange(4.0)
+    files = _save(tmp_path, u=u, **{k: v.numpy() for k, v in p.items()})
+    out = tmp_path / "vjp.npz"
+    argv = ["vjp", "--base-url", live_url, "--expression", EXPR, "--cotangent", files["u"]]
+    for name in ("A", "x", "y"):
+        argv += ["--primal", f"{name}={files[name]}"]
+    code = cli_main([*argv, "--wrt", "x", "--check", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "vjp x:" in printed.out and "check: passed" in printed.out
+    _, fn = torch.func.vjp(lambda x: f(p["A"], x, p["y"]), p["x"])
+    with np.load(out) as data:
+        assert sorted(data.files) == ["output", "vjp_x"]
+        np.testing.assert_allclose(data["vjp_x"], fn(torch.from_numpy(u))[0].numpy(), rtol=1e-12)
