@@ -285,7 +285,7 @@ def _options(
     for key, value in (named or {}).items():
         if key == "dtype":
             value = wire_dtype if value is True else None
-        if key in ("tangent_batch", "check"):
+        if key in ("tangent_batch", "cotangent_batch", "check"):
             if not isinstance(value, bool):
                 raise TypeError(f"{where}: expected {key} to be True or False, got {value!r}")
             value = True if value else None  # a false flag is the service default

@@ -14,10 +14,12 @@ from ._cli_io import (
     _arrays,
     _describe,
     _jacobian_arrays,
+    _load_value,
     _named_arrays,
     _parse_assignments,
     _parse_shapes,
     _print_eval_shape,
+    _print_facts,
     _print_hvp,
     _print_jacobian,
     _print_job,
@@ -77,6 +79,37 @@ def _cmd_jacobian(client: JVPClient, args: argparse.Namespace) -> int:
     _print_jacobian(result)
     if args.out:
         _write_npz(args.out, _jacobian_arrays(result))
+    return 0
+
+
+def _cmd_vjp(client: JVPClient, args: argparse.Namespace) -> int:
+    primals = _primals(args, "vjp")
+    if not args.cotangent:
+        raise UsageError("vjp: give --cotangent FILE.npy (one per output, in order; 'null': none)")
+    given = [None if c == "null" else _load_value(c) for c in args.cotangent]
+    result = client.vjp(
+        **_target(args),
+        primals=primals,
+        cotangents=given[0] if len(given) == 1 else tuple(given),
+        wrt=args.wrt,
+        cotangent_batch=args.cotangent_batch,
+        check=args.check,
+    )
+    print(f"output: {_describe(result.output)}")
+    for name, value in result.vjp.items():
+        print(f"vjp {name}: {_describe(value)}")
+    _print_facts(result.dtype, result.device, result.timing_ms)
+    if args.out:
+        _write_npz(
+            args.out, {**_arrays("output", result.output), **_named_arrays("vjp", result.vjp)}
+        )
+    if args.check:
+        check = result.check or {}
+        print(
+            f"check: {'passed' if check.get('passed') else 'FAILED'} "
+            f"(max_rel_error {check.get('max_rel_error')}, identity {check.get('identity')})"
+        )
+        return 0 if check.get("passed") else 1
     return 0
 
 

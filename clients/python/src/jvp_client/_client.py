@@ -16,6 +16,7 @@ import httpx
 
 from . import _jobs as job_ops
 from . import _operations as ops
+from . import _vjp as vjp_ops
 from ._base import (
     NOT_GIVEN,
     BaseClient,
@@ -137,6 +138,7 @@ class JVPClient(BaseClient[httpx.Client]):
     hvp = sync_method(ops.hvp)
     eval_shape = sync_method(ops.eval_shape)
     linearize = sync_method(ops.linearize)
+    vjp = sync_method(vjp_ops.vjp)
     models = sync_method(ops.models)
     model = sync_method(ops.model)
     load_model = sync_method(ops.load_model)
@@ -150,6 +152,20 @@ class JVPClient(BaseClient[httpx.Client]):
         """Every job (only those in ``status`` when given), newest first, fetched a page
         (``page_size`` jobs) at a time as the loop asks for them."""
         return iterate(self, job_ops.iter_jobs(status, page_size))
+
+    def linear_operator(self, **kwargs: Any) -> Any:
+        """The Jacobian at a point as a ``scipy.sparse.linalg.LinearOperator`` (needs the
+        ``scipy`` extra); see :func:`jvp_client.scipy.linear_operator`."""
+        from .scipy import linear_operator
+
+        return linear_operator(self, **kwargs)
+
+    def least_squares_jac(self, **kwargs: Any) -> Any:
+        """A ``jac=`` for ``scipy.optimize.least_squares(..., tr_solver="lsmr")``; see
+        :func:`jvp_client.scipy.least_squares_jac`."""
+        from .scipy import least_squares_jac
+
+        return least_squares_jac(self, **kwargs)
 
 
 class AsyncJVPClient(BaseClient[httpx.AsyncClient]):
@@ -212,6 +228,7 @@ class AsyncJVPClient(BaseClient[httpx.AsyncClient]):
     hvp = async_method(ops.hvp)
     eval_shape = async_method(ops.eval_shape)
     linearize = async_method(ops.linearize)
+    vjp = async_method(vjp_ops.vjp)
     models = async_method(ops.models)
     model = async_method(ops.model)
     load_model = async_method(ops.load_model)

@@ -3,8 +3,9 @@
 The service keeps the function linearized at the primals until the session
 expires (``expires_at``) or is closed; each :meth:`Linearization.jvp` is then
 ``POST /linearize/{id}/jvp`` and :meth:`Linearization.close` is
-``DELETE /linearize/{id}``. A handle is a context manager that closes its
-session on exit::
+``DELETE /linearize/{id}``; a session made with ``options={"transpose": True}``
+also answers :meth:`Linearization.vjp` (``POST /linearize/{id}/vjp``). A handle is
+a context manager that closes its session on exit::
 
     with client.linearize(expression="sin(x) * y", primals={"x": x, "y": y}) as lin:
         for v in directions:
@@ -27,6 +28,7 @@ from ._exceptions import NotFoundError
 from ._plans import AsyncRunner, Call, Handle, Plan, SyncRunner, async_method, sync_method
 from ._tensors import Array
 from ._types import LinearizationInfo
+from ._vjp import encode_cotangents, read_vjp_map
 
 __all__ = ["AsyncLinearization", "Linearization"]
 
@@ -152,6 +154,41 @@ def apply(
     return (yield from jvp(lin, tangents=tangents, tangent_batch=tangent_batch, timeout=timeout))
 
 
+def vjp(
+    lin: _LinearizationBase[Any],
+    *,
+    cotangents: Any,
+    cotangent_batch: bool = False,
+    encoding: Encoding = "auto",
+    timeout: TimeoutTypes = NOT_GIVEN,
+) -> Plan[dict[str, Array]]:
+    """``POST /linearize/{id}/vjp``: Jᵀ·u at the session's point, ``{name: array}`` per
+    name of :attr:`wrt`; the session must be made with ``options={"transpose": True}``.
+    ``cotangents`` as for :meth:`JVPClient.vjp`; ``cotangent_batch``: a leading K."""
+    where = "Linearization.vjp()"
+    wire, used_b64, given = encode_cotangents(lin._client, cotangents, lin.dtype or None, where)
+    call, _, _ = request(
+        lin._client,
+        where,
+        f"{linearization_path(lin.id)}/vjp",
+        target=None,
+        tensors={},
+        dtype=lin.dtype or None,
+        encoding=encoding,
+        fields={"cotangents": wire},
+        options={
+            "cotangent_batch": cotangent_batch,
+            "encoding": "b64" if encoding == "auto" and used_b64 else None,
+        },
+        timeout=timeout,
+    )
+    response = yield call
+    # torch out when torch cotangents went in, else as the session's primals were
+    kind = OutputKind.of(given)
+    kind = kind if kind.as_torch else lin._kind
+    return parsing.parse(response, "/linearize/{id}/vjp", read_vjp_map(kind))
+
+
 def close(lin: _LinearizationBase[Any]) -> Plan[None]:
     """``DELETE /linearize/{id}``: free the session now. A session already gone is fine."""
     if lin._closed:
@@ -167,6 +204,7 @@ class Linearization(_LinearizationBase[SyncRunner]):
     """A linearize session of :meth:`JVPClient.linearize`; closes its session on ``with`` exit."""
 
     jvp = sync_method(jvp)
+    vjp = sync_method(vjp)
     __call__ = sync_method(apply)
     close = sync_method(close)
 
@@ -187,6 +225,7 @@ class AsyncLinearization(_LinearizationBase[AsyncRunner]):
     ``async with``."""
 
     jvp = async_method(jvp)
+    vjp = async_method(vjp)
     __call__ = async_method(apply)
     close = async_method(close)
 

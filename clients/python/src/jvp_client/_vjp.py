@@ -1,33 +1,31 @@
-"""Reverse mode: ``POST /vjp`` and ``POST /linearize/{id}/vjp`` (Jᵀ·u).
+"""Reverse mode: ``POST /vjp`` (Jᵀ·u) as an operation plan, and what ``POST
+/linearize/{id}/vjp`` shares with it (the cotangents' wire form, the ``vjp`` reader).
 
-The body builders and parsers live here, apart from ``_base.py``; `JVPClient.vjp`,
-`AsyncJVPClient.vjp` and `Linearization.vjp` are thin methods over them.
+The plan :func:`vjp` is bound as ``JVPClient.vjp`` / ``AsyncJVPClient.vjp`` (NOTE
+[adding an operation] in ``_operations.py``); ``Linearization.vjp`` is a plan in
+``_linearize.py`` over :func:`encode_cotangents` and :func:`read_vjp_map`.
 
     >>> from jvp_client import JVPClient
     >>> with JVPClient() as client:  # doctest: +SKIP
-    ...     r = client.vjp(expression="sin(x) * y", primals={"x": x, "y": y}, cotangents=u)
-    ...     r.vjp["x"]  # cos(x) * y * u
+    ...     out, vjp = client.vjp(expression="sin(x) * y", primals={"x": x, "y": y}, cotangents=u)
+    ...     vjp["x"]  # cos(x) * y * u
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import httpx
+from . import _parsing as parsing
+from ._base import NOT_GIVEN, Encoding, Limits, OutputKind, TimeoutTypes
+from ._bodies import names, request
+from ._plans import Plan
+from ._tensors import Array, decode_tensors, encode_tensor, infer_dtype, normalize_dtype
 
-from ._base import Encoding, OutputKind, _check_encoding, _decode_map, _names, _timing
-from ._base import _response_encoding as response_encoding
-from ._exceptions import APIResponseValidationError
-from ._tensors import Array, decode_tensors, encode_tensor, is_torch_tensor
+__all__ = ["VJPResult", "encode_cotangents", "read_vjp", "read_vjp_map", "vjp"]
 
-if TYPE_CHECKING:
-    from ._base import BaseClient
-
-__all__ = ["VJPResult", "parse_linearized_vjp", "parse_vjp", "vjp_body"]
-
-Cotangents = Any  # one tensor, or a list (one per output, None for an output without one)
+Cotangents = Any  # one tensor, or a tuple/list (one per output, None for an output without one)
 
 
 @dataclass(frozen=True)
@@ -37,6 +35,7 @@ class VJPResult:
     ``vjp`` maps each name of ``wrt`` (default: every input) to Jᵀ·u, shaped like that
     input or parameter (with a leading K under ``cotangent_batch``). ``check`` is the raw
     ``check`` object with ``check=True`` (``passed``, ``max_rel_error``, ``identity``...).
+    It unpacks as ``jax.vjp``'s primal output and gradients do: ``out, vjp = client.vjp(...)``.
     """
 
     output: Array | list[Array]
@@ -47,134 +46,124 @@ class VJPResult:
     timing_ms: dict[str, float]
     check: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
+    request_id: str | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        """``out, vjp = client.vjp(...)``: the output and ``{name: Jᵀu}``."""
+        return iter((self.output, self.vjp))
 
 
-def _encode_cotangents(
-    client: BaseClient, cotangents: Cotangents, dtype: str | None, where: str
-) -> tuple[Any, bool, bool]:
-    """``(wire, any b64, any torch)``: a list stays a list (None entries as null)."""
+def _is_several(cotangents: Cotangents) -> bool:
+    """A tuple, or a list holding None or arrays, is one cotangent per output; a plain
+    nested list of numbers is one tensor."""
+    if isinstance(cotangents, tuple):
+        return True
+    return isinstance(cotangents, list) and any(
+        c is None or hasattr(c, "shape") for c in cotangents
+    )
 
-    def one(value: Any) -> tuple[Any, bool]:
+
+def encode_cotangents(
+    client: Limits, cotangents: Cotangents, dtype: str | None, where: str
+) -> tuple[Any, bool, dict[str, object]]:
+    """``(wire, any b64, {index: given tensor})``: a list stays a list (None as null);
+    the map of given tensors tells :meth:`OutputKind.of` whether torch went in."""
+    given = list(cotangents) if _is_several(cotangents) else [cotangents]
+    wires: list[Any] = []
+    any_b64 = False
+    for value in given:
         if value is None:
-            return None, False
+            wires.append(None)
+            continue
         try:
-            return encode_tensor(value, dtype=dtype, b64_min_elements=client.b64_min_elements)
+            wire, used = encode_tensor(value, dtype=dtype, b64_min_elements=client.b64_min_elements)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{where}: cotangents: {exc}") from exc
-
-    if isinstance(cotangents, tuple) or (
-        isinstance(cotangents, list) and any(c is None or hasattr(c, "shape") for c in cotangents)
-    ):
-        # A list of tensors (one per output). A plain nested list of numbers is one tensor.
-        encoded = [one(c) for c in cotangents]
-        wires = [w for w, _ in encoded]
-        return (
-            wires,
-            any(u for _, u in encoded),
-            any(is_torch_tensor(c) for c in cotangents if c is not None),
-        )
-    wire, used = one(cotangents)
-    return wire, used, is_torch_tensor(cotangents)
+        wires.append(wire)
+        any_b64 = any_b64 or used
+    tensors = {str(i): c for i, c in enumerate(given) if c is not None}
+    return (wires if _is_several(cotangents) else wires[0]), any_b64, tensors
 
 
-def vjp_body(
-    client: BaseClient,
-    *,
-    expression: str | None,
-    model: str | None,
-    primals: Mapping[str, object],
-    cotangents: Cotangents,
-    wrt: str | Sequence[str] | None,
-    cotangent_batch: bool,
-    check: bool,
-    dtype: object,
-    device: str | None,
-    encoding: Encoding,
-    options: Mapping[str, Any] | None,
-) -> tuple[dict[str, Any], OutputKind]:
-    """The ``POST /vjp`` body and how to return its tensors."""
-    where = "vjp()"
-    body, wire_dtype, wire_encoding, kind = client._point_body(
-        where=where,
-        expression=expression,
-        model=model,
-        primals=primals,
-        dtype=dtype,
-        encoding=encoding,
-    )
-    wire, used_b64, torch_in = _encode_cotangents(client, cotangents, wire_dtype, where)
-    body["cotangents"] = wire
-    if wrt is not None:
-        body["wrt"] = _names(wrt, where)
-    opts = client._options(
-        dtype=wire_dtype,
-        device=device,
-        engine=None,
-        fallback=None,
-        encoding=response_encoding(encoding, used_b64) or wire_encoding,
-        extra=options,
-    )
-    if cotangent_batch:
-        opts["cotangent_batch"] = True
-    if check:
-        opts["check"] = True
-    if opts:
-        body["options"] = opts
-    if torch_in and not kind.as_torch:
-        kind = OutputKind(as_torch=True)
-    return body, kind
+def read_vjp_map(kind: OutputKind) -> Callable[[Any], dict[str, Array]]:
+    """The ``vjp`` field, ``{name: Jᵀu}`` (``POST /linearize/{id}/vjp``)."""
+    return lambda body: parsing._decode_map(body["vjp"], kind)
 
 
-def parse_vjp(client: BaseClient, response: httpx.Response, kind: OutputKind) -> VJPResult:
-    body = client._json(response)
-    try:
+def read_vjp(kind: OutputKind) -> Callable[[Any], VJPResult]:
+    def read(body: Any) -> VJPResult:
         return VJPResult(
             output=decode_tensors(body["output"], as_torch=kind.as_torch, device=kind.device),
-            vjp=_decode_map(body["vjp"], kind),
-            dtype=str(body.get("dtype", "")),
-            device=str(body.get("device", "")),
+            vjp=parsing._decode_map(body["vjp"], kind),
             method=str(body.get("method", "")),
-            timing_ms=_timing(body),
             check=body.get("check"),
-            raw=body,
+            **parsing._facts(body),
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise APIResponseValidationError(
-            f"Unexpected /vjp response: {exc}", response=response, body=body
-        ) from exc
+
+    return read
 
 
-def linearized_vjp_body(
-    client: BaseClient,
+def vjp(
+    client: Limits,
     *,
+    expression: str | None = None,
+    model: str | None = None,
+    primals: Mapping[str, Any],
     cotangents: Cotangents,
-    dtype: str | None,
-    cotangent_batch: bool,
-    encoding: Encoding,
-) -> tuple[dict[str, Any], OutputKind | None]:
-    """The ``POST /linearize/{id}/vjp`` body (None kind: the session's applies)."""
-    where = "Linearization.vjp()"
-    _check_encoding(encoding, where)
-    wire, used_b64, torch_in = _encode_cotangents(client, cotangents, dtype, where)
-    body: dict[str, Any] = {"cotangents": wire}
-    opts: dict[str, Any] = {}
-    if cotangent_batch:
-        opts["cotangent_batch"] = True
-    wire_encoding = response_encoding(encoding, used_b64)
-    if wire_encoding is not None:
-        opts["encoding"] = wire_encoding
-    if opts:
-        body["options"] = opts
-    return body, OutputKind(as_torch=True) if torch_in else None
+    wrt: str | Sequence[str] | None = None,
+    cotangent_batch: bool = False,
+    check: bool = False,
+    dtype: object = None,
+    device: str | None = None,
+    encoding: Encoding = "auto",
+    options: Mapping[str, Any] | None = None,
+    timeout: TimeoutTypes = NOT_GIVEN,
+) -> Plan[VJPResult]:
+    """``POST /vjp``: Jᵀ·u by reverse mode at ``primals``.
 
+    Args:
+        expression, model, primals, dtype, device, encoding, timeout: as for :meth:`jvp`.
+        cotangents: u, shaped like the output; for several outputs a tuple (or a list of
+            arrays), one per output, None for an output without one.
+        wrt: the input and parameter names to differentiate by; default all inputs.
+        cotangent_batch: every cotangent has a leading K; every entry then has it too.
+        check: also check against float64 finite differences and <u, J v> = <Jᵀu, v>.
+        options: more ``options`` fields, sent as they are.
 
-def parse_linearized_vjp(
-    client: BaseClient, response: httpx.Response, kind: OutputKind
-) -> dict[str, Array]:
-    body = client._json(response)
-    try:
-        return _decode_map(body["vjp"], kind)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise APIResponseValidationError(
-            f"Unexpected /linearize/{{id}}/vjp response: {exc}", response=response, body=body
-        ) from exc
+    Returns:
+        :class:`VJPResult`: ``output`` and ``vjp``, ``{name: Jᵀu}`` (torch tensors when
+        torch primals or cotangents went in), ``check``, ``request_id``; it unpacks as
+        ``out, vjp = client.vjp(...)``.
+
+    Raises:
+        ForwardADUnsupportedError: (501, type ``reverse_ad_unsupported``) an operator
+            without a backward formula; the message names it.
+    """
+    where = "vjp()"
+    wire_dtype = normalize_dtype(dtype)
+    if wire_dtype is None and isinstance(primals, Mapping):
+        wire_dtype = infer_dtype(primals.values())  # as request() infers it
+    wire, used_b64, given = encode_cotangents(client, cotangents, wire_dtype, where)
+    call, kind, _ = request(
+        client,
+        where,
+        "vjp",
+        target=(expression, model),
+        tensors={"primals": primals},
+        dtype=dtype,
+        encoding=encoding,
+        fields={"cotangents": wire, "wrt": names(wrt, where)},
+        options={
+            "dtype": True,
+            "device": device,
+            "cotangent_batch": cotangent_batch,
+            "check": check,
+            # b64 answers when b64 cotangents went out (NOTE [wire form choice])
+            "encoding": "b64" if encoding == "auto" and used_b64 else None,
+        },
+        extra_options=options,
+        timeout=timeout,
+    )
+    response = yield call
+    return parsing.parse(response, "/vjp", read_vjp(OutputKind.of(primals, given)))

@@ -7,6 +7,8 @@
     jvp jacobian --expression "sin(x) * y" --primal x=x.npy --primal y=y.npy \\
                  [--wrt x] --out jac.npz
     jvp hvp --expression "sum(x**3)" --primal x=x.npy --tangent x=v.npy --out hvp.npz
+    jvp vjp --expression "sin(x) * y" --primal x=x.npy --primal y=y.npy \\
+            --cotangent u.npy [--wrt x] [--cotangent-batch] [--check] --out vjp.npz
     jvp eval-shape [--operation jacobian] -e "sin(x) * y" --shape x=3,4 --shape y=4
     jvp models [NAME]
     jvp health
@@ -24,8 +26,8 @@ which takes the computation dtype). In a tasks file (JSON Lines, one task a line
 a string naming a ``.npy`` file (relative to the tasks file).
 
 Exit status: 0 on success, 1 when the service answered an error (its message is
-printed), could not be reached, a job task failed or ``call --check`` did not
-pass; 2 for bad arguments.
+printed), could not be reached, a job task failed or ``call --check`` (``vjp
+--check``) did not pass; 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_derivative_commands(commands)
+    _add_vjp_command(commands)
     _add_eval_shape_command(commands)
 
     models = _add(commands, "models", "list models, or describe one")
@@ -208,6 +211,28 @@ def _add_derivative_commands(commands: Any) -> None:
     )
     hvp.add_argument("--out", "-o", metavar="FILE.npz", help="write output and hvp_NAME")
     hvp.set_defaults(handler=commands_._cmd_hvp)
+
+
+def _add_vjp_command(commands: Any) -> None:
+    vjp = _add(commands, "vjp", "compute a vector-Jacobian product Jᵀ·u (POST /vjp)")
+    _add_target_options(vjp, required=True, jvp_options=False)
+    _add_tensor_options(vjp, tangents=False)
+    vjp.add_argument(
+        "--cotangent",
+        "-u",
+        action="append",
+        metavar="FILE",
+        help="u, shaped like the output (.npy or JSON); repeat per output, 'null' for none",
+    )
+    vjp.add_argument(
+        "--wrt", action="append", metavar="NAME", help="differentiate by; repeat (default: all)"
+    )
+    vjp.add_argument("--cotangent-batch", action="store_true", help="cotangents have a leading K")
+    vjp.add_argument(
+        "--check", action="store_true", help="check it; exit 1 when the check does not pass"
+    )
+    vjp.add_argument("--out", "-o", metavar="FILE.npz", help="write output and vjp_NAME")
+    vjp.set_defaults(handler=commands_._cmd_vjp)
 
 
 def _add_eval_shape_command(commands: Any) -> None:

@@ -91,7 +91,7 @@ class RemoteJaxFunction:
             )
             outputs = result.output if isinstance(result.output, list) else [result.output]
             specs = [
-                jax.ShapeDtypeStruct(tuple(o.shape), np.dtype(o.dtype))  # type: ignore[no-untyped-call]
+                jax.ShapeDtypeStruct(tuple(o.shape), np.dtype(o.dtype))  # type: ignore[no-untyped-call, unused-ignore]
                 for o in outputs
             ]
             found = self._shapes[key] = (specs, isinstance(result.output, list))
@@ -188,7 +188,7 @@ class RemoteJaxFunction:
             grads = jax.pure_callback(
                 lambda *a: self._host_vjp(shapes, which, *a),
                 tuple(
-                    jax.ShapeDtypeStruct(primals[i].shape, primals[i].dtype)  # type: ignore[no-untyped-call]
+                    jax.ShapeDtypeStruct(primals[i].shape, primals[i].dtype)  # type: ignore[no-untyped-call, unused-ignore]
                     for i in which
                 ),
                 *residuals,
@@ -200,7 +200,8 @@ class RemoteJaxFunction:
         return linear_call(forward, transpose, tuple(primals), tuple(tangents))
 
     def _build(self) -> Any:
-        @jax.custom_jvp
+        # (untyped without JAX installed: mypy then sees jax as Any)
+        @jax.custom_jvp  # type: ignore[untyped-decorator, unused-ignore]
         def f(*xs: Any) -> Any:
             specs, _ = self._out_specs(xs)
             return jax.pure_callback(self._host_eval, tuple(specs), *xs, vmap_method="sequential")

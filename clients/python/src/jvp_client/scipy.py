@@ -90,7 +90,7 @@ class JacobianOperator(LinearOperator):  # type: ignore[misc]
     # -- the session --------------------------------------------------------------------
 
     def _linearize(self, wrt: list[str] | None) -> Linearization:
-        return self._client.linearize(
+        session: Linearization = self._client.linearize(
             expression=self._expression,
             model=self._model,
             primals=self._primals,
@@ -99,6 +99,7 @@ class JacobianOperator(LinearOperator):  # type: ignore[misc]
             device=self._device,
             options={"transpose": True},
         )
+        return session
 
     def _shape_of(self, name: str) -> tuple[int, ...]:
         if name in self._primals:
