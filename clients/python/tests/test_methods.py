@@ -21,9 +21,13 @@ from jvp_client import (
 )
 
 PAIRS = [
-    (JVPClient, AsyncJVPClient, ("jvp", "jacobian", "hvp", "linearize", "submit_job", "health")),
+    (
+        JVPClient,
+        AsyncJVPClient,
+        ("jvp", "jacobian", "hvp", "linearize", "vjp", "submit_job", "health"),
+    ),
     (Job, AsyncJob, ("status", "wait", "results_array", "cancel")),
-    (Linearization, AsyncLinearization, ("jvp", "__call__", "close")),
+    (Linearization, AsyncLinearization, ("jvp", "vjp", "__call__", "close")),
 ]
 
 
@@ -43,6 +47,14 @@ def test_help_shows_jvp_parameters_and_result() -> None:
     assert list(sig.parameters)[:4] == ["self", "expression", "model", "primals"]
     assert sig.return_annotation == "JVPResult"
     assert (JVPClient.jvp.__doc__ or "").startswith("``POST /jvp``")
+
+
+def test_help_shows_vjp_parameters_and_result() -> None:
+    sig = inspect.signature(JVPClient.vjp)
+    assert list(sig.parameters)[:5] == ["self", "expression", "model", "primals", "cotangents"]
+    assert sig.return_annotation == "VJPResult"
+    assert (JVPClient.vjp.__doc__ or "").startswith("``POST /vjp``")
+    assert inspect.signature(Linearization.vjp).return_annotation == "dict[str, Array]"
 
 
 def _ok(index: int, value: object) -> JobTaskResult:

@@ -69,6 +69,55 @@ async def test_async_vjp(async_client: AsyncJVPClient) -> None:
     torch.testing.assert_close(result.vjp["x"], fn(u)[1], rtol=1e-12, atol=1e-14)
 
 
+def test_vjp_unpacks_carries_request_id_and_answers_b64_for_b64_cotangents(
+    client: JVPClient,
+) -> None:
+    # Primals of 52 elements go as JSON; the cotangent (100 elements) goes base64, so the
+    # answer is asked base64 too ("auto"); encoding="json" asks JSON whatever went out.
+    x = np.linspace(-1.0, 1.0, 2)
+    y = np.linspace(0.5, 2.0, 50).reshape(50, 1)
+    u = np.random.default_rng(10).standard_normal((50, 2))
+    out, grads = client.vjp(expression="sin(x) * y", primals={"x": x, "y": y}, cotangents=u)
+    np.testing.assert_allclose(out, np.sin(x) * y, rtol=1e-12)
+    np.testing.assert_allclose(grads["x"], (np.cos(x) * y * u).sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(grads["y"], (np.sin(x) * u).sum(axis=1, keepdims=True), rtol=1e-12)
+    result = client.vjp(expression="sin(x) * y", primals={"x": x, "y": y}, cotangents=u)
+    assert isinstance(result.request_id, str) and result.request_id
+    assert "b64" in result.raw["vjp"]["y"]
+    as_json = client.vjp(
+        expression="sin(x) * y", primals={"x": x, "y": y}, cotangents=u, encoding="json"
+    )
+    assert "b64" not in as_json.raw["vjp"]["y"]
+    np.testing.assert_array_equal(as_json.vjp["y"], result.vjp["y"])
+
+
+def test_vjp_refuses_bad_arguments_before_sending() -> None:
+    # Nothing listens on port 9: every one of these is refused before a request is sent.
+    with JVPClient(base_url="http://127.0.0.1:9", max_retries=0) as c:
+        with pytest.raises(TypeError, match="exactly one of expression= or model="):
+            c.vjp(primals={"x": 1.0}, cotangents=1.0)
+        with pytest.raises(TypeError, match="cotangent_batch to be True or False"):
+            c.vjp(expression="x", primals={"x": 1.0}, cotangents=1.0, cotangent_batch=1)
+        with pytest.raises(TypeError, match=r"vjp\(\): cotangents: expected a numeric"):
+            c.vjp(expression="x", primals={"x": 1.0}, cotangents=np.array(["a"]))
+        with pytest.raises(ValueError, match="expected wrt to be input or parameter names"):
+            c.vjp(expression="x", primals={"x": 1.0}, cotangents=1.0, wrt=[""])
+
+
+@pytest.mark.asyncio
+async def test_async_linearization_vjp_batched(live_url: str) -> None:
+    p = _point(11)
+    us = torch.randn(3, 4, generator=torch.Generator().manual_seed(12), dtype=F64)
+    _, fn = torch.func.vjp(f, *p.values())
+    async with AsyncJVPClient(base_url=live_url, max_retries=0) as ac:
+        lin = await ac.linearize(expression=EXPR, primals=p, options={"transpose": True})
+        async with lin:
+            got = await lin.vjp(cotangents=us, cotangent_batch=True)
+    for k in range(3):
+        for name, ref in zip(("A", "x", "y"), fn(us[k]), strict=True):
+            torch.testing.assert_close(got[name][k], ref, rtol=1e-12, atol=1e-14)
+
+
 def test_linearization_vjp(asgi: JVPClient) -> None:
     p = _point(6)
     _, fn = torch.func.vjp(f, *p.values())
