@@ -52,13 +52,38 @@ def workers_count(text: str) -> int:
     return count
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default=os.environ.get("JVP_LOG_LEVEL", "info").lower(),
+        help="Lowest level logged (default JVP_LOG_LEVEL or info); 'warning' drops the access "
+        "log and the start-up summary.",
+    )
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("jvp-service")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jvp-service", description="The JVP service.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="Serve the HTTP API (settings from JVP_* variables).")
     serve.add_argument("--host", help="Address to bind (default JVP_HOST or 127.0.0.1).")
     serve.add_argument("--port", type=int, help="Port to bind (default JVP_PORT or 8000).")
-    serve.add_argument("--log-level", default=os.environ.get("JVP_LOG_LEVEL", "info"))
+    add_log_level(serve)
     serve.add_argument(
         "--workers",
         type=workers_count,
@@ -84,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Pool processes per worker process, each with its own engine (default 1: the "
         "device worker thread already computes one batch at a time).",
     )
-    worker.add_argument("--log-level", default=os.environ.get("JVP_LOG_LEVEL", "info"))
+    add_log_level(worker)
     sub.add_parser(
         "worker-ping",
         help="Exit 0 if a Celery worker of this host answers a ping, else 1 (a healthcheck).",
@@ -98,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("dir", type=Path, help="The repository folder (as JVP_MODEL_DIR).")
     return parser
+
+
+def exit_if_store_unusable(settings: Settings) -> None:
+    """One line naming the URL, the file and the setting, not a traceback at start-up
+    (NOTE [job store preflight] in app/jobs/preflight.py)."""
+    from app.jobs.preflight import store_problem  # imports SQLAlchemy: only when serving
+
+    problem = store_problem(settings.database_url)
+    if problem:
+        raise SystemExit(f"jvp-service: {problem}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         cpu_budget.apply_to_environ(
             cpu_budget.plan(settings.num_threads, processes=args.concurrency)
         )
+        exit_if_store_unusable(settings)
         from app.jobs.celery_app import worker_main  # imports celery: only when asked
 
         raise SystemExit(worker_main(args.device, args.concurrency, args.log_level))
@@ -140,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
                 "(README 'Scaling out'), or JVP_JOB_RUNNER=off on all but one process.",
                 args.workers,
             )
+        exit_if_store_unusable(settings)
+        # The app's settings (its start-up summary) and uvicorn's workers see where it listens.
+        os.environ["JVP_HOST"], os.environ["JVP_PORT"] = host, str(args.port or settings.port)
         # OpenMP reads its pool size and wait policy once, when torch is imported (in
         # app.main, below): set them first, for this process and uvicorn's workers alike
         # (NOTE [CPU threads] in app/engine/cpu_budget.py).

@@ -28,6 +28,7 @@ from app.routes import derivatives, docs, health, jobs, jvp, metrics, models, sh
 from app.service import JVPService
 from app.settings import Settings
 from app.shapes import ShapeService
+from app.startup import startup_summary
 
 log = logging.getLogger("app")
 
@@ -63,7 +64,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cpu = replace(cpu, wait_policy=os.environ.get("OMP_WAIT_POLICY") or None)
         if torch.get_num_threads() != cpu.threads:
             torch.set_num_threads(cpu.threads)
-        log.info("CPU: %s", cpu.describe())
         app_metrics.set_cpu(cpu.usable, torch.get_num_threads())
         engine = Engine(select_devices(settings.device), max_queue=settings.max_queue)
         cpu_worker = engine.workers.get(torch.device("cpu"))
@@ -86,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.freeze()
         try:
             app.state.jobs = await start_jobs(settings, app.state.service)  # after the engine
+            names, devices = [m.name for m in registry.all()], [str(d) for d in engine.workers]
+            log.info("%s", startup_summary(settings, names, devices, cpu.describe()))
             try:
                 yield
             finally:
@@ -132,5 +134,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(metrics.router)
-    app.include_router(docs.router)
+    docs.install(app)  # /openapi.json (with the Bearer scheme), /docs, /redoc, their assets
     return app
