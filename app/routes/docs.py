@@ -55,7 +55,8 @@ router = APIRouter(include_in_schema=False)
 
 
 def openapi_schema(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the Bearer scheme on every operation whose route checks a key."""
+    """FastAPI's schema plus the Bearer scheme on every operation whose route checks a key,
+    and the 415 of every operation that takes a body."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     schema = FastAPI.openapi(app)
@@ -78,8 +79,18 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
             operation = operations.get(method.lower())
             if operation is not None:
                 operation["security"] = [{BEARER: []}]
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            if "requestBody" in operation:  # every body route answers a 415 (app/body.py)
+                operation.setdefault("responses", {}).setdefault("415", _UNSUPPORTED_MEDIA)
     app.openapi_schema = schema
     return schema
+
+
+_UNSUPPORTED_MEDIA = {
+    "description": "Unsupported Media Type: a body that is not application/json",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+}
 
 
 def install(app: FastAPI) -> None:
