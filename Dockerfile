@@ -40,7 +40,7 @@ RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))
     && rm /tmp/requirements.txt
 
 # The job store's default home, writable by the service's user (NOTE [job store preflight]
-# in app/jobs/preflight.py): a volume, so jobs outlive the container.
+# in app/preflight.py): a volume, so jobs outlive the container.
 RUN useradd --uid 10001 --no-create-home --home-dir /data jvp \
     && mkdir -p /data \
     && chown jvp:jvp /data

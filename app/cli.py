@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def exit_if_store_unusable(settings: Settings) -> None:
     """One line naming the URL, the file and the setting, not a traceback at start-up
-    (NOTE [job store preflight] in app/jobs/preflight.py)."""
-    from app.jobs.preflight import store_problem  # imports SQLAlchemy: only when serving
+    (NOTE [job store preflight] in app/preflight.py)."""
+    from app.preflight import store_problem  # imports SQLAlchemy: only when serving
 
     problem = store_problem(settings.database_url)
     if problem:

@@ -10,17 +10,26 @@ from fastapi.testclient import TestClient
 from tests.conftest import make_client
 
 
-def test_schema_declares_the_bearer_scheme_on_every_keyed_operation(client: TestClient) -> None:
-    schema = client.get("/openapi.json").json()
-    assert schema["components"]["securitySchemes"]["bearer"] == {
-        "type": "http",
-        "scheme": "bearer",
-        "description": schema["components"]["securitySchemes"]["bearer"]["description"],
+def _security(client: TestClient, headers: dict[str, str] | None = None) -> dict[str, object]:
+    schema = client.get("/openapi.json", headers=headers).json()
+    scheme = schema["components"]["securitySchemes"]["bearer"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    return {
+        f"{method} {path}": operation.get("security")
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
     }
-    for path, operations in schema["paths"].items():
-        for method, operation in operations.items():
-            expected = None if path in ("/healthz", "/readyz") else [{"bearer": []}]
-            assert operation.get("security") == expected, (method, path)
+
+
+def test_schema_declares_the_bearer_scheme_on_every_keyed_operation(client: TestClient) -> None:
+    # Keys off: the key is optional ({} allows no scheme), as the service answers.
+    for operation, security in _security(client).items():
+        open_route = operation.endswith(("/healthz", "/readyz"))
+        assert security == (None if open_route else [{"bearer": []}, {}]), operation
+    with make_client(api_keys=["k"]) as keyed:
+        for operation, security in _security(keyed, {"Authorization": "Bearer k"}).items():
+            open_route = operation.endswith(("/healthz", "/readyz"))
+            assert security == (None if open_route else [{"bearer": []}]), operation
 
 
 def test_docs_public_opens_the_pages_not_the_schema() -> None:

@@ -1,5 +1,5 @@
 """An unusable job store stops `jvp-service serve` at start with one line that names the URL,
-the file and the setting (NOTE [job store preflight] in app/jobs/preflight.py).
+the file and the setting (NOTE [job store preflight] in app/preflight.py).
 
 The folder is really unwritable: as root (CI, the dev machine) the server runs as `nobody`
 (uid 65534, through util-linux's setpriv) in a folder owned by root, the image's situation
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from app.jobs.preflight import store_problem
+from app.preflight import store_problem
 from tests.conftest import ROOT
 
 NOBODY = 65534

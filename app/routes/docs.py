@@ -55,8 +55,9 @@ router = APIRouter(include_in_schema=False)
 
 
 def openapi_schema(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the Bearer scheme on every operation whose route checks a key,
-    and the 415 of every operation that takes a body."""
+    """FastAPI's schema plus the Bearer scheme on every operation whose route checks a key
+    (required with keys on, optional without), and the 415 of every operation that takes a
+    body."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     schema = FastAPI.openapi(app)
@@ -68,9 +69,15 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
             "needed when the service has keys.",
         }
     }
+    # With keys off the key is optional ({} : no scheme also works), as the service answers.
+    settings = getattr(app.state, "settings", None)
+    keys_on = bool(settings and (settings.api_keys or settings.admin_keys))
+    security: list[dict[str, list[str]]] = [{BEARER: []}] if keys_on else [{BEARER: []}, {}]
     from fastapi import routing
 
-    for route in routing.iter_route_contexts(app.routes):
+    # FastAPI >= 0.12x wraps included routers; iter_route_contexts unwraps them (app/auth.py).
+    unwrap = getattr(routing, "iter_route_contexts", None)
+    for route in unwrap(app.routes) if unwrap else app.routes:
         guard = declared_guard(getattr(route, "dependant", None))
         operations = schema["paths"].get(getattr(route, "path", None) or "", {})
         if guard not in GUARDS:
@@ -78,7 +85,7 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
         for method in getattr(route, "methods", ()) or ():
             operation = operations.get(method.lower())
             if operation is not None:
-                operation["security"] = [{BEARER: []}]
+                operation["security"] = security
     for operations in schema["paths"].values():
         for operation in operations.values():
             if "requestBody" in operation:  # every body route answers a 415 (app/body.py)

@@ -8,8 +8,10 @@ database file`` under a 56-frame traceback naming neither the file nor ``JVP_DAT
 `jvp-service serve` runs `store_problem` first and exits with its one line instead: the URL
 (password hidden), the file's absolute path, what is wrong with it, and the setting to change.
 A SQLite database needs its folder writable, not only its file: SQLite writes its ``-wal``
-and ``-shm`` files beside it. Anything else (PostgreSQL down, a corrupt file) is found by
-opening the store and migrating it, as the server would.
+and ``-shm`` files beside it. Anything else (PostgreSQL down, a file that is not a database)
+is found by connecting and reading, as the server's first query would. This module imports
+SQLAlchemy only, not torch (nor app.jobs, which does): it runs before
+`jvp-service serve` sets the CPU threads (NOTE [CPU threads] in app/engine/cpu_budget.py).
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ def _file_problem(path: Path) -> str | None:
 
 
 def store_problem(url: str) -> str | None:
-    """None when the job store at ``url`` opens and migrates; else one line naming the URL,
-    the path (SQLite), the problem and the setting."""
+    """None when the job store at ``url`` can be opened and read; else one line naming the
+    URL, the path (SQLite), the problem and the setting."""
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
@@ -63,14 +65,17 @@ def store_problem(url: str) -> str | None:
         problem = _file_problem(path)
         if problem:
             return f"Cannot open {where}: {problem}; {hint}."
-    from app.jobs.store import JobStore  # imports alembic: only here
+    from sqlalchemy import create_engine, text
 
     try:
-        store = JobStore(url)
+        engine = create_engine(parsed)
         try:
-            store.migrate()
+            with engine.connect() as connection:
+                connection.execute(
+                    text("SELECT count(*) FROM sqlite_master" if path else "SELECT 1")
+                )
         finally:
-            store.close()
+            engine.dispose()
     except Exception as exc:  # any driver's error: reported, not raised
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return f"Cannot open {where}: {reason}; check {SETTING}."
