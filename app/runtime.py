@@ -29,8 +29,8 @@ from app.services.derivatives import DerivativeService, SessionSweeper, derivati
 from app.services.jvp import JVPService
 from app.services.shapes import ShapeService
 from app.services.vjp import VJPService
-from app.startup import startup_summary
 from app.settings import Settings
+from app.startup import startup_summary
 
 log = logging.getLogger("app")
 
