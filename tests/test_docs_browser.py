@@ -5,7 +5,7 @@ leaves the browser for another host refused, as on a machine without internet.
 Each test asserts that the operations appear (so a page that stayed blank fails), and
 that no request went to any other host: a request that reached the network is one of
 this server's; one to elsewhere may only be one the page's Content-Security-Policy
-refused before sending (ReDoc's vendor logo, NOTE [docs offline] in app/routes/docs.py).
+refused before sending (ReDoc's vendor logo, NOTE [docs offline] in app/api/routes/docs.py).
 
 In CI (CI=true) a missing Chromium fails these tests; `make test` and `.ci/run` install
 it (apt-get install -y chromium).

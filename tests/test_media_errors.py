@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import LiveServer
-from tests.test_malformed import body_routes
+from tests.api.test_malformed import body_routes
 
 BAD_JSON = '{\n  "expression": "x**2",\n  "primals": {"x": [1, 2}\n}'  # "}" for "]" on line 3
 

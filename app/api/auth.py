@@ -73,7 +73,7 @@ async def require_metrics_key(request: Request) -> None:
 
 async def require_docs_key(request: Request) -> None:
     """/docs and /redoc (not the schema): as inference routes, unless JVP_DOCS_PUBLIC opens
-    them (app/routes/docs.py)."""
+    them (app/api/routes/docs.py)."""
     settings: Settings = request.app.state.settings
     if not settings.docs_public:
         await require_key(request)

@@ -75,7 +75,7 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
     security: list[dict[str, list[str]]] = [{BEARER: []}] if keys_on else [{BEARER: []}, {}]
     from fastapi import routing
 
-    # FastAPI >= 0.12x wraps included routers; iter_route_contexts unwraps them (app/auth.py).
+    # FastAPI >= 0.12x wraps included routers; iter_route_contexts unwraps them (app/api/auth.py).
     unwrap = getattr(routing, "iter_route_contexts", None)
     for route in unwrap(app.routes) if unwrap else app.routes:
         guard = declared_guard(getattr(route, "dependant", None))
@@ -88,7 +88,7 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
                 operation["security"] = security
     for operations in schema["paths"].values():
         for operation in operations.values():
-            if "requestBody" in operation:  # every body route answers a 415 (app/body.py)
+            if "requestBody" in operation:  # every body route answers a 415 (app/api/body.py)
                 operation.setdefault("responses", {}).setdefault("415", _UNSUPPORTED_MEDIA)
     app.openapi_schema = schema
     return schema
