@@ -2,24 +2,33 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch is enough to run and test the service; a GPU machine
-# can install a CUDA build instead: `make TORCH=torch install`.
-TORCH ?= torch==2.13.0
+# torch: the version the tests run on, named once in torch-version.txt (the Dockerfile reads
+# it too). The CPU build by default, from PyTorch's CPU wheel index (PyPI's own Linux wheel
+# carries CUDA, ~3 GB); on an NVIDIA machine `make run GPU=1` installs PyPI's CUDA build
+# (after `make clean`, if .venv exists).
+TORCH_VERSION := $(shell cat torch-version.txt)
+GPU ?= 0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+ifeq ($(GPU),1)
+TORCH_INSTALL := "torch==$(TORCH_VERSION)"
+else
+TORCH_INSTALL := --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)"
+endif
 
-.PHONY: run test install install-dev lint typecheck clean bench
+.PHONY: run test install install-dev lint typecheck clean bench chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
 # Stamp files record which install ran, so `make test` after `make run` adds the dev extras.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH)"
+$(VENV)/.installed: pyproject.toml torch-version.txt | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH_INSTALL)
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml clients/python/pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH)"
+$(VENV)/.installed-dev: pyproject.toml clients/python/pyproject.toml torch-version.txt | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH_INSTALL)
 	$(BIN)/pip install --quiet -e ".[dev]" -e clients/python
 	touch $@ $(VENV)/.installed
 
@@ -29,7 +38,13 @@ install-dev: $(VENV)/.installed-dev
 run: install
 	$(BIN)/jvp-service serve
 
-test: install-dev
+# The docs' browser test (tests/test_docs_browser.py) needs Debian's chromium.
+CHROMIUM ?= /usr/bin/chromium
+chromium:
+	@test -x $(CHROMIUM) || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| (echo "make test needs chromium: sudo apt-get install -y chromium" >&2; exit 1)
+
+test: install-dev chromium
 	$(BIN)/python -m pytest
 
 # Throughput and latency against the peers (needs wrk: apt-get install -y wrk); writes

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -51,13 +52,38 @@ def workers_count(text: str) -> int:
     return count
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default=None,  # Settings.log_level (JVP_LOG_LEVEL), read with the other settings
+        help="Lowest level logged (default JVP_LOG_LEVEL or info); 'warning' drops the access "
+        "log and the start-up summary.",
+    )
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("jvp-service")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jvp-service", description="The JVP service.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="Serve the HTTP API (settings from JVP_* variables).")
     serve.add_argument("--host", help="Address to bind (default JVP_HOST or 127.0.0.1).")
     serve.add_argument("--port", type=int, help="Port to bind (default JVP_PORT or 8000).")
-    serve.add_argument("--log-level", help="Log level (default JVP_LOG_LEVEL or info).")
+    add_log_level(serve)
     serve.add_argument(
         "--workers",
         type=workers_count,
@@ -83,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Pool processes per worker process, each with its own engine (default 1: the "
         "device worker thread already computes one batch at a time).",
     )
-    worker.add_argument("--log-level", help="Log level (default JVP_LOG_LEVEL or info).")
+    add_log_level(worker)
     sub.add_parser(
         "worker-ping",
         help="Exit 0 if a Celery worker of this host answers a ping, else 1 (a healthcheck).",
@@ -97,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("dir", type=Path, help="The repository folder (as JVP_MODEL_DIR).")
     return parser
+
+
+def exit_if_store_unusable(settings: Settings) -> None:
+    """One line naming the URL, the file and the setting, not a traceback at start-up
+    (NOTE [job store preflight] in app/preflight.py)."""
+    from app.preflight import store_problem  # imports SQLAlchemy: only when serving
+
+    problem = store_problem(settings.database_url)
+    if problem:
+        raise SystemExit(f"jvp-service: {problem}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,6 +160,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> None:
     configure_logging(settings.log_format, log_level)
     # Before torch is imported (NOTE [CPU threads] in app/engine/cpu_budget.py).
     cpu_budget.apply_to_environ(cpu_budget.plan(settings.num_threads, processes=args.concurrency))
+    exit_if_store_unusable(settings)
     from app.jobs.celery_app import worker_main  # imports celery: only when asked
 
     raise SystemExit(worker_main(settings, args.device, args.concurrency, log_level))
@@ -151,6 +188,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
             "(README 'Scaling out'), or JVP_JOB_RUNNER=off on all but one process.",
             args.workers,
         )
+    exit_if_store_unusable(settings)
+    # The app's settings (its start-up summary) and uvicorn's workers see where it listens.
+    os.environ["JVP_HOST"], os.environ["JVP_PORT"] = host, str(args.port or settings.port)
     # OpenMP reads its pool size and wait policy once, when torch is imported (in
     # app.api.app, below): set them first, for this process and uvicorn's workers alike
     # (NOTE [CPU threads] in app/engine/cpu_budget.py).

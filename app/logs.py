@@ -72,3 +72,18 @@ def configure_logging(log_format: Literal["text", "json"] = "text", level: str =
         logger.handlers.clear()
         logger.propagate = True
         logger.setLevel(level.upper())
+    # One start-up summary line (app/startup.py) instead of Alembic's migration set-up lines
+    # and uvicorn's start-up lines; their warnings and errors still show, and --log-level
+    # debug shows everything. A filter, since uvicorn sets its loggers' levels again.
+    quiet = root.level > logging.DEBUG
+    logging.getLogger("alembic").setLevel(logging.WARNING if quiet else root.level)
+    lifecycle = logging.getLogger("uvicorn.error")
+    for old_filter in [f for f in lifecycle.filters if isinstance(f, _WarningsOnly)]:
+        lifecycle.removeFilter(old_filter)
+    if quiet:
+        lifecycle.addFilter(_WarningsOnly())
+
+
+class _WarningsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING

@@ -30,6 +30,7 @@ from app.services.jvp import JVPService
 from app.services.shapes import ShapeService
 from app.services.vjp import VJPService
 from app.settings import Settings
+from app.startup import startup_summary
 
 log = logging.getLogger("app")
 
@@ -61,7 +62,6 @@ def plan_threads(settings: Settings, metrics: Metrics | None) -> cpu_budget.CPUP
     cpu = replace(cpu, wait_policy=os.environ.get("OMP_WAIT_POLICY") or None)
     if torch.get_num_threads() != cpu.threads:
         torch.set_num_threads(cpu.threads)
-    log.info("CPU: %s", cpu.describe())
     if metrics is not None:
         metrics.set_cpu(cpu.usable, torch.get_num_threads())
     return cpu
@@ -81,6 +81,7 @@ class Runtime:
     vjp: VJPService
     metrics: Metrics | None = None
     jobs: JobService | None = None
+    cpu: str = ""  # the thread plan, in words, for the start-up summary
 
     def start_engine(self) -> None:
         """Warm every device up, then take work (all a Celery worker starts)."""
@@ -98,6 +99,9 @@ class Runtime:
             gc.collect()
             gc.freeze()
             self.jobs = await start_jobs(self.settings, self.service)  # after the engine
+            names = [m.name for m in self.registry.all()]
+            devices = [str(d) for d in self.engine.workers]
+            log.info("%s", startup_summary(self.settings, names, devices, self.cpu))
         except BaseException:
             self.sweeper.stop()
             self.engine.stop()
@@ -133,6 +137,8 @@ def build(settings: Settings, *, metrics: Metrics | None = None, plan_cpu: bool 
         metrics.bind_engine(engine)
     vjp = VJPService(service, derivatives.store)
     shapes = ShapeService(derivatives, vjp)
-    return Runtime(
+    runtime = Runtime(
         settings, engine, registry, service, derivatives, sweeper, shapes, vjp, metrics
     )
+    runtime.cpu = cpu.describe() if plan_cpu else f"{torch.get_num_threads()} thread(s)"
+    return runtime

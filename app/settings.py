@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     metrics_public: bool = Field(
         False, description="Serve GET /metrics without a key even when API keys are on."
     )
+    docs_public: bool = Field(
+        False,
+        description="Serve the /docs and /redoc pages without a key even when API keys are on "
+        "(the page asks for a key; /openapi.json still needs one).",
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text or as JSON objects (one per line)."
     )

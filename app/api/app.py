@@ -76,5 +76,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(metrics.router)
-    app.include_router(docs.router)
+    docs.install(app)  # /openapi.json (with the Bearer scheme), /docs, /redoc, their assets
     return app

@@ -71,15 +71,25 @@ async def require_metrics_key(request: Request) -> None:
         await require_key(request)
 
 
+async def require_docs_key(request: Request) -> None:
+    """/docs and /redoc (not the schema): as inference routes, unless JVP_DOCS_PUBLIC opens
+    them (app/api/routes/docs.py)."""
+    settings: Settings = request.app.state.settings
+    if not settings.docs_public:
+        await require_key(request)
+
+
 KeyDep = Annotated[None, Depends(require_key)]
 AdminDep = Annotated[None, Depends(require_admin)]
 MetricsKeyDep = Annotated[None, Depends(require_metrics_key)]
+DocsKeyDep = Annotated[None, Depends(require_docs_key)]
 
 
 Guard = Callable[[Request], Awaitable[None]]
 
 
-GUARDS: tuple[Guard, ...] = (require_admin, require_key, require_metrics_key)  # strictest first
+# strictest first
+GUARDS: tuple[Guard, ...] = (require_admin, require_key, require_metrics_key, require_docs_key)
 
 
 def declared_guard(dependant: object) -> Guard | None:

@@ -34,7 +34,7 @@ from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.engine.errors import InvalidRequest
+from app.engine.errors import InvalidRequest, UnsupportedMediaType
 
 SMALL_BODY_BYTES = 65_536
 
@@ -64,7 +64,8 @@ def parse_json(body: bytes | memoryview) -> Any:
                     "loc": ("body", e.pos),
                     "msg": "JSON decode error",
                     "input": {},
-                    "ctx": {"error": e.msg},
+                    # Where, as a person reads the body: orjson counts lines and columns from 1.
+                    "ctx": {"error": f"{e.msg} at line {e.lineno}, column {e.colno}"},
                 }
             ]
         ) from None
@@ -91,8 +92,18 @@ class JSONBodyRoute(APIRoute):
             return handler
 
         async def parsed(request: Request) -> Response:
+            media = media_type(request.headers.get("content-type"))
+            if not is_json(media):
+                # As POST /jvp answers: `curl -d` sends application/x-www-form-urlencoded,
+                # which FastAPI would validate as a form ("Input should be a valid
+                # dictionary"). Refused before the body is read.
+                raise UnsupportedMediaType(
+                    f"Unsupported Content-Type {media!r} for {request.method} "
+                    f"{request.url.path}; expected application/json",
+                    param="Content-Type",
+                )
             raw = await self.read_body(request)
-            if raw and is_json(media_type(request.headers.get("content-type"))):
+            if raw:
                 request._json = (
                     parse_json(raw)
                     if len(raw) < SMALL_BODY_BYTES

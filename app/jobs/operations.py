@@ -10,7 +10,6 @@ single tensor). When it runs it is prepared exactly as POST /vjp prepares a requ
 from __future__ import annotations
 
 import base64
-
 from typing import Any
 
 import torch

@@ -20,9 +20,9 @@ from app.engine.devices import DTYPE_NAMES, parse_dtype
 from app.engine.errors import InvalidRequest
 from app.engine.task import JVPTask
 from app.schemas import HVPRequest, JacobianRequest, JVPRequest, LinearizeRequest
+from app.schemas_vjp import VJPRequest
 from app.services.derivatives import DerivativeService
 from app.wire.codec import check_limits
-from app.schemas_vjp import VJPRequest
 
 REQUESTS: dict[str, type[BaseModel]] = {
     "jvp": JVPRequest,

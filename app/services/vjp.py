@@ -14,23 +14,23 @@ from typing import Any
 
 import torch
 
-from app.wire.codec import decode_tensor, encode_tensor
-from app.services.derivatives import DerivativeService
 from app.engine.abstract import Plan
 from app.engine.devices import DTYPE_NAMES
 from app.engine.errors import InvalidRequest, NotFound, TooLarge
 from app.engine.linearize import LinearizeStore
 from app.engine.target import Target
+from app.engine.task import JVPResult, JVPTask
 from app.engine.vjp import (
     LinearizedVJPOperation,
     VJPOperation,
     check_cotangent_shapes,
     total_elements,
 )
-from app.engine.task import JVPResult, JVPTask
 from app.schemas import JVPOptions, JVPRequest
 from app.schemas_vjp import LinearizedVJPRequest, VJPRequest
+from app.services.derivatives import DerivativeService
 from app.services.jvp import JVPService
+from app.wire.codec import decode_tensor, encode_tensor
 
 OptionalTensors = tuple[torch.Tensor | None, ...]
 

@@ -13,8 +13,8 @@ import binascii
 import itertools
 import math
 import reprlib
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

@@ -225,15 +225,20 @@ def test_one_slow_inline_run_does_not_send_tiny_work_to_the_worker() -> None:
         engine.stop()
 
 
-def test_inline_estimate_worker_runs_take_the_lowest_inline_runs_the_median() -> None:
+def test_inline_estimate_worker_runs_take_the_lowest_inline_runs_the_median(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     engine = started_engine(inline_max_us=150)
     try:
         worker = engine.workers[CPU]
         task = task_for(recording_target(torch.sin, [], operations=None), *torch.ones(2, 3))
         key = ("some", "work")
+        # A stopped CPU clock: each run is timed at exactly the seconds given, not those
+        # plus whatever the bookkeeping between the two readings cost on a loaded machine.
+        monkeypatch.setattr(time, "thread_time", lambda: 100.0)
 
         def record(seconds: float, inline: bool = False) -> None:
-            worker._record_alone(key, time.monotonic(), time.thread_time() - seconds, inline=inline)
+            worker._record_alone(key, time.monotonic(), 100.0 - seconds, inline=inline)
 
         record(1.0)  # the first run pays one-time costs: not counted
         assert not worker.may_inline(task, key)

@@ -59,7 +59,10 @@ def test_compose_environment_names_real_settings() -> None:
 
 def test_compose_gpu_override_reserves_nvidia_gpus_for_workers_only() -> None:
     services = load("docker-compose.gpu.yml")["services"]
-    assert set(services) == {"worker"}
+    assert set(services) == {"api", "worker"}
+    assert "deploy" not in services["api"]  # the api only gets the CUDA build of the image
+    for role in ("api", "worker"):
+        assert services[role]["build"] == {"args": {"TORCH_VARIANT": "cuda"}}
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
     # The default file works on CPU hosts: no GPU reservation there.

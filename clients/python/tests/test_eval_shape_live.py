@@ -65,7 +65,7 @@ def test_eval_shape_over_a_limit_raises_the_operations_413(client: JVPClient) ->
             primals={"x": ShapeInfo((16384, 1)), "y": ShapeInfo((1, 16384))},
         )
     with pytest.raises(UnprocessableEntityError, match="not available yet"):
-        client.eval_shape("vjp", expression="x", primals={"x": ShapeInfo((2,))})
+        client.eval_shape("solve", expression="x", primals={"x": ShapeInfo((2,))})
 
 
 @pytest.mark.asyncio
