@@ -154,3 +154,35 @@ def test_vjp_cli_round_trip(live_url: str, tmp_path: Path, capsys: Any) -> None:
     with np.load(out) as data:
         assert sorted(data.files) == ["output", "vjp_x"]
         np.testing.assert_allclose(data["vjp_x"], fn(torch.from_numpy(u))[0].numpy(), rtol=1e-12)
+
+
+def test_eval_shape_of_vjp_before_sending(client: JVPClient) -> None:
+    from jvp_client import ShapeInfo
+
+    primals = {"A": ShapeInfo((4, 3), "float64"), "x": ShapeInfo((3,), "float64")}
+    primals["y"] = ShapeInfo((4,), "float64")
+    shaped = client.eval_shape(
+        "vjp",
+        expression=EXPR,
+        primals=primals,
+        cotangents=ShapeInfo((5, 4), "float64"),
+        dtype="float64",
+        options={"cotangent_batch": True},
+    )
+    assert shaped.output == ShapeInfo((4,), "float64")
+    assert shaped.result == {
+        "A": ShapeInfo((5, 4, 3), "float64"),
+        "x": ShapeInfo((5, 3), "float64"),
+        "y": ShapeInfo((5, 4), "float64"),
+    }
+    forward = client.eval_shape(
+        "jvp", expression=EXPR, primals=primals, tangents=primals, dtype="float64"
+    )
+    assert shaped.flops > forward.flops > 0
+    # The shapes agree with what /vjp then answers.
+    p = _point(13)
+    us = torch.ones(5, 4, dtype=F64)
+    result = client.vjp(expression=EXPR, primals=p, cotangents=us, cotangent_batch=True)
+    assert {k: tuple(v.shape) for k, v in result.vjp.items()} == {
+        k: s.shape for k, s in shaped.result.items()
+    }

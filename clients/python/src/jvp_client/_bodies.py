@@ -30,7 +30,7 @@ from ._tensors import _to_wire_array as to_wire_array
 from ._tensors import count_elements, encode_tensor, infer_dtype, normalize_dtype
 from ._types import ShapeInfo
 
-__all__ = ["job_request", "names", "request"]
+__all__ = ["job_request", "names", "request", "shapes"]
 
 Tensors = Mapping[str, object]
 
@@ -154,6 +154,20 @@ def job_request(
         body["options"] = opts
     kind = next((k for k in kinds if k.as_torch), OutputKind())
     return Call("POST", "jobs", json_body=body, headers=headers, timeout=timeout), kind
+
+
+def shapes(client: Limits, cotangents: Any) -> Any:
+    """``cotangents`` of ``/eval_shape`` (``"vjp"``): each a `ShapeInfo` or a tensor; a
+    tuple or list of them (None kept) for several outputs."""
+    if cotangents is None:
+        return None
+    if isinstance(cotangents, (tuple, list)) and any(
+        c is None or isinstance(c, ShapeInfo) or hasattr(c, "shape") for c in cotangents
+    ):
+        return [
+            None if c is None else _encode_one(client, c, None, "shapes")[0] for c in cotangents
+        ]
+    return _encode_one(client, cotangents, None, "shapes")[0]
 
 
 def names(wrt: str | Sequence[str] | None, where: str) -> list[str] | None:

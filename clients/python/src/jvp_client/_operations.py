@@ -26,7 +26,7 @@ from ._base import (
     TimeoutTypes,
 )
 from ._base import model_path as _model_path
-from ._bodies import names, request
+from ._bodies import names, request, shapes
 from ._plans import Call, Plan
 from ._types import (
     EvalShapeResult,
@@ -274,20 +274,24 @@ def eval_shape(
     output_index: int | None = None,
     reduction: Reduction | None = None,
     tangent_batch: bool = False,
+    cotangents: Any = None,
     dtype: object = None,
     device: str | None = None,
     options: Mapping[str, Any] | None = None,
     timeout: TimeoutTypes = NOT_GIVEN,
 ) -> Plan[EvalShapeResult]:
-    """``POST /eval_shape``: the shapes ``operation`` (jvp, jacobian, hvp, linearize)
-    would answer, and its estimated FLOPs and peak bytes, computing nothing: size
-    batches before sending them. A tensor may be a `ShapeInfo` (no data).
+    """``POST /eval_shape``: the shapes ``operation`` (jvp, vjp, jacobian, hvp,
+    linearize) would answer, and its estimated FLOPs and peak bytes, computing
+    nothing: size batches before sending them. A tensor may be a `ShapeInfo` (no data).
 
     Args:
-        operation: ``"jvp"`` (default), ``"jacobian"``, ``"hvp"`` or ``"linearize"``.
+        operation: ``"jvp"`` (default), ``"vjp"``, ``"jacobian"``, ``"hvp"`` or
+            ``"linearize"``.
         expression, model, primals, tangents, parameter_tangents, wrt, output_index,
             reduction, tangent_batch, dtype, device, options, timeout: as for that
             operation's method.
+        cotangents: ``"vjp"`` only: as for :meth:`vjp` (`ShapeInfo` entries allowed);
+            ``cotangent_batch`` goes in ``options``.
 
     Returns:
         :class:`EvalShapeResult`. Over a limit: the `PayloadTooLargeError` the
@@ -310,6 +314,7 @@ def eval_shape(
             "wrt": None if wrt is None else ([wrt] if isinstance(wrt, str) else list(wrt)),
             "output_index": output_index,
             "reduction": reduction,
+            "cotangents": shapes(client, cotangents),
         },
         options={"tangent_batch": tangent_batch, "dtype": True, "device": device},
         extra_options=options,
