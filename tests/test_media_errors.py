@@ -10,8 +10,8 @@ import subprocess
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import LiveServer
 from tests.api.test_malformed import body_routes
+from tests.conftest import LiveServer
 
 BAD_JSON = '{\n  "expression": "x**2",\n  "primals": {"x": [1, 2}\n}'  # "}" for "]" on line 3
 
