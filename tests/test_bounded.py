@@ -163,7 +163,10 @@ def test_create_jvp_queued_behind_long_work_is_504_when_what_is_left_cannot_fit(
             second = pool.submit(b.post, f"{server.url}/jvp", json=body)
             statuses = sorted([first.result().status_code, second.result().status_code])
     assert 504 in statuses, statuses
-    assert_small_jvp_served(server.url, within_s=1.5)
+    # Nothing is left running: a worker still computing the refused request would hold a
+    # small one for seconds (the bug was 12 s). The bound leaves room for a loaded machine,
+    # where freeing the first request's 128 MB products took up to 1.7 s.
+    assert_small_jvp_served(server.url, within_s=3.0)
 
 
 def test_create_jvp_cpu_out_of_memory_is_507_and_the_service_keeps_serving() -> None:
