@@ -354,18 +354,31 @@ class JVPOperation:
         rtol, atol = CHECK_TOLERANCES[dtype]
         rel_error = abs_error / scale if scale > 0 else 0.0
         passed = nonfinite is None and abs_error <= atol + rtol * scale
-        return {
-            "max_abs_error": api_float(abs_error),
-            "max_rel_error": api_float(rel_error),
-            "passed": bool(passed),
-            "eps": api_float(eps),
-            "rtol": rtol,
-            "atol": atol,
-            "nonfinite": nonfinite,
-        }
+        return check_report(abs_error, rel_error, passed, eps, rtol, atol, nonfinite)
 
     def report(self) -> dict[str, Any]:
         return {} if self.check is None else {"check": self.check}
+
+
+def check_report(
+    abs_error: float,
+    rel_error: float,
+    passed: bool,
+    eps: float,
+    rtol: float,
+    atol: float,
+    nonfinite: Any,
+) -> dict[str, Any]:
+    """The ``check`` field of an answer (options.check), for forward and reverse mode."""
+    return {
+        "max_abs_error": api_float(abs_error),
+        "max_rel_error": api_float(rel_error),
+        "passed": bool(passed),
+        "eps": api_float(eps),
+        "rtol": rtol,
+        "atol": atol,
+        "nonfinite": nonfinite,
+    }
 
 
 @dataclass(eq=False)

@@ -79,7 +79,12 @@ from app.engine.errors import (
 )
 from app.engine.fallback import jvp_with_fallback
 from app.engine.jvp import ENGINES
-from app.engine.operations import CHECK_TOLERANCES, _central_difference, partial_function
+from app.engine.operations import (
+    CHECK_TOLERANCES,
+    _central_difference,
+    check_report,
+    partial_function,
+)
 from app.engine.target import Materialized, Target
 
 Tensors = tuple[torch.Tensor, ...]
@@ -548,14 +553,9 @@ class VJPOperation:
                 "max_rel_error": api_float(i_rel),
                 "passed": i_ok,
             }
+        ok = passed and (identity is None or identity["passed"])
         return {
-            "max_abs_error": api_float(abs_error),
-            "max_rel_error": api_float(rel_error),
-            "passed": bool(passed and (identity is None or identity["passed"])),
-            "eps": api_float(eps),
-            "rtol": rtol,
-            "atol": atol,
-            "nonfinite": nonfinite,
+            **check_report(abs_error, rel_error, ok, eps, rtol, atol, nonfinite),
             "identity": identity,
         }
 
