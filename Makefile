@@ -12,7 +12,9 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ifeq ($(GPU),1)
 TORCH_INSTALL := "torch==$(TORCH_VERSION)"
 else
-TORCH_INSTALL := --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)"
+# Two retries, not pip's five: where the index cannot be reached (an offline mirror with the
+# wheel on disk) five retries per package cost minutes before pip falls back to what it has.
+TORCH_INSTALL := --retries 2 --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)"
 endif
 
 .PHONY: run test install install-dev lint typecheck clean bench chromium
