@@ -51,6 +51,7 @@ import torch
 from torch.func import vmap
 
 from app.engine.jvp import functional, gives_zero_tangents, no_tangents, verified
+from app.engine.protocol import Arguments, Operation
 from app.engine.target import Materialized
 from app.engine.task import JVPTask
 
@@ -234,29 +235,20 @@ def compute_batch(tasks: Sequence[JVPTask]) -> list[tuple[Tensors, Tensors]]:
     ]
 
 
-class VmapWarmUp:
+class VmapWarmUp(Operation):
     """An operation that runs `vmap_jvp` on two copies of a task's tensors, so the first
     batched request after start-up finds vmap's machinery warm (`Engine.start`)."""
 
     kind = "warm-up"
 
-    def __call__(
-        self,
-        target: Materialized,
-        inputs: Tensors,
-        tangents: tuple[torch.Tensor | None, ...],
-        parameter_tangents: Mapping[str, torch.Tensor],
-    ) -> tuple[Tensors, Tensors]:
+    def run(self, a: Arguments) -> tuple[Tensors, Tensors]:
         def two(x: torch.Tensor) -> torch.Tensor:
             return torch.stack([x, x])
 
         outputs, jvps = vmap_jvp(
-            target,
-            tuple(two(x) for x in inputs),
-            tuple(None if t is None else two(t) for t in tangents),
-            {k: two(t) for k, t in parameter_tangents.items()},
+            a.target,
+            tuple(two(x) for x in a.inputs),
+            tuple(None if t is None else two(t) for t in a.tangents),
+            {k: two(t) for k, t in a.parameter_tangents.items()},
         )
         return tuple(o[0] for o in outputs), tuple(j[0] for j in jvps)
-
-    def report(self) -> dict[str, Any]:
-        return {}

@@ -30,7 +30,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from app.engine.errors import NotFound, Overloaded, TooLarge
+
+
+class StorageBytes:
+    """Bytes of tensors counted once per storage (a view, or a weight two tensors share,
+    adds nothing): what a session holds (NOTE [linearize session size] in
+    app/engine/operations.py)."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, int]] = set()
+        self.nbytes = 0
+
+    def add(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = (str(t.device), storage.data_ptr())
+        if key not in self._seen:
+            self._seen.add(key)
+            self.nbytes += storage.nbytes()
 
 
 @dataclass(eq=False)

@@ -12,7 +12,7 @@ import torch
 
 if TYPE_CHECKING:
     from app.engine.abstract import Estimate
-    from app.engine.operations import Operation
+    from app.engine.protocol import Operation
     from app.engine.target import Target
 
 INTERACTIVE = 0  # priority of POST /jvp; lower runs first
