@@ -34,7 +34,9 @@ Tensor = Annotated[
 ]
 
 
-class JVPOptions(BaseModel):
+class ComputeOptions(BaseModel):
+    """The options every derivative of a target shares: where and in which dtype."""
+
     model_config = ConfigDict(extra="forbid")
 
     dtype: str | None = Field(
@@ -43,6 +45,19 @@ class JVPOptions(BaseModel):
         "Unset: the model's default dtype (config.json), else float32.",
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+
+class PointRequest(BaseModel):
+    """What every derivative of a target is taken at: the target and the primals."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    expression: str | None = Field(None, description="An expression such as 'x**2 + y**2'.")
+    model: str | None = Field(None, description="A registered model's name (GET /models).")
+    primals: dict[str, Tensor] = Field(description="One tensor per input, by name.")
+
+
+class JVPOptions(ComputeOptions):
     engine: Literal["dual", "functional"] = Field(
         "dual", description="dual: make_dual/unpack_dual; functional: torch.func.jvp."
     )
@@ -62,12 +77,7 @@ class JVPOptions(BaseModel):
     )
 
 
-class JVPRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    expression: str | None = Field(None, description="An expression such as 'x**2 + y**2'.")
-    model: str | None = Field(None, description="A registered model's name (GET /models).")
-    primals: dict[str, Tensor] = Field(description="One tensor per input, by name.")
+class JVPRequest(PointRequest):
     tangents: dict[str, Tensor] = Field(
         default_factory=dict, description="Per input; a missing one is zero."
     )
@@ -189,15 +199,7 @@ class HVPOptions(DerivativeOptions):
     )
 
 
-class _Point(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    expression: str | None = Field(None, description="An expression such as 'x**2 + y**2'.")
-    model: str | None = Field(None, description="A registered model's name (GET /models).")
-    primals: dict[str, Tensor] = Field(description="One tensor per input, by name.")
-
-
-class JacobianRequest(_Point):
+class JacobianRequest(PointRequest):
     wrt: list[str] | None = Field(
         None, description="Input and parameter names to differentiate by; default all inputs."
     )
@@ -215,7 +217,7 @@ class JacobianResponse(BaseModel):
     timing_ms: TimingMs
 
 
-class HVPRequest(_Point):
+class HVPRequest(PointRequest):
     tangents: dict[str, Tensor] = Field(
         default_factory=dict, description="Per input; only inputs with a tangent are varied."
     )

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas import Tensor, TimingMs
+from app.schemas import ComputeOptions, PointRequest, TimingMs
 
 COTANGENTS = (
     "One tensor shaped like the output; for a function with several outputs a list, one "
@@ -14,15 +14,7 @@ COTANGENTS = (
 )
 
 
-class VJPOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    dtype: str | None = Field(
-        None,
-        description="Computation dtype: float16, bfloat16, float32, float64 (or FP16...). "
-        "Unset: the model's default dtype (config.json), else float32.",
-    )
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+class VJPOptions(ComputeOptions):
     encoding: Literal["json", "b64"] = Field("json", description="Response tensors as data or b64.")
     cotangent_batch: bool = Field(
         False,
@@ -36,12 +28,7 @@ class VJPOptions(BaseModel):
     )
 
 
-class VJPRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    expression: str | None = Field(None, description="An expression such as 'x**2 + y**2'.")
-    model: str | None = Field(None, description="A registered model's name (GET /models).")
-    primals: dict[str, Tensor] = Field(description="One tensor per input, by name.")
+class VJPRequest(PointRequest):
     cotangents: Any = Field(description=COTANGENTS)
     wrt: list[str] | None = Field(
         None, description="Input and parameter names to differentiate by; default all inputs."
