@@ -18,6 +18,7 @@ from starlette.routing import compile_path
 from app.api.responses import ORJSONResponse
 from app.engine import errors as engine_errors
 from app.logs import request_id
+from app.schemas import ErrorBody
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,11 @@ class Unauthorized(engine_errors.EngineError, status=401, type="unauthorized"):
 
 class Forbidden(engine_errors.EngineError, status=403, type="forbidden"):
     """A valid key without the rights this route needs (403)."""
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's ``responses=``: each status documented with the one error body."""
+    return {status: {"model": ErrorBody} for status in statuses}
 
 
 def error_response(

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.deps import jvp_service
 from app.api.errors import handled_response, unexpected_response
 from app.api.routes.jvp import JVP_PATH, answer_jvp
 
@@ -59,7 +60,7 @@ class JVPEndpoint:
         scope["route"] = self._jvp_route(scope["app"])
         request = Request(scope, receive, send)
         try:
-            response = await answer_jvp(request)
+            response = await answer_jvp(request, await jvp_service(request))
         except Exception as exc:  # noqa: BLE001 - mapped as the app's handlers map it
             response = handled_response(request, exc) or unexpected_response(request, exc)
             # The traceback's frames hold the request's tensors and the engine's future,

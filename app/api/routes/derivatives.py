@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 
 from app.api.auth import KeyDep
 from app.api.body import JSONBodyRoute
-from app.api.middleware import SCOPE_ARRIVED
+from app.api.deps import ArrivedDep, DerivativeServiceDep
+from app.api.errors import error_responses
 from app.api.responses import ORJSONResponse
 from app.schemas import (
-    ErrorBody,
     HVPRequest,
     HVPResponse,
     JacobianRequest,
@@ -19,61 +19,56 @@ from app.schemas import (
     LinearizeRequest,
     LinearizeResponse,
 )
-from app.services.derivatives import DerivativeService
 
 router = APIRouter(tags=["derivatives"], route_class=JSONBodyRoute)
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 408, 413, 422, 501, 503, 504, 507)}
+ERRORS = error_responses(400, 401, 404, 408, 413, 422, 501, 503, 504, 507)
 
 
-def _service(request: Request) -> DerivativeService:
-    service: DerivativeService = request.app.state.derivatives
-    return service
-
-
-def _arrived(request: Request) -> float | None:
-    arrived: float | None = request.scope.get(SCOPE_ARRIVED)
-    return arrived
-
-
-@router.post("/jacobian", response_model=JacobianResponse, responses=ERRORS)  # type: ignore[arg-type]
-async def create_jacobian(body: JacobianRequest, request: Request, _: KeyDep) -> ORJSONResponse:
+@router.post("/jacobian", response_model=JacobianResponse, responses=ERRORS)
+async def create_jacobian(
+    body: JacobianRequest, _: KeyDep, service: DerivativeServiceDep, arrived: ArrivedDep
+) -> ORJSONResponse:
     """The full Jacobian with respect to `wrt` (default: all inputs), by forward mode."""
-    return ORJSONResponse(await _service(request).jacobian(body, _arrived(request)))
+    return ORJSONResponse(await service.jacobian(body, arrived))
 
 
-@router.post("/hvp", response_model=HVPResponse, responses=ERRORS)  # type: ignore[arg-type]
-async def create_hvp(body: HVPRequest, request: Request, _: KeyDep) -> ORJSONResponse:
+@router.post("/hvp", response_model=HVPResponse, responses=ERRORS)
+async def create_hvp(
+    body: HVPRequest, _: KeyDep, service: DerivativeServiceDep, arrived: ArrivedDep
+) -> ORJSONResponse:
     """Hessian-vector products of a scalar function by forward-over-reverse."""
-    return ORJSONResponse(await _service(request).hvp(body, _arrived(request)))
+    return ORJSONResponse(await service.hvp(body, arrived))
 
 
-@router.post("/linearize", response_model=LinearizeResponse, responses=ERRORS)  # type: ignore[arg-type]
+@router.post("/linearize", response_model=LinearizeResponse, responses=ERRORS)
 async def create_linearization(
-    body: LinearizeRequest, request: Request, _: KeyDep
+    body: LinearizeRequest, _: KeyDep, service: DerivativeServiceDep, arrived: ArrivedDep
 ) -> ORJSONResponse:
     """Linearize at the primals once; apply it to many tangents until it expires."""
-    return ORJSONResponse(await _service(request).linearize(body, _arrived(request)))
+    return ORJSONResponse(await service.linearize(body, arrived))
 
 
 @router.post(
     "/linearize/{session_id}/jvp",
     response_model=LinearizedJVPResponse,
-    responses=ERRORS,  # type: ignore[arg-type]
+    responses=ERRORS,
 )
 async def create_linearized_jvp(
-    session_id: str, body: LinearizedJVPRequest, request: Request, _: KeyDep
+    session_id: str, body: LinearizedJVPRequest, _: KeyDep, service: DerivativeServiceDep
 ) -> ORJSONResponse:
     """J·t (or J·T with options.tangent_batch) from a linearize session."""
-    return ORJSONResponse(await _service(request).linearized_jvp(session_id, body))
+    return ORJSONResponse(await service.linearized_jvp(session_id, body))
 
 
 @router.delete(
     "/linearize/{session_id}",
     status_code=204,
-    responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+    responses=error_responses(401, 404),
 )
-async def delete_linearization(session_id: str, request: Request, _: KeyDep) -> Response:
+async def delete_linearization(
+    session_id: str, _: KeyDep, service: DerivativeServiceDep
+) -> Response:
     """Drop a linearize session now (its memory leaves the budget)."""
-    _service(request).delete_session(session_id)
+    service.delete_session(session_id)
     return Response(status_code=204)

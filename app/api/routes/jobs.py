@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 
 from app.api.auth import KeyDep
 from app.api.body import JSONBodyRoute
+from app.api.deps import JobServiceDep, settings
+from app.api.errors import error_responses
 from app.api.responses import ORJSONResponse
 from app.engine.errors import TooLarge
 from app.jobs.schemas import Job, JobCreate, JobList, JobResults, JobStatus
-from app.jobs.service import JobService, job_body
-from app.schemas import ErrorBody
+from app.jobs.service import job_body
 
 
 async def read_body_limited(request: Request, limit: int) -> bytes:
@@ -44,7 +45,7 @@ class LimitedBodyRoute(JSONBodyRoute):
     """A route whose body is read with the job body limit, then parsed as every JSON body."""
 
     async def read_body(self, request: Request) -> bytes:
-        return await read_body_limited(request, request.app.state.settings.max_job_body_bytes)
+        return await read_body_limited(request, (await settings(request)).max_job_body_bytes)
 
 
 # Offsets past this are a 422: offset + limit must fit a database integer (BIGINT, SQLite).
@@ -52,27 +53,19 @@ MAX_OFFSET = 2**62
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=LimitedBodyRoute)
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422)
-}
-
-
-def _jobs(request: Request) -> JobService:
-    jobs: JobService = request.app.state.jobs
-    return jobs
+ERRORS = error_responses(400, 401, 404, 413, 422)
 
 
 @router.post(
-    "", status_code=202, response_model=Job, responses={**ERRORS, 408: {"model": ErrorBody}}
+    "", status_code=202, response_model=Job, responses=error_responses(400, 401, 404, 413, 422, 408)
 )
 async def create_job(
     body: JobCreate,
-    request: Request,
     _: KeyDep,
+    jobs: JobServiceDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> ORJSONResponse:
     """Submit a batch job: many JVPs sharing job-wide defaults. Answered once it is stored."""
-    jobs = _jobs(request)
     job, created = await asyncio.to_thread(jobs.create, body, idempotency_key=idempotency_key)
     if created:
         jobs.backend.submit(job.id)
@@ -84,43 +77,41 @@ async def create_job(
 
 @router.get("", response_model=JobList, responses=ERRORS)
 async def list_jobs(
-    request: Request,
     _: KeyDep,
+    jobs: JobServiceDep,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     status: JobStatus | None = None,
 ) -> ORJSONResponse:
     """Jobs, newest first, one page (optionally only those of one status)."""
-    store = _jobs(request).store
-    views = await asyncio.to_thread(store.list_jobs, offset=offset, limit=limit, status=status)
+    views = await asyncio.to_thread(jobs.store.list_jobs, offset=offset, limit=limit, status=status)
     next_offset = offset + limit if len(views) == limit else None
     return ORJSONResponse({"jobs": [job_body(v) for v in views], "next_offset": next_offset})
 
 
 @router.get("/{job_id}", response_model=Job, responses=ERRORS)
-async def read_job(job_id: str, request: Request, _: KeyDep) -> ORJSONResponse:
+async def read_job(job_id: str, _: KeyDep, jobs: JobServiceDep) -> ORJSONResponse:
     """A job's status and progress (done, failed, total, eta_s)."""
-    view = await asyncio.to_thread(_jobs(request).store.get_job, job_id)
+    view = await asyncio.to_thread(jobs.store.get_job, job_id)
     return ORJSONResponse(job_body(view))
 
 
 @router.get("/{job_id}/results", response_model=JobResults, responses=ERRORS)
 async def read_job_results(
     job_id: str,
-    request: Request,
     _: KeyDep,
+    jobs: JobServiceDep,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ORJSONResponse:
     """Results of tasks [offset, offset + limit), in task order; a result or an error each."""
-    page = await asyncio.to_thread(_jobs(request).results, job_id, offset=offset, limit=limit)
+    page = await asyncio.to_thread(jobs.results, job_id, offset=offset, limit=limit)
     return ORJSONResponse(page)
 
 
 @router.delete("/{job_id}", response_model=Job, responses=ERRORS)
-async def cancel_job(job_id: str, request: Request, _: KeyDep) -> ORJSONResponse:
+async def cancel_job(job_id: str, _: KeyDep, jobs: JobServiceDep) -> ORJSONResponse:
     """Cancel a job: tasks not yet started never run; results already written stay."""
-    jobs = _jobs(request)
     view = await asyncio.to_thread(jobs.store.get_job, job_id)  # 404 before anything else
     if view.status in ("queued", "running"):
         jobs.backend.cancel(job_id)

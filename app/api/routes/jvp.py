@@ -18,18 +18,18 @@ from starlette.responses import Response
 
 from app.api.auth import KeyDep
 from app.api.body import SMALL_BODY_BYTES, is_json, media_type, parse_json, read_body
+from app.api.deps import JVPServiceDep
+from app.api.errors import error_responses
 from app.api.middleware import SCOPE_ARRIVED
 from app.api.responses import ORJSONResponse, SafetensorsResponse
 from app.engine.errors import UnsupportedMediaType
-from app.schemas import ErrorBody, JVPRequest, JVPResponse
+from app.schemas import JVPRequest, JVPResponse
 from app.services.jvp import JVPService
 from app.wire.safetensors import SAFETENSORS, decode_request
 
 router = APIRouter(tags=["jvp"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 404, 408, 413, 415, 422, 501, 503, 504, 507)
-}
+ERRORS = error_responses(400, 401, 404, 408, 413, 415, 422, 501, 503, 504, 507)
 _BINARY = {
     "schema": {"type": "string", "format": "binary"},
 }
@@ -97,7 +97,7 @@ JVP_PATH = "/jvp"
     responses={**ERRORS, 200: {"content": {SAFETENSORS: _BINARY}}},
     openapi_extra={"requestBody": REQUEST_BODY},
 )
-async def create_jvp(request: Request, _: KeyDep) -> Response:
+async def create_jvp(request: Request, _: KeyDep, service: JVPServiceDep) -> Response:
     """Compute f(primals) and the Jacobian-vector product J·tangents by forward-mode AD.
 
     The body is JSON (`JVPRequest`) or, with ``Content-Type: application/x-safetensors``,
@@ -106,13 +106,12 @@ async def create_jvp(request: Request, _: KeyDep) -> Response:
     # Usually answered by app/api/fastpath.py before FastAPI is reached (NOTE [POST /jvp past
     # the framework]); this route describes /jvp in the OpenAPI document, and serves it
     # when that is off (JVP_OPENTELEMETRY, a root path).
-    return await answer_jvp(request)
+    return await answer_jvp(request, service)
 
 
-async def answer_jvp(request: Request) -> Response:
+async def answer_jvp(request: Request, service: JVPService) -> Response:
     """POST /jvp: the body in either media type, the JVP, the answer (the key was checked
     before, by app.api.middleware.KeyFirstMiddleware)."""
-    service: JVPService = request.app.state.service
     media = media_type(request.headers.get("content-type"))
     raw = await read_body(request)
     # A large body is read off the event loop, so it never stalls other requests; a

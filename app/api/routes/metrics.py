@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import Response
 
 from app.api.auth import MetricsKeyDep
-from app.jobs import JobService
-from app.metrics import JOB_TASK_STATES, Metrics
+from app.api.deps import MetricsDep, OptionalJobServiceDep
+from app.metrics import JOB_TASK_STATES
 from app.schemas import ErrorBody
 
 log = logging.getLogger(__name__)
@@ -31,10 +31,10 @@ router = APIRouter(tags=["operations"])
         401: {"model": ErrorBody},
     },
 )
-async def read_metrics(request: Request, _: MetricsKeyDep) -> Response:
+async def read_metrics(
+    _: MetricsKeyDep, metrics: MetricsDep, jobs: OptionalJobServiceDep
+) -> Response:
     """Prometheus metrics: requests, latency (queue and compute), queue depth, memory."""
-    metrics: Metrics = request.app.state.metrics
-    jobs: JobService | None = getattr(request.app.state, "jobs", None)
     if jobs is not None:
         try:
             counts = await asyncio.to_thread(jobs.store.active_task_counts)

@@ -13,14 +13,14 @@ import asyncio
 import threading
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import BaseModel
 
 from app.api.auth import AdminDep, KeyDep
-from app.models.registry import ModelRegistry
+from app.api.deps import RegistryDep, SettingsDep
+from app.api.errors import error_responses
 from app.models.repository import load_into, unload_from
-from app.schemas import ErrorBody, ModelInfo, ModelList
-from app.settings import Settings
+from app.schemas import ModelInfo, ModelList
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -33,43 +33,33 @@ class ModelUnloaded(BaseModel):
     state: Literal["unloaded"]
 
 
-def _registry(request: Request) -> ModelRegistry:
-    registry: ModelRegistry = request.app.state.registry
-    return registry
-
-
-@router.get("", response_model=ModelList, responses={401: {"model": ErrorBody}})
-async def read_models(request: Request, _: KeyDep) -> dict[str, object]:
+@router.get("", response_model=ModelList, responses=error_responses(401))
+async def read_models(_: KeyDep, registry: RegistryDep) -> dict[str, object]:
     """List the served models: state, inputs (-1 marks a size that may vary), outputs,
     parameters, buffers, parameter count and source."""
-    return {"models": [m.info() for m in _registry(request).all()]}
+    return {"models": [m.info() for m in registry.all()]}
 
 
 @router.get(
     "/{name}",
     response_model=ModelInfo,
-    responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+    responses=error_responses(401, 404),
 )
-async def read_model(name: str, request: Request, _: KeyDep) -> dict[str, object]:
+async def read_model(name: str, _: KeyDep, registry: RegistryDep) -> dict[str, object]:
     """One model: inputs (-1 marks a size that may vary), outputs, parameters, buffers."""
-    return _registry(request).get(name).info()
+    return registry.get(name).info()
 
 
 @router.post(
     "/{name}/load",
     response_model=ModelInfo,
-    responses={
-        401: {"model": ErrorBody},
-        403: {"model": ErrorBody},
-        404: {"model": ErrorBody},
-        422: {"model": ErrorBody},
-    },
+    responses=error_responses(401, 403, 404, 422),
 )
-async def load_model(name: str, request: Request, _: AdminDep) -> dict[str, object]:
+async def load_model(
+    name: str, _: AdminDep, registry: RegistryDep, settings: SettingsDep
+) -> dict[str, object]:
     """(Re)load ``<JVP_MODEL_DIR>/<name>`` (admin key). 404: no such folder; 422: the program
     or config.json is invalid (the old version, if any, keeps serving) or a built-in's name."""
-    settings: Settings = request.app.state.settings
-    registry = _registry(request)
 
     def load() -> dict[str, object]:
         with _changes:
@@ -81,16 +71,10 @@ async def load_model(name: str, request: Request, _: AdminDep) -> dict[str, obje
 @router.delete(
     "/{name}",
     response_model=ModelUnloaded,
-    responses={
-        401: {"model": ErrorBody},
-        403: {"model": ErrorBody},
-        404: {"model": ErrorBody},
-        422: {"model": ErrorBody},
-    },
+    responses=error_responses(401, 403, 404, 422),
 )
-async def unload_model(name: str, request: Request, _: AdminDep) -> dict[str, object]:
+async def unload_model(name: str, _: AdminDep, registry: RegistryDep) -> dict[str, object]:
     """Stop serving a repository model (admin key); its files stay. Built-ins: 422."""
-    registry = _registry(request)
 
     def unload() -> dict[str, object]:
         with _changes:
