@@ -9,8 +9,8 @@ session is made and applied on the worker of its device only.
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import torch
@@ -38,6 +38,8 @@ from app.schemas import (
 from app.services.jvp import JVPService
 from app.settings import Settings
 from app.wire.codec import decode_tensor, encode_tensor
+
+Names = tuple[str, ...]
 
 
 def _iso(timestamp: float) -> str:
@@ -113,10 +115,6 @@ class DerivativeService:
         ordered = tuple(inputs[i] for i in indices) + tuple(params)
         return tuple(indices), tuple(params), ordered
 
-    async def _run(self, task: JVPTask, arrived: float | None = None) -> JVPResult:
-        self.service.schedule(task, arrived)
-        return await self.service.engine.run(task, timeout_s=self.settings.request_timeout_s)
-
     # POST /jacobian.
 
     def _prepare_jacobian(
@@ -142,12 +140,10 @@ class DerivativeService:
         return task, names, op
 
     async def jacobian(self, body: JacobianRequest, arrived: float | None = None) -> dict[str, Any]:
-        started = time.monotonic()
-        task, names, _ = await asyncio.to_thread(self._prepare_jacobian, body)
-        result = await self._run(task, arrived)
         encoding = body.options.encoding
 
-        def render() -> dict[str, Any]:
+        def render(prepared: tuple[JVPTask, Names, Any], result: JVPResult) -> dict[str, Any]:
+            task, names, _ = prepared
             outputs = [encode_tensor(o, encoding=encoding) for o in result.outputs]
             blocks = [encode_tensor(j, encoding=encoding) for j in result.jvps]
             n = len(names)
@@ -163,9 +159,7 @@ class DerivativeService:
                 "device": str(task.device),
             }
 
-        response = await asyncio.to_thread(render)
-        response["timing_ms"] = JVPService._timing(result, started)
-        return response
+        return await self.service.answer(partial(self._prepare_jacobian, body), render, arrived)
 
     # POST /hvp.
 
@@ -194,12 +188,10 @@ class DerivativeService:
         return task, names + list(task.parameter_tangents)
 
     async def hvp(self, body: HVPRequest, arrived: float | None = None) -> dict[str, Any]:
-        started = time.monotonic()
-        task, names = await asyncio.to_thread(self._prepare_hvp, body)
-        result = await self._run(task, arrived)
         encoding = body.options.encoding
 
-        def render() -> dict[str, Any]:
+        def render(prepared: tuple[JVPTask, list[str]], result: JVPResult) -> dict[str, Any]:
+            task, names = prepared
             return {
                 "output": encode_tensor(result.outputs[0], encoding=encoding),
                 "hvp": {
@@ -210,9 +202,7 @@ class DerivativeService:
                 "device": str(task.device),
             }
 
-        response = await asyncio.to_thread(render)
-        response["timing_ms"] = JVPService._timing(result, started)
-        return response
+        return await self.service.answer(partial(self._prepare_hvp, body), render, arrived)
 
     # POST /linearize, POST /linearize/{id}/jvp, DELETE /linearize/{id}.
 
@@ -231,14 +221,14 @@ class DerivativeService:
     async def linearize(
         self, body: LinearizeRequest, arrived: float | None = None
     ) -> dict[str, Any]:
-        started = time.monotonic()
-        task, names, op = await asyncio.to_thread(self._prepare_linearize, body)
-        result = await self._run(task, arrived)
-        session = op.session
-        assert session is not None
         encoding = body.options.encoding
 
-        def render() -> dict[str, Any]:
+        def render(
+            prepared: tuple[JVPTask, Names, LinearizeOperation], result: JVPResult
+        ) -> dict[str, Any]:
+            task, names, op = prepared
+            session = op.session
+            assert session is not None
             outputs = [encode_tensor(o, encoding=encoding) for o in result.outputs]
             single = task.target.single_output and len(outputs) == 1
             return {
@@ -251,9 +241,7 @@ class DerivativeService:
                 "device": str(task.device),
             }
 
-        response = await asyncio.to_thread(render)
-        response["timing_ms"] = JVPService._timing(result, started)
-        return response
+        return await self.service.answer(partial(self._prepare_linearize, body), render, arrived)
 
     # A long method on purpose: each tangent checked against the shapes the session
     # recorded, one message per check, as /jvp checks its tangents.
@@ -306,12 +294,7 @@ class DerivativeService:
         if batched:
             tangent_batch_size(given, given_params)
         total = sum(t.numel() for t in (*given.values(), *given_params.values()))
-        if total > self.settings.max_request_elements:
-            raise TooLarge(
-                f"The request holds {total} tensor elements; the limit is "
-                f"{self.settings.max_request_elements}",
-                param="tangents",
-            )
+        self.service.check_elements(total, "tangents")
         tangents = tuple(given.get(n) for n in target.input_names)
         return JVPTask(
             target=target,
@@ -330,19 +313,17 @@ class DerivativeService:
         )
 
     async def linearized_jvp(self, session_id: str, body: LinearizedJVPRequest) -> dict[str, Any]:
-        started = time.monotonic()
-        task = await asyncio.to_thread(self._prepare_linearized_jvp, session_id, body)
-        result = await self._run(task)
         encoding = body.options.encoding
 
-        def render() -> dict[str, Any]:
+        def prepare() -> tuple[JVPTask]:
+            return (self._prepare_linearized_jvp(session_id, body),)
+
+        def render(prepared: tuple[JVPTask], result: JVPResult) -> dict[str, Any]:
             jvps = [encode_tensor(j, encoding=encoding) for j in result.jvps]
-            single = task.target.single_output and len(jvps) == 1
+            single = prepared[0].target.single_output and len(jvps) == 1
             return {"jvp": jvps[0] if single else jvps}
 
-        response = await asyncio.to_thread(render)
-        response["timing_ms"] = JVPService._timing(result, started)
-        return response
+        return await self.service.answer(prepare, render)
 
     def delete_session(self, session_id: str) -> None:
         self.store.delete(session_id)

@@ -30,6 +30,7 @@ from app.wire.codec import Limits, decode_tensor, encode_tensor
 from app.wire.safetensors import SafetensorsBody, encode_response
 
 T = TypeVar("T")
+P = TypeVar("P", bound=tuple[Any, ...])
 
 
 @lru_cache(maxsize=4096)
@@ -272,12 +273,7 @@ class JVPService:
         total = sum(x.numel() for x in inputs)
         total += sum(t.numel() for t in tangents if t is not None)
         total += sum(t.numel() for t in parameter_tangents.values())
-        if total > self.settings.max_request_elements:
-            raise TooLarge(
-                f"The request holds {total} tensor elements; the limit is "
-                f"{self.settings.max_request_elements}",
-                param="primals",
-            )
+        self.check_elements(total, "primals")
 
     def bound(
         self, task: JVPTask, *, strict: bool = False, cached_only: bool = False
@@ -355,6 +351,34 @@ class JVPService:
         if self.metrics is not None:
             self.metrics.observe_result(task.device, result)
         return task, result
+
+    async def answer(
+        self,
+        prepare: Callable[[], P],
+        render: Callable[[P, JVPResult], dict[str, Any]],
+        arrived: float | None = None,
+    ) -> dict[str, Any]:
+        """The steps of a derivative request after its route: ``prepare()`` off the event
+        loop (every 4xx before anything is queued; its first item is the `JVPTask`), the
+        task on the engine under its deadline, ``render(prepared, result)`` off the loop,
+        then the timings."""
+        started = time.monotonic()
+        prepared = await asyncio.to_thread(prepare)
+        task: JVPTask = prepared[0]
+        self.schedule(task, arrived)
+        result = await self.engine.run(task, timeout_s=self.settings.request_timeout_s)
+        response = await asyncio.to_thread(render, prepared, result)
+        response["timing_ms"] = self._timing(result, started)
+        return response
+
+    def check_elements(self, total: int, param: str) -> None:
+        """413 when a request holds more tensor elements than JVP_MAX_REQUEST_ELEMENTS."""
+        if total > self.settings.max_request_elements:
+            raise TooLarge(
+                f"The request holds {total} tensor elements; the limit is "
+                f"{self.settings.max_request_elements}",
+                param=param,
+            )
 
     @staticmethod
     def _timing(result: JVPResult, started: float) -> dict[str, float]:

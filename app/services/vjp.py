@@ -8,15 +8,14 @@ queued with an `app.engine.vjp.VJPOperation`; the VJP runs on the device worker.
 
 from __future__ import annotations
 
-import asyncio
-import time
+from functools import partial
 from typing import Any
 
 import torch
 
 from app.engine.abstract import Plan
 from app.engine.devices import DTYPE_NAMES
-from app.engine.errors import InvalidRequest, NotFound, TooLarge
+from app.engine.errors import InvalidRequest, NotFound
 from app.engine.linearize import LinearizeStore
 from app.engine.target import Target
 from app.engine.task import JVPResult, JVPTask
@@ -43,10 +42,6 @@ class VJPService:
         self.service = service
         self.store = store
         self.settings = service.settings
-
-    async def _run(self, task: JVPTask, arrived: float | None = None) -> JVPResult:
-        self.service.schedule(task, arrived)
-        return await self.service.engine.run(task, timeout_s=self.settings.request_timeout_s)
 
     def decode_cotangents(
         self, value: Any, target: Target, dtype: torch.dtype, outputs: int | None
@@ -103,12 +98,7 @@ class VJPService:
         if forward is not None:
             check_cotangent_shapes([s.shape for s in forward.outputs], cotangents, batched, single)
         total = sum(x.numel() for x in task.inputs) + total_elements(cotangents)
-        if total > self.settings.max_request_elements:
-            raise TooLarge(
-                f"The request holds {total} tensor elements; the limit is "
-                f"{self.settings.max_request_elements}",
-                param="cotangents",
-            )
+        self.service.check_elements(total, "cotangents")
         op = VJPOperation(
             input_indices=indices,
             parameter_names=params,
@@ -124,12 +114,12 @@ class VJPService:
         return task, names, op
 
     async def vjp(self, body: VJPRequest, arrived: float | None = None) -> dict[str, Any]:
-        started = time.monotonic()
-        task, names, op = await asyncio.to_thread(self.prepare, body)
-        result = await self._run(task, arrived)
         encoding = body.options.encoding
 
-        def render() -> dict[str, Any]:
+        def render(
+            prepared: tuple[JVPTask, tuple[str, ...], VJPOperation], result: JVPResult
+        ) -> dict[str, Any]:
+            task, names, op = prepared
             outputs = [encode_tensor(o, encoding=encoding) for o in result.outputs]
             single = task.target.single_output and len(outputs) == 1
             return {
@@ -144,9 +134,7 @@ class VJPService:
                 **op.report(),
             }
 
-        response = await asyncio.to_thread(render)
-        response["timing_ms"] = JVPService._timing(result, started)
-        return response
+        return await self.service.answer(partial(self.prepare, body), render, arrived)
 
     # POST /linearize/{id}/vjp.
 
@@ -169,13 +157,7 @@ class VJPService:
         batched = body.options.cotangent_batch
         single = target.single_output and len(shapes) == 1
         check_cotangent_shapes(shapes, cotangents, batched, single)
-        total = total_elements(cotangents)
-        if total > self.settings.max_request_elements:
-            raise TooLarge(
-                f"The request holds {total} tensor elements; the limit is "
-                f"{self.settings.max_request_elements}",
-                param="cotangents",
-            )
+        self.service.check_elements(total_elements(cotangents), "cotangents")
         task = JVPTask(
             target=target,
             inputs=(),
@@ -194,12 +176,10 @@ class VJPService:
         return task, session.argument_names
 
     async def linearized_vjp(self, session_id: str, body: LinearizedVJPRequest) -> dict[str, Any]:
-        started = time.monotonic()
-        task, names = await asyncio.to_thread(self._prepare_linearized, session_id, body)
-        result = await self._run(task)
         encoding = body.options.encoding
 
-        def render() -> dict[str, Any]:
+        def render(prepared: tuple[JVPTask, tuple[str, ...]], result: JVPResult) -> dict[str, Any]:
+            names = prepared[1]
             return {
                 "vjp": {
                     n: encode_tensor(g, encoding=encoding)
@@ -207,9 +187,9 @@ class VJPService:
                 }
             }
 
-        response = await asyncio.to_thread(render)
-        response["timing_ms"] = JVPService._timing(result, started)
-        return response
+        return await self.service.answer(
+            partial(self._prepare_linearized, session_id, body), render
+        )
 
     def eval_shape(self, body: VJPRequest) -> tuple[JVPTask, tuple[str, ...]]:
         """/eval_shape's task for operation "vjp" (the same checks as /vjp)."""
