@@ -34,16 +34,21 @@ Tensor = Annotated[
 ]
 
 
+def _dtype(unset: str) -> Any:
+    """The ``dtype`` option; ``unset``: what an unset one means before float32."""
+    return Field(
+        None,
+        description="Computation dtype: float16, bfloat16, float32, float64 (or FP16...). "
+        f"Unset: {unset}, else float32.",
+    )
+
+
 class ComputeOptions(BaseModel):
     """The options every derivative of a target shares: where and in which dtype."""
 
     model_config = ConfigDict(extra="forbid")
 
-    dtype: str | None = Field(
-        None,
-        description="Computation dtype: float16, bfloat16, float32, float64 (or FP16...). "
-        "Unset: the model's default dtype (config.json), else float32.",
-    )
+    dtype: str | None = _dtype("the model's default dtype (config.json)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
 
 
@@ -181,15 +186,8 @@ class Status(BaseModel):
 # Beyond one JVP: /jacobian, /hvp, /linearize (app/api/routes/derivatives.py).
 
 
-class DerivativeOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    dtype: str | None = Field(
-        None,
-        description="Computation dtype: float16, bfloat16, float32, float64 (or FP16...). "
-        "Unset: the model's default dtype, else float32.",
-    )
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+class DerivativeOptions(ComputeOptions):
+    dtype: str | None = _dtype("the model's default dtype")
     encoding: Literal["json", "b64"] = Field("json", description="Response tensors as data or b64.")
 
 

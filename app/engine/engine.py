@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import torch
@@ -103,19 +103,15 @@ class Engine:
         for worker in self.workers.values():
             worker.stop()
 
-    def submit(
-        self,
-        task: JVPTask,
-        *,
-        priority: int = INTERACTIVE,
-        deadline: float | None = None,
-        work: Hashable | None = None,
-    ) -> Future[JVPResult]:
+    def worker_for(self, task: JVPTask) -> DeviceWorker:
+        """The worker of the task's device (503 until the engine is ready)."""
         if not self.ready:
             raise Overloaded("The engine is not ready yet; retry shortly", retry_after_s=1)
-        return self.workers[task.device].submit(
-            task, priority=priority, deadline=deadline, work=work
-        )
+        return self.workers[task.device]
+
+    def submit(self, task: JVPTask, *, priority: int = INTERACTIVE) -> Future[JVPResult]:
+        """Queue ``task`` on its device's worker, no deadline (`run` sets one)."""
+        return self.worker_for(task).submit(task, priority=priority)
 
     async def run(
         self, task: JVPTask, *, timeout_s: float, priority: int = INTERACTIVE
@@ -139,7 +135,8 @@ class Engine:
                 result = await self._stacker.run(worker, task, key)
                 if result is not None:
                     return result
-        future = self.submit(task, priority=priority, deadline=task.deadline, work=key)
+        worker = self.worker_for(task)
+        future = worker.submit(task, priority=priority, deadline=task.deadline, work=key)
         try:
             # asyncio.timeout, not wait_for: wait_for wraps the future in one more task.
             async with asyncio.timeout(remaining):

@@ -25,6 +25,10 @@ from app.engine.target import Materialized
 
 Tensors = tuple[torch.Tensor, ...]
 OptionalTensors = tuple[torch.Tensor | None, ...]
+# A JVP engine: (target, inputs, tangents, parameter tangents) -> (outputs, jvps).
+JVPEngine = Callable[
+    [Materialized, Tensors, OptionalTensors, Mapping[str, torch.Tensor]], tuple[Tensors, Tensors]
+]
 
 
 # NOTE [mixed dual and plain operands]
@@ -114,31 +118,25 @@ def verified(
     return run(False)
 
 
-def jvp_dual(
-    target: Materialized,
-    inputs: Tensors,
-    tangents: OptionalTensors,
-    parameter_tangents: Mapping[str, torch.Tensor],
-) -> tuple[Tensors, Tensors]:
-    """J·v with `fwAD.make_dual` / `fwAD.unpack_dual` inside a dual level of this call's own."""
-    return _exact(_dual, target, inputs, tangents, parameter_tangents)
+def _exact(compute: Callable[..., tuple[Tensors, Tensors]]) -> JVPEngine:
+    """The engine that runs ``compute`` with zero tangents where that is exact, else with
+    plain operands (NOTE [mixed dual and plain operands]); no JVP at all without any
+    tangent."""
 
+    def engine(
+        target: Materialized,
+        inputs: Tensors,
+        tangents: OptionalTensors,
+        parameter_tangents: Mapping[str, torch.Tensor],
+    ) -> tuple[Tensors, Tensors]:
+        if all(t is None for t in tangents) and not parameter_tangents:
+            return no_tangents(target, inputs)
+        return verified(
+            lambda zeros: compute(target, inputs, tangents, parameter_tangents, zeros),
+            gives_zero_tangents(target, inputs, tangents, parameter_tangents),
+        )
 
-def _exact(
-    compute: Callable[..., tuple[Tensors, Tensors]],
-    target: Materialized,
-    inputs: Tensors,
-    tangents: OptionalTensors,
-    parameter_tangents: Mapping[str, torch.Tensor],
-) -> tuple[Tensors, Tensors]:
-    """``compute`` with zero tangents where that is exact, else with plain operands
-    (NOTE [mixed dual and plain operands]); no JVP at all without any tangent."""
-    if all(t is None for t in tangents) and not parameter_tangents:
-        return no_tangents(target, inputs)
-    return verified(
-        lambda zeros: compute(target, inputs, tangents, parameter_tangents, zeros),
-        gives_zero_tangents(target, inputs, tangents, parameter_tangents),
-    )
+    return engine
 
 
 def _dual(
@@ -168,17 +166,6 @@ def _dual(
             primals_out.append(primal.detach())
             tangents_out.append(torch.zeros_like(primal) if tangent is None else tangent.detach())
     return tuple(primals_out), tuple(tangents_out)
-
-
-def jvp_functional(
-    target: Materialized,
-    inputs: Tensors,
-    tangents: OptionalTensors,
-    parameter_tangents: Mapping[str, torch.Tensor],
-) -> tuple[Tensors, Tensors]:
-    """J·v with `torch.func.jvp` of what has a tangent, the rest closed over (small operands
-    first with a zero tangent: NOTE [mixed dual and plain operands])."""
-    return _exact(functional, target, inputs, tangents, parameter_tangents)
 
 
 def functional(
@@ -213,4 +200,9 @@ def functional(
     return tuple(o.detach() for o in outputs), tuple(t.detach() for t in jvps)
 
 
+# J·v with `fwAD.make_dual` / `fwAD.unpack_dual` inside a dual level of this call's own.
+jvp_dual = _exact(_dual)
+# J·v with `torch.func.jvp` of what has a tangent, the rest closed over (small operands
+# first with a zero tangent: NOTE [mixed dual and plain operands]).
+jvp_functional = _exact(functional)
 ENGINES = {"dual": jvp_dual, "functional": jvp_functional}

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from app.engine.devices import DTYPE_NAMES
 from app.engine.errors import InvalidRequest, TooLarge
 from app.engine.linearize import LinearizeStore
 from app.engine.operations import (
@@ -35,7 +34,7 @@ from app.schemas import (
     LinearizedJVPRequest,
     LinearizeRequest,
 )
-from app.services.jvp import JVPService
+from app.services.jvp import JVPService, encoded, one_or_list, placement
 from app.settings import Settings
 from app.wire.codec import decode_tensor, encode_tensor
 
@@ -144,19 +143,16 @@ class DerivativeService:
 
         def render(prepared: tuple[JVPTask, Names, Any], result: JVPResult) -> dict[str, Any]:
             task, names, _ = prepared
-            outputs = [encode_tensor(o, encoding=encoding) for o in result.outputs]
-            blocks = [encode_tensor(j, encoding=encoding) for j in result.jvps]
+            blocks = encoded(result.jvps, encoding)
             n = len(names)
             maps = [
                 dict(zip(names, blocks[i * n : (i + 1) * n], strict=True))
-                for i in range(len(outputs))
+                for i in range(len(result.outputs))
             ]
-            single = task.target.single_output and len(outputs) == 1
             return {
-                "output": outputs[0] if single else outputs,
-                "jacobian": maps[0] if single else maps,
-                "dtype": DTYPE_NAMES[task.dtype],
-                "device": str(task.device),
+                "output": one_or_list(task, encoded(result.outputs, encoding)),
+                "jacobian": one_or_list(task, maps),
+                **placement(task),
             }
 
         return await self.service.answer(partial(self._prepare_jacobian, body), render, arrived)
@@ -198,8 +194,7 @@ class DerivativeService:
                     n: encode_tensor(h, encoding=encoding)
                     for n, h in zip(names, result.jvps, strict=True)
                 },
-                "dtype": DTYPE_NAMES[task.dtype],
-                "device": str(task.device),
+                **placement(task),
             }
 
         return await self.service.answer(partial(self._prepare_hvp, body), render, arrived)
@@ -229,16 +224,13 @@ class DerivativeService:
             task, names, op = prepared
             session = op.session
             assert session is not None
-            outputs = [encode_tensor(o, encoding=encoding) for o in result.outputs]
-            single = task.target.single_output and len(outputs) == 1
             return {
                 "id": session.id,
-                "output": outputs[0] if single else outputs,
+                "output": one_or_list(task, encoded(result.outputs, encoding)),
                 "expires_at": _iso(session.expires_at),
                 "wrt": list(names),
                 "bytes": session.nbytes,
-                "dtype": DTYPE_NAMES[task.dtype],
-                "device": str(task.device),
+                **placement(task),
             }
 
         return await self.service.answer(partial(self._prepare_linearize, body), render, arrived)
@@ -319,9 +311,7 @@ class DerivativeService:
             return (self._prepare_linearized_jvp(session_id, body),)
 
         def render(prepared: tuple[JVPTask], result: JVPResult) -> dict[str, Any]:
-            jvps = [encode_tensor(j, encoding=encoding) for j in result.jvps]
-            single = prepared[0].target.single_output and len(jvps) == 1
-            return {"jvp": jvps[0] if single else jvps}
+            return {"jvp": one_or_list(prepared[0], encoded(result.jvps, encoding))}
 
         return await self.service.answer(prepare, render)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -97,6 +97,21 @@ MISSING = object()  # `JVPService.bound(cached_only=True)`: not evaluated yet
 async def _offload(fn: Callable[..., T], *args: Any, inline: bool) -> T:
     """``fn(*args)`` here when ``inline``, else in a worker thread off the event loop."""
     return fn(*args) if inline else await asyncio.to_thread(fn, *args)
+
+
+def encoded(tensors: Sequence[torch.Tensor], encoding: str) -> list[dict[str, Any]]:
+    """Each tensor in its wire form (``encoding``: "json" or "b64")."""
+    return [encode_tensor(t, encoding=encoding) for t in tensors]
+
+
+def one_or_list(task: JVPTask, items: list[Any]) -> Any:
+    """The one item of a single-output target's answer, else the list, one per output."""
+    return items[0] if task.target.single_output and len(items) == 1 else items
+
+
+def placement(task: JVPTask) -> dict[str, str]:
+    """The ``dtype`` and ``device`` fields of an answer: where it was computed."""
+    return {"dtype": DTYPE_NAMES[task.dtype], "device": str(task.device)}
 
 
 class JVPService:
@@ -410,8 +425,7 @@ class JVPService:
         started = time.monotonic()
         task, result = await self._run(request, small=small, arrived=arrived)
         fields = {
-            "dtype": DTYPE_NAMES[task.dtype],
-            "device": str(task.device),
+            **placement(task),
             "engine": task.engine,
             "method": result.method,
             **(task.operation.report() if task.operation is not None else {}),
@@ -427,14 +441,10 @@ class JVPService:
 
     @staticmethod
     def render(task: JVPTask, result: JVPResult, encoding: str) -> dict[str, Any]:
-        outputs = [encode_tensor(o, encoding=encoding) for o in result.outputs]
-        jvps = [encode_tensor(j, encoding=encoding) for j in result.jvps]
-        single = task.target.single_output and len(outputs) == 1
         return {
-            "output": outputs[0] if single else outputs,
-            "jvp": jvps[0] if single else jvps,
-            "dtype": DTYPE_NAMES[task.dtype],
-            "device": str(task.device),
+            "output": one_or_list(task, encoded(result.outputs, encoding)),
+            "jvp": one_or_list(task, encoded(result.jvps, encoding)),
+            **placement(task),
             "engine": task.engine,
             "method": result.method,
             **(task.operation.report() if task.operation is not None else {}),

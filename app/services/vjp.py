@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from app.engine.abstract import Plan
-from app.engine.devices import DTYPE_NAMES
 from app.engine.errors import InvalidRequest, NotFound
 from app.engine.linearize import LinearizeStore
 from app.engine.target import Target
@@ -28,7 +27,7 @@ from app.engine.vjp import (
 from app.schemas import JVPOptions, JVPRequest
 from app.schemas_vjp import LinearizedVJPRequest, VJPRequest
 from app.services.derivatives import DerivativeService
-from app.services.jvp import JVPService
+from app.services.jvp import JVPService, encoded, one_or_list, placement
 from app.wire.codec import decode_tensor, encode_tensor
 
 OptionalTensors = tuple[torch.Tensor | None, ...]
@@ -120,16 +119,13 @@ class VJPService:
             prepared: tuple[JVPTask, tuple[str, ...], VJPOperation], result: JVPResult
         ) -> dict[str, Any]:
             task, names, op = prepared
-            outputs = [encode_tensor(o, encoding=encoding) for o in result.outputs]
-            single = task.target.single_output and len(outputs) == 1
             return {
-                "output": outputs[0] if single else outputs,
+                "output": one_or_list(task, encoded(result.outputs, encoding)),
                 "vjp": {
                     n: encode_tensor(g, encoding=encoding)
                     for n, g in zip(names, result.jvps, strict=True)
                 },
-                "dtype": DTYPE_NAMES[task.dtype],
-                "device": str(task.device),
+                **placement(task),
                 "method": op.method,
                 **op.report(),
             }

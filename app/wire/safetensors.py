@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,17 +60,30 @@ def _header(body: np.ndarray) -> tuple[dict[str, Any], int]:
             f"holds {len(body) - 8} after the length",
             param="body",
         )
-    try:
-        header = orjson.loads(body[8 : 8 + size].data)
-    except orjson.JSONDecodeError as e:
-        raise InvalidRequest(
-            f"The body is not a safetensors file: its header is not JSON ({e})", param="body"
-        ) from None
-    if not isinstance(header, dict):
-        raise InvalidRequest(
-            "The body is not a safetensors file: its header is not a JSON object", param="body"
-        )
+    header = _json_object(
+        body[8 : 8 + size].data,
+        "body",
+        lambda e: f"The body is not a safetensors file: its header is not JSON ({e})",
+        lambda _: "The body is not a safetensors file: its header is not a JSON object",
+    )
     return header, 8 + size
+
+
+def _json_object(
+    data: bytes | memoryview | str,
+    param: str,
+    not_json: Callable[[Exception], str],
+    not_object: Callable[[Any], str],
+) -> dict[str, Any]:
+    """``data`` parsed as a JSON object; a 400 with ``not_json(error)`` or
+    ``not_object(value)`` otherwise."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequest(not_json(e), param=param) from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(not_object(value), param=param)
+    return value
 
 
 def _request_metadata(header: dict[str, Any]) -> dict[str, Any]:
@@ -81,17 +95,12 @@ def _request_metadata(header: dict[str, Any]) -> dict[str, Any]:
             "'model' (and optional 'options')",
             param="request",
         )
-    try:
-        request = orjson.loads(text)
-    except orjson.JSONDecodeError as e:
-        raise InvalidRequest(
-            f"The 'request' metadata is not valid JSON: {e}", param="request"
-        ) from None
-    if not isinstance(request, dict):
-        raise InvalidRequest(
-            f"The 'request' metadata must be a JSON object, got {type(request).__name__}",
-            param="request",
-        )
+    request = _json_object(
+        text,
+        "request",
+        lambda e: f"The 'request' metadata is not valid JSON: {e}",
+        lambda v: f"The 'request' metadata must be a JSON object, got {type(v).__name__}",
+    )
     inline = [k for k in GROUPS if k in request]
     if inline:
         raise InvalidRequest(
