@@ -41,7 +41,7 @@ class Cdist(nn.Module):
 
 
 def serve(client: TestClient, name: str, module: nn.Module) -> None:
-    registry: ModelRegistry = client.app.state.registry  # type: ignore[attr-defined]
+    registry: ModelRegistry = client.app.state.runtime.registry  # type: ignore[attr-defined]
     inputs = [TensorSpec("x", (-1, -1), "float32")]
     registry.add(
         ServedModel(
@@ -106,7 +106,7 @@ def test_create_jvp_full_queue_is_503_with_retry_after() -> None:
             )
         )
         threads[1].start()
-        worker = next(iter(c.app.state.engine.workers.values()))  # type: ignore[attr-defined]
+        worker = next(iter(c.app.state.runtime.engine.workers.values()))  # type: ignore[attr-defined]
         deadline = time.monotonic() + 10
         while worker.depth < 1 and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -22,20 +22,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = build(settings, metrics=app_metrics)
-        app.state.runtime = runtime
-        app.state.engine = runtime.engine
-        app.state.registry = runtime.registry
-        app.state.service = runtime.service
-        app.state.derivatives = runtime.derivatives
-        app.state.shapes = runtime.shapes
-        app.state.vjp = runtime.vjp
-        await runtime.start()
-        app.state.jobs = runtime.jobs
+        # Routes take what they use of it through app/api/deps.py.
+        app.state.runtime = build(settings, metrics=app_metrics)
+        await app.state.runtime.start()
         try:
             yield
         finally:
-            await runtime.stop()
+            await app.state.runtime.stop()
 
     app = JVPApp(
         title="JVP service",
@@ -55,19 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app_metrics = Metrics()
     app.state.metrics = app_metrics
     errors.install(app)
-    # Added last = outermost: the request id and metrics see the 401s, 413s and 408s too;
-    # the key is checked before the body limits (NOTE [the key before the body]).
-    limits = settings.max_body_bytes, settings.body_timeout_s
-    app.add_middleware(BodyLimitMiddleware, *limits)
-    app.add_middleware(KeyFirstMiddleware)
-    app.add_middleware(RequestContextMiddleware, metrics=app_metrics)
-    if not settings.opentelemetry:
-        # The same three around POST /jvp, past the framework (NOTE [POST /jvp past the
-        # framework] in app/api/fastpath.py).
-        app.jvp_stack = RequestContextMiddleware(
-            KeyFirstMiddleware(BodyLimitMiddleware(JVPEndpoint(), *limits)),
-            metrics=app_metrics,
-        )
+    _add_middleware(app, settings, app_metrics)
     app.include_router(jvp.router)
     app.include_router(derivatives.router)
     app.include_router(vjp.router)
@@ -78,3 +59,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     docs.install(app)  # /openapi.json (with the Bearer scheme), /docs, /redoc, their assets
     return app
+
+
+def _add_middleware(app: JVPApp, settings: Settings, metrics: Metrics) -> None:
+    """The request id and metrics, the key, the body limits: around every route, and
+    around POST /jvp past the framework."""
+    # Added last = outermost: the request id and metrics see the 401s, 413s and 408s too;
+    # the key is checked before the body limits (NOTE [the key before the body]).
+    limits = settings.max_body_bytes, settings.body_timeout_s
+    app.add_middleware(BodyLimitMiddleware, *limits)
+    app.add_middleware(KeyFirstMiddleware)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    if not settings.opentelemetry:
+        # The same three around POST /jvp, past the framework (NOTE [POST /jvp past the
+        # framework] in app/api/fastpath.py).
+        app.jvp_stack = RequestContextMiddleware(
+            KeyFirstMiddleware(BodyLimitMiddleware(JVPEndpoint(), *limits)),
+            metrics=metrics,
+        )

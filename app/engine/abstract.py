@@ -294,6 +294,8 @@ def _bytes(specs: Sequence[Spec]) -> int:
     return sum(s.numel * s.dtype.itemsize for s in specs)
 
 
+# A long function on purpose: the multipliers of every operation form one table, read
+# (and checked against tests/services/test_eval_shape.py) side by side.
 def _derive(forward: Forward, plan: Plan, dtype: torch.dtype) -> Estimate:
     """The operation's results and cost from the forward pass (NOTE [abstract evaluation]).
 

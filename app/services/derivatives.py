@@ -34,7 +34,8 @@ from app.schemas import (
     LinearizedJVPRequest,
     LinearizeRequest,
 )
-from app.services.jvp import JVPService, encoded, one_or_list, placement
+from app.services.jvp import JVPService
+from app.services.render import encoded, one_or_list, placement
 from app.settings import Settings
 from app.wire.codec import decode_tensor, encode_tensor
 

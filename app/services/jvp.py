@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, TypeVar
 
 import torch
 
 from app.engine.abstract import Bounds, Estimate, Estimator, check_deadline, plan_of
-from app.engine.devices import DTYPE_NAMES, device_memory, parse_device, parse_dtype
+from app.engine.devices import device_memory, parse_device, parse_dtype
 from app.engine.engine import Engine
 from app.engine.errors import InvalidRequest, TooLarge
 from app.engine.expressions import compile_expression
@@ -25,8 +25,9 @@ from app.engine.task import JVPResult, JVPTask
 from app.metrics import Metrics
 from app.models.registry import ModelRegistry, ServedModel
 from app.schemas import JVPRequest
+from app.services.render import encoded, one_or_list, placement
 from app.settings import Settings
-from app.wire.codec import Limits, decode_tensor, encode_tensor
+from app.wire.codec import Limits, decode_tensor
 from app.wire.safetensors import SafetensorsBody, encode_response
 
 T = TypeVar("T")
@@ -97,21 +98,6 @@ MISSING = object()  # `JVPService.bound(cached_only=True)`: not evaluated yet
 async def _offload(fn: Callable[..., T], *args: Any, inline: bool) -> T:
     """``fn(*args)`` here when ``inline``, else in a worker thread off the event loop."""
     return fn(*args) if inline else await asyncio.to_thread(fn, *args)
-
-
-def encoded(tensors: Sequence[torch.Tensor], encoding: str) -> list[dict[str, Any]]:
-    """Each tensor in its wire form (``encoding``: "json" or "b64")."""
-    return [encode_tensor(t, encoding=encoding) for t in tensors]
-
-
-def one_or_list(task: JVPTask, items: list[Any]) -> Any:
-    """The one item of a single-output target's answer, else the list, one per output."""
-    return items[0] if task.target.single_output and len(items) == 1 else items
-
-
-def placement(task: JVPTask) -> dict[str, str]:
-    """The ``dtype`` and ``device`` fields of an answer: where it was computed."""
-    return {"dtype": DTYPE_NAMES[task.dtype], "device": str(task.device)}
 
 
 class JVPService:

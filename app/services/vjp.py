@@ -27,7 +27,8 @@ from app.engine.vjp import (
 from app.schemas import JVPOptions, JVPRequest
 from app.schemas_vjp import LinearizedVJPRequest, VJPRequest
 from app.services.derivatives import DerivativeService
-from app.services.jvp import JVPService, encoded, one_or_list, placement
+from app.services.jvp import JVPService
+from app.services.render import encoded, one_or_list, placement
 from app.wire.codec import decode_tensor, encode_tensor
 
 OptionalTensors = tuple[torch.Tensor | None, ...]

@@ -31,7 +31,7 @@ class TwoOutputs(nn.Module):
 def binary_client() -> Iterator[TestClient]:
     with make_client() as c:
         inputs = [TensorSpec("x", (-1, 3), "float32"), TensorSpec("y", (-1, 3), "float32")]
-        c.app.state.registry.add(  # type: ignore[attr-defined]
+        c.app.state.runtime.registry.add(  # type: ignore[attr-defined]
             ServedModel(
                 name="two-outputs",
                 description="",
@@ -112,7 +112,7 @@ def test_post_jvp_safetensors_parameter_tangents_answer_in_json(client: TestClie
         headers={"content-type": SAFETENSORS},  # no Accept: the response is JSON
     )
     assert r.status_code == 200, r.text
-    linear = client.app.state.registry.get("linear")  # type: ignore[attr-defined]
+    linear = client.app.state.runtime.registry.get("linear")  # type: ignore[attr-defined]
     m = linear.target.materialize(torch.float32, torch.device("cpu"))
     w, b = m.parameters["weight"], m.parameters["bias"]
     out, jvp = func_jvp(lambda a, wt: a @ wt.T + b, (x, w), (tx, tw))

@@ -401,7 +401,7 @@ def test_cancel_job_stops_tasks_not_started(jobs_client: TestClient) -> None:
     assert cancelled.json()["status"] == "cancelled"
     assert cancelled.json()["cancelled"] > 0
     job = wait_finished(jobs_client, job_id)
-    runner = jobs_client.app.state.jobs.backend  # type: ignore[attr-defined]
+    runner = jobs_client.app.state.runtime.jobs.backend  # type: ignore[attr-defined]
     wait_until(lambda: not runner.inflight, "the runner did not settle")
     # Every task either ran (and its result is kept) or never ran; none ran after the cancel
     # without being counted: the runner computed exactly the tasks that are done.
