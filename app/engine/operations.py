@@ -23,11 +23,6 @@ once the future resolved (`report`).
     [[2.0, 0.0], [0.0, 4.0]]
 """
 
-# NOTE [one module: the operations]
-# Over 450 lines on purpose: one class per operation (jvp with options, jacobian, hvp,
-# linearize, linearized jvp), all with the same call and report protocol, so a new
-# operation is written beside the ones it resembles and the shared helpers above them.
-
 from __future__ import annotations
 
 import inspect

@@ -36,7 +36,8 @@ app/engine/jvp.py, NOTE [derivative coverage check] in app/engine/derivatives.py
   wrt, outputs) the forward pass is run once under `CoverageMode`, which follows the
   gradient's path from the ``wrt`` arguments through every operator and checks each
   against derivatives.yaml, exactly as the forward fallbacks' check does (a backward
-  formula is what that table lists per argument); the verdict is cached (`check_coverage`).
+  formula is what that table lists per argument); the verdict is cached (`CoverageCache`).
+  All three are in app/engine/reverse_coverage.py.
   The check is conservative: an operator that receives a ``wrt``-dependent tensor must have
   a formula for it even when its result never reaches a weighted output.
 - What does not carry over: forward mode's zero tangents for speed (reverse mode has no
