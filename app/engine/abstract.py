@@ -415,24 +415,26 @@ def evaluate(
             )
     forward = trace_forward(target, shapes, dtype, max_elements)
     if plan.kind == "hvp":
-        _check_scalar(forward.outputs, plan)
+        check_scalar([o.shape for o in forward.outputs], plan.output_index, plan.reduction)
     result = _derive(forward, plan, dtype)
     check_bounds(result, Bounds(max_elements, math.inf, math.inf))  # type: ignore[arg-type]
     return result
 
 
-def _check_scalar(outputs: tuple[Spec, ...], plan: Plan) -> None:
-    """The 422s of `app.engine.operations.scalar_of`, before anything runs."""
-    if not 0 <= plan.output_index < len(outputs):
+def check_scalar(shapes: Sequence[Sequence[int]], output_index: int, reduction: str) -> None:
+    """The 422s of the scalar an HVP is taken of, on the outputs' shapes: the output must
+    exist, and be a scalar unless ``reduction`` reduces it. Run here on meta shapes before
+    anything runs, and by `app.engine.operations.scalar_of` on the real outputs."""
+    if not 0 <= output_index < len(shapes):
         raise InvalidRequest(
-            f"output_index {plan.output_index} is out of range: the function has "
-            f"{len(outputs)} output(s)",
+            f"output_index {output_index} is out of range: the function has "
+            f"{len(shapes)} output(s)",
             param="output_index",
         )
-    shape = outputs[plan.output_index].shape
-    if plan.reduction == "none" and math.prod(shape) != 1:
+    shape = shapes[output_index]
+    if reduction == "none" and math.prod(shape) != 1:
         raise InvalidRequest(
-            f"/hvp needs a scalar-valued function, but output {plan.output_index} has shape "
+            f"/hvp needs a scalar-valued function, but output {output_index} has shape "
             f"{list(shape)}; set 'reduction' to 'sum' or 'mean' to reduce it",
             param="reduction",
         )

@@ -14,8 +14,8 @@ Expired sessions are dropped when looked up and by `sweep` (which the app runs
 periodically).
 
     >>> store = LinearizeStore(ttl_s=60, max_session_bytes=100, budget_bytes=150)
-    >>> s = store.add(target=None, dtype=None, device=None, argument_names=("x",),
-    ...               input_indices=(0,), shapes=((3,),), outputs=1, apply=print, nbytes=100)
+    >>> s = store.add(LinearizeSession(target=None, dtype=None, device=None,
+    ...     argument_names=("x",), input_indices=(0,), shapes=((3,),), apply=print, nbytes=100))
     >>> store.get(s.id) is s, store.used_bytes
     (True, 100)
 """
@@ -54,7 +54,6 @@ class StorageBytes:
 
 @dataclass(eq=False)
 class LinearizeSession:
-    id: str
     target: Any  # the Target it was made from (app.engine.target.Target)
     dtype: Any  # torch.dtype
     device: Any  # torch.device
@@ -63,12 +62,13 @@ class LinearizeSession:
     shapes: tuple[tuple[int, ...], ...]  # of each argument
     apply: Callable[..., Any]  # the linearized function: tangents -> J·t per output
     nbytes: int
-    expires_at: float
     # (tangents, batched) -> J·t with the arguments whose tangent is None held fixed,
     # exactly (NOTE [linearize without a tangent] in app/engine/operations.py).
     apply_without: Callable[..., Any] | None = None
     # With options.transpose: what Jᵀu needs (app.engine.vjp.Transpose), else None.
     transpose: Any = None
+    id: str = ""  # set by `LinearizeStore.add`, with expires_at (wall-clock seconds)
+    expires_at: float = 0.0
 
 
 class LinearizeStore:
@@ -108,23 +108,10 @@ class LinearizeStore:
         with self._lock:
             return sum(s.nbytes for s in self._sessions.values())
 
-    def add(
-        self,
-        *,
-        target: Any,
-        dtype: Any,
-        device: Any,
-        argument_names: tuple[str, ...],
-        input_indices: tuple[int, ...],
-        shapes: tuple[tuple[int, ...], ...],
-        outputs: int,
-        apply: Callable[..., Any],
-        nbytes: int,
-        apply_without: Callable[..., Any] | None = None,
-        transpose: Any = None,
-    ) -> LinearizeSession:
-        """Keep a new session, or refuse it: 413 past the per-session limit, 503 past
-        the budget."""
+    def add(self, session: LinearizeSession) -> LinearizeSession:
+        """Keep a new session, its id and expiry set here, or refuse it: 413 past the
+        per-session limit, 503 past the budget."""
+        nbytes = session.nbytes
         if nbytes > self.max_session_bytes:
             raise TooLarge(
                 f"This linearization holds about {nbytes} bytes; the limit per session is "
@@ -143,20 +130,8 @@ class LinearizeStore:
                     "sessions expire, or DELETE /linearize/{id} the ones you are done with",
                     retry_after_s=self._seconds_until_room(now, used, nbytes),
                 )
-            session = LinearizeSession(
-                id=secrets.token_hex(16),
-                target=target,
-                dtype=dtype,
-                device=device,
-                argument_names=argument_names,
-                input_indices=input_indices,
-                shapes=shapes,
-                apply=apply,
-                nbytes=nbytes,
-                expires_at=now + self.ttl_s,
-                apply_without=apply_without,
-                transpose=transpose,
-            )
+            session.id = secrets.token_hex(16)
+            session.expires_at = now + self.ttl_s
             self._sessions[session.id] = session
             return session
 

@@ -37,6 +37,7 @@ from torch.func import grad_and_value, jacfwd, vmap
 from torch.func import jvp as func_jvp
 from torch.func import linearize as func_linearize
 
+from app.engine.abstract import check_scalar
 from app.engine.checks import jvp_check
 from app.engine.errors import InvalidRequest, TooLarge
 from app.engine.fallback import FORWARD, jvp_with_fallback, unsupported_operator
@@ -50,6 +51,7 @@ from app.engine.protocol import (
     Tensors,
 )
 from app.engine.target import Target
+from app.engine.vjp import make_transpose
 
 
 def tangent_batch_size(
@@ -188,23 +190,12 @@ Reduction = Literal["sum", "mean", "none"]
 
 def scalar_of(outputs: Tensors, output_index: int, reduction: Reduction) -> torch.Tensor:
     """The scalar an HVP is taken of: one output, reduced (422 when it is no scalar)."""
-    if not 0 <= output_index < len(outputs):
-        raise InvalidRequest(
-            f"output_index {output_index} is out of range: the function has "
-            f"{len(outputs)} output(s)",
-            param="output_index",
-        )
+    check_scalar([o.shape for o in outputs], output_index, reduction)
     y = outputs[output_index]
     if reduction == "sum":
         return y.sum()
     if reduction == "mean":
         return y.mean()
-    if y.numel() != 1:
-        raise InvalidRequest(
-            f"/hvp needs a scalar-valued function, but output {output_index} has shape "
-            f"{list(y.shape)}; set 'reduction' to 'sum' or 'mean' to reduce it",
-            param="reduction",
-        )
     return y.reshape(())
 
 
@@ -337,23 +328,21 @@ class LinearizeOperation(Operation):
             held = 4 * sum(t.nbytes for t in (*primals, *outputs)) + sum(x.nbytes for x in a.inputs)
         transpose = None
         if self.transpose:
-            from app.engine.vjp import make_transpose  # it imports this module
-
             transpose = make_transpose(f, primals)
             held += transpose.nbytes
-        self.session = self.store.add(
+        session = LinearizeSession(
             target=self.source,
             dtype=primals[0].dtype if primals else outputs[0].dtype,
             device=outputs[0].device if outputs else torch.device("cpu"),
             argument_names=self.argument_names,
             input_indices=self.input_indices,
             shapes=tuple(tuple(p.shape) for p in primals),
-            outputs=len(outputs),
             apply=jvp_fn,
             nbytes=held + SESSION_OVERHEAD_BYTES,
             apply_without=partial(_jvp_without, f, primals),
             transpose=transpose,
         )
+        self.session = self.store.add(session)
         return tuple(o.detach() for o in outputs), ()
 
 
