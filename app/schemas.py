@@ -34,6 +34,11 @@ Tensor = Annotated[
 ]
 
 
+def _by_name(description: str) -> Any:
+    """A field of tensors by name, empty unless given."""
+    return Field(default_factory=dict, description=description)
+
+
 def _dtype(unset: str) -> Any:
     """The ``dtype`` option; ``unset``: what an unset one means before float32."""
     return Field(
@@ -83,11 +88,9 @@ class JVPOptions(ComputeOptions):
 
 
 class JVPRequest(PointRequest):
-    tangents: dict[str, Tensor] = Field(
-        default_factory=dict, description="Per input; a missing one is zero."
-    )
-    parameter_tangents: dict[str, Tensor] = Field(
-        default_factory=dict, description="Models only: tangents of parameters, by name."
+    tangents: dict[str, Tensor] = _by_name("Per input; a missing one is zero.")
+    parameter_tangents: dict[str, Tensor] = _by_name(
+        "Models only: tangents of parameters, by name."
     )
     options: JVPOptions = Field(default_factory=JVPOptions)
 
@@ -216,11 +219,9 @@ class JacobianResponse(BaseModel):
 
 
 class HVPRequest(PointRequest):
-    tangents: dict[str, Tensor] = Field(
-        default_factory=dict, description="Per input; only inputs with a tangent are varied."
-    )
-    parameter_tangents: dict[str, Tensor] = Field(
-        default_factory=dict, description="Models only: tangents of parameters, by name."
+    tangents: dict[str, Tensor] = _by_name("Per input; only inputs with a tangent are varied.")
+    parameter_tangents: dict[str, Tensor] = _by_name(
+        "Models only: tangents of parameters, by name."
     )
     output_index: int = Field(0, ge=0, description="Which output is the scalar (models).")
     reduction: Literal["sum", "mean", "none"] = Field(
@@ -270,12 +271,8 @@ class LinearizedJVPOptions(BaseModel):
 class LinearizedJVPRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tangents: dict[str, Tensor] = Field(
-        default_factory=dict, description="Per input in the session's wrt; a missing one is zero."
-    )
-    parameter_tangents: dict[str, Tensor] = Field(
-        default_factory=dict, description="Per parameter in the session's wrt."
-    )
+    tangents: dict[str, Tensor] = _by_name("Per input in the session's wrt; a missing one is zero.")
+    parameter_tangents: dict[str, Tensor] = _by_name("Per parameter in the session's wrt.")
     options: LinearizedJVPOptions = Field(default_factory=LinearizedJVPOptions)
 
 
