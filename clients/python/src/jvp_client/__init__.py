@@ -17,6 +17,7 @@ from __future__ import annotations
 from ._base import BINARY_MIN_ELEMENTS, DEFAULT_BASE_URL, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 from ._client import AsyncJVPClient, JVPClient
 from ._exceptions import (
+    ADUnsupportedError,
     APIConnectionError,
     APIResponseValidationError,
     APIStatusError,
@@ -32,6 +33,7 @@ from ._exceptions import (
     OverloadedError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    ReverseADUnsupportedError,
     UnprocessableEntityError,
 )
 from ._jobs import AsyncJob, Job
@@ -64,6 +66,7 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_MAX_RETRIES",
     "DEFAULT_TIMEOUT",
+    "ADUnsupportedError",
     "APIConnectionError",
     "APIResponseValidationError",
     "APIStatusError",
@@ -101,6 +104,7 @@ __all__ = [
     "OverloadedError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "ReverseADUnsupportedError",
     "TensorSpec",
     "UnprocessableEntityError",
     "__version__",

@@ -137,7 +137,7 @@ def vjp(
         ``out, vjp = client.vjp(...)``.
 
     Raises:
-        ForwardADUnsupportedError: (501, type ``reverse_ad_unsupported``) an operator
+        ReverseADUnsupportedError: (501, type ``reverse_ad_unsupported``) an operator
             without a backward formula; the message names it.
     """
     where = "vjp()"
