@@ -190,14 +190,18 @@ def _parse_shapes(items: Sequence[str] | None, flag: str) -> dict[str, ShapeInfo
     out: dict[str, ShapeInfo] = {}
     for item in items:
         name, sep, dims = item.partition("=")
-        try:
-            shape = tuple(int(d) for d in dims.split(",") if d.strip())
-        except ValueError:
-            shape = None
-        if not sep or not name or shape is None:
+        if not sep or not name:
             raise UsageError(f"{flag}: expected NAME=D0,D1,... (integers), got {item!r}")
-        out[name] = ShapeInfo(shape)
+        out[name] = _parse_shape(dims, flag, expected="NAME=D0,D1,...", item=item)
     return out
+
+
+def _parse_shape(dims: str, flag: str, *, expected: str = "D0,D1,...", item: str = "") -> ShapeInfo:
+    """``3,4`` (empty for a scalar) as a shape without data, in --dtype."""
+    try:
+        return ShapeInfo(tuple(int(d) for d in dims.split(",") if d.strip()))
+    except ValueError:
+        raise UsageError(f"{flag}: expected {expected} (integers), got {item or dims!r}") from None
 
 
 def _print_eval_shape(result: EvalShapeResult, operation: str) -> None:

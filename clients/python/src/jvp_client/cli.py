@@ -10,6 +10,7 @@
     jvp vjp --expression "sin(x) * y" --primal x=x.npy --primal y=y.npy \\
             --cotangent u.npy [--wrt x] [--cotangent-batch] [--check] --out vjp.npz
     jvp eval-shape [--operation jacobian] -e "sin(x) * y" --shape x=3,4 --shape y=4
+    jvp eval-shape --operation vjp -e "sin(x) * y" -s x=3,4 -s y=4 --cotangent-shape 3,4
     jvp models [NAME]
     jvp health
     jvp jobs submit tasks.jsonl [--expression ... | --model ...] [--wait]
@@ -217,22 +218,36 @@ def _add_vjp_command(commands: Any) -> None:
     vjp = _add(commands, "vjp", "compute a vector-Jacobian product Jᵀ·u (POST /vjp)")
     _add_target_options(vjp, required=True, jvp_options=False)
     _add_tensor_options(vjp, tangents=False)
+    _add_cotangent_options(vjp)
     vjp.add_argument(
+        "--wrt", action="append", metavar="NAME", help="differentiate by; repeat (default: all)"
+    )
+    vjp.add_argument(
+        "--check", action="store_true", help="check it; exit 1 when the check does not pass"
+    )
+    vjp.add_argument("--out", "-o", metavar="FILE.npz", help="write output and vjp_NAME")
+    vjp.set_defaults(handler=commands_._cmd_vjp)
+
+
+def _add_cotangent_options(parser: argparse.ArgumentParser, *, shapes: bool = False) -> None:
+    """The cotangents u of `jvp vjp` and `jvp eval-shape --operation vjp`."""
+    parser.add_argument(
         "--cotangent",
         "-u",
         action="append",
         metavar="FILE",
         help="u, shaped like the output (.npy or JSON); repeat per output, 'null' for none",
     )
-    vjp.add_argument(
-        "--wrt", action="append", metavar="NAME", help="differentiate by; repeat (default: all)"
+    if shapes:
+        parser.add_argument(
+            "--cotangent-shape",
+            action="append",
+            metavar="D0,D1",
+            help="a cotangent by its shape alone (vjp); repeat per output, 'null' for none",
+        )
+    parser.add_argument(
+        "--cotangent-batch", action="store_true", help="cotangents have a leading K"
     )
-    vjp.add_argument("--cotangent-batch", action="store_true", help="cotangents have a leading K")
-    vjp.add_argument(
-        "--check", action="store_true", help="check it; exit 1 when the check does not pass"
-    )
-    vjp.add_argument("--out", "-o", metavar="FILE.npz", help="write output and vjp_NAME")
-    vjp.set_defaults(handler=commands_._cmd_vjp)
 
 
 def _add_eval_shape_command(commands: Any) -> None:
@@ -243,7 +258,7 @@ def _add_eval_shape_command(commands: Any) -> None:
     )
     shapes.add_argument(
         "--operation",
-        choices=["jvp", "jacobian", "hvp", "linearize"],
+        choices=["jvp", "vjp", "jacobian", "hvp", "linearize"],
         default="jvp",
         help="whose shapes (default: jvp)",
     )
@@ -259,8 +274,15 @@ def _add_eval_shape_command(commands: Any) -> None:
     shapes.add_argument(
         "--tangent-shape", action="append", metavar="NAME=D0,D1", help="a tangent's shape"
     )
-    shapes.add_argument("--wrt", action="append", metavar="NAME", help="jacobian, linearize")
+    _add_cotangent_options(shapes, shapes=True)
+    shapes.add_argument("--wrt", action="append", metavar="NAME", help="vjp, jacobian, linearize")
     shapes.add_argument("--reduction", choices=["sum", "mean", "none"], help="hvp")
+    shapes.add_argument("--output-index", type=int, metavar="I", help="hvp: which output")
+    shapes.add_argument(
+        "--transpose",
+        action="store_true",
+        help="linearize: a session that also answers vjp (keeps what the reverse pass needs)",
+    )
     shapes.set_defaults(handler=commands_._cmd_eval_shape)
 
 
