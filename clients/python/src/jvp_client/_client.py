@@ -9,7 +9,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -25,7 +24,15 @@ from ._base import (
 )
 from ._jobs import AsyncJob, Job
 from ._linearize import AsyncLinearization, Linearization
-from ._plans import Call, aiterate, async_method, iterate, sync_method
+from ._plans import (
+    AsyncClosesOnExit,
+    Call,
+    ClosesOnExit,
+    aiterate,
+    async_method,
+    iterate,
+    sync_method,
+)
 from ._types import JobInfo, LinearizationInfo
 
 __all__ = ["AsyncJVPClient", "JVPClient"]
@@ -55,7 +62,7 @@ def _retrying(client: BaseClient[Any], request: httpx.Request, call: Call) -> Re
     return Retrying(request, retries, call.ok_statuses)
 
 
-class JVPClient(BaseClient[httpx.Client]):
+class JVPClient(ClosesOnExit, BaseClient[httpx.Client]):
     """A synchronous client of the JVP service.
 
     Args:
@@ -91,17 +98,6 @@ class JVPClient(BaseClient[httpx.Client]):
         """Close the underlying connection pool (unless it was passed in as ``http_client``)."""
         if self._owns_client:
             self._client.close()
-
-    def __enter__(self) -> JVPClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def _runner(self) -> JVPClient:
@@ -168,7 +164,7 @@ class JVPClient(BaseClient[httpx.Client]):
         return least_squares_jac(self, **kwargs)
 
 
-class AsyncJVPClient(BaseClient[httpx.AsyncClient]):
+class AsyncJVPClient(AsyncClosesOnExit, BaseClient[httpx.AsyncClient]):
     """The asyncio twin of :class:`JVPClient`: the same arguments, methods awaited.
 
     ``http_client`` is an ``httpx.AsyncClient`` (``httpx.ASGITransport`` serves an app
@@ -181,17 +177,6 @@ class AsyncJVPClient(BaseClient[httpx.AsyncClient]):
         """Close the underlying connection pool (unless it was passed in as ``http_client``)."""
         if self._owns_client:
             await self._client.aclose()
-
-    async def __aenter__(self) -> AsyncJVPClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @property
     def _runner(self) -> AsyncJVPClient:

@@ -10,6 +10,7 @@ from ._tensors import Array, parse_number
 
 __all__ = [
     "BufferSpec",
+    "EvalShapeResult",
     "GradientCheck",
     "HVPResult",
     "HealthStatus",
@@ -21,6 +22,7 @@ __all__ = [
     "JobTaskError",
     "JobTaskResult",
     "ModelInfo",
+    "ShapeInfo",
     "TensorSpec",
 ]
 
@@ -78,7 +80,21 @@ class GradientCheck:
 
 
 @dataclass(frozen=True)
-class JVPResult:
+class Computed:
+    """What every computing route's answer says besides its tensors (keyword-only, so
+    each answer class lists its own fields first): the computation ``dtype`` and
+    ``device``, ``timing_ms``, the ``raw`` body and the ``request_id``."""
+
+    dtype: str = field(kw_only=True)
+    device: str = field(kw_only=True)
+    timing_ms: dict[str, float] = field(kw_only=True)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, kw_only=True)
+    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
+    request_id: str | None = field(default=None, kw_only=True)
+
+
+@dataclass(frozen=True)
+class JVPResult(Computed):
     """The answer of ``POST /jvp``.
 
     ``output`` and ``jvp`` are arrays (numpy, or torch when torch tensors went
@@ -88,15 +104,9 @@ class JVPResult:
 
     output: Array | list[Array]
     jvp: Array | list[Array]
-    dtype: str
-    device: str
     engine: str | None
     method: str | None
-    timing_ms: dict[str, float]
     check: GradientCheck | None = None
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
-    request_id: str | None = None
 
     def __iter__(self) -> Iterator[Array | list[Array]]:
         """``out, jvp = client.jvp(...)``, as ``jax.jvp`` answers ``(out, tangent_out)``."""
@@ -104,7 +114,7 @@ class JVPResult:
 
 
 @dataclass(frozen=True)
-class JacobianResult:
+class JacobianResult(Computed):
     """The answer of ``POST /jacobian``.
 
     ``jacobian`` maps each name of ``wrt`` to an array of shape output shape +
@@ -114,30 +124,18 @@ class JacobianResult:
 
     output: Array | list[Array]
     jacobian: dict[str, Array] | list[dict[str, Array]]
-    dtype: str
-    device: str
-    timing_ms: dict[str, float]
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
-    request_id: str | None = None
 
 
 @dataclass(frozen=True)
-class HVPResult:
+class HVPResult(Computed):
     """The answer of ``POST /hvp``: the scalar ``output`` and ``hvp``, H·v per name."""
 
     output: Array
     hvp: dict[str, Array]
-    dtype: str
-    device: str
-    timing_ms: dict[str, float]
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
-    request_id: str | None = None
 
 
 @dataclass(frozen=True)
-class LinearizationInfo:
+class LinearizationInfo(Computed):
     """The answer of ``POST /linearize``: a session kept on the service until ``expires_at``.
 
     ``wrt`` are the names the session's tangents may use; ``bytes`` is its estimated
@@ -149,12 +147,6 @@ class LinearizationInfo:
     expires_at: str
     wrt: list[str]
     bytes: int
-    dtype: str
-    device: str
-    timing_ms: dict[str, float]
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
-    request_id: str | None = None
 
 
 @dataclass(frozen=True)
