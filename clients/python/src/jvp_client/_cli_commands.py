@@ -230,10 +230,7 @@ def _cmd_jobs_submit(client: JVPClient, args: argparse.Namespace) -> int:
     tasks = _read_tasks(args.tasks)
     job = client.submit_job(
         tasks,
-        expression=args.expression,
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
+        **_target(args),
         engine=args.engine,
         fallback=args.fallback,
         idempotency_key=args.idempotency_key,

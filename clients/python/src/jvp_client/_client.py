@@ -30,6 +30,8 @@ from ._plans import (
     ClosesOnExit,
     aiterate,
     async_method,
+    awaited,
+    complete,
     iterate,
     sync_method,
 )
@@ -60,6 +62,29 @@ def _build(client: BaseClient[Any], http: httpx.Client | httpx.AsyncClient, call
 def _retrying(client: BaseClient[Any], request: httpx.Request, call: Call) -> Retrying:
     retries = client.max_retries if call.max_retries is None else call.max_retries
     return Retrying(request, retries, call.ok_statuses)
+
+
+async def _send(
+    client: JVPClient | AsyncJVPClient, http: httpx.Client | httpx.AsyncClient, call: Call
+) -> httpx.Response:
+    """Send ``call`` with ``http``, retrying as NOTE [retries] says; written once for both
+    clients (NOTE [one driver]: the sync client's calls block and are not awaited)."""
+    request = _build(client, http, call)
+    attempts = _retrying(client, request, call)
+    while True:
+        try:
+            response: httpx.Response = await awaited(http.send(request))
+        except httpx.TransportError as exc:
+            await awaited(client._sleep(attempts.failed(exc)))
+            continue
+        delay = attempts.answered(response)
+        if delay is None:
+            return response
+        if isinstance(http, httpx.AsyncClient):
+            await response.aclose()
+        else:
+            response.close()
+        await awaited(client._sleep(delay))
 
 
 class JVPClient(ClosesOnExit, BaseClient[httpx.Client]):
@@ -109,19 +134,7 @@ class JVPClient(ClosesOnExit, BaseClient[httpx.Client]):
 
     def _send(self, call: Call) -> httpx.Response:
         """Send one request, retrying as NOTE [retries] says; raise for error statuses."""
-        request = _build(self, self._client, call)
-        attempts = _retrying(self, request, call)
-        while True:
-            try:
-                response = self._client.send(request)
-            except httpx.TransportError as exc:
-                self._sleep(attempts.failed(exc))
-                continue
-            delay = attempts.answered(response)
-            if delay is None:
-                return response
-            response.close()
-            self._sleep(delay)
+        return complete(_send(self, self._client, call))
 
     def _linearization(self, info: LinearizationInfo, kind: OutputKind) -> Linearization:
         return Linearization(self, info, kind=kind)
@@ -188,19 +201,7 @@ class AsyncJVPClient(AsyncClosesOnExit, BaseClient[httpx.AsyncClient]):
 
     async def _send(self, call: Call) -> httpx.Response:
         """Send one request, retrying as NOTE [retries] says; raise for error statuses."""
-        request = _build(self, self._client, call)
-        attempts = _retrying(self, request, call)
-        while True:
-            try:
-                response = await self._client.send(request)
-            except httpx.TransportError as exc:
-                await self._sleep(attempts.failed(exc))
-                continue
-            delay = attempts.answered(response)
-            if delay is None:
-                return response
-            await response.aclose()
-            await self._sleep(delay)
+        return await _send(self, self._client, call)
 
     def _linearization(self, info: LinearizationInfo, kind: OutputKind) -> AsyncLinearization:
         return AsyncLinearization(self, info, kind=kind)

@@ -45,20 +45,14 @@ _Tensors = Mapping[str, Any]
 C = TypeVar("C")
 
 
-class _LinearizationBase(Handle[C]):
+class _LinearizationBase(Handle[C, LinearizationInfo]):
     """What the sync and async handles share: the session's facts."""
 
     def __init__(
         self, client: C, info: LinearizationInfo, *, kind: OutputKind | None = None
     ) -> None:
-        super().__init__(client, kind)
-        self.info = info
+        super().__init__(client, info, kind)
         self._closed = False
-
-    @property
-    def id(self) -> str:
-        """The session id."""
-        return self.info.id
 
     @property
     def output(self) -> Array | list[Array]:

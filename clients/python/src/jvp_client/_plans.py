@@ -48,6 +48,8 @@ __all__ = [
     "aiterate",
     "arun",
     "async_method",
+    "awaited",
+    "complete",
     "gather",
     "iterate",
     "run",
@@ -111,13 +113,28 @@ class AsyncRunner(Limits, Protocol):
     async def _sleep(self, seconds: float) -> None: ...
 
 
-class Handle(Generic[C]):
-    """A resource made by a client (``Job``, ``Linearization``): its plans run with that
-    client (``_runner``), and its tensors come back as ``kind`` says."""
+class _Identified(Protocol):
+    @property
+    def id(self) -> str: ...
 
-    def __init__(self, client: C, kind: OutputKind | None) -> None:
+
+Info = TypeVar("Info", bound=_Identified)
+
+
+class Handle(Generic[C, Info]):
+    """A resource made by a client (``Job``, ``Linearization``): its plans run with that
+    client (``_runner``), ``info`` is its state last seen, and its tensors come back as
+    ``kind`` says."""
+
+    def __init__(self, client: C, info: Info, kind: OutputKind | None) -> None:
         self._client = client
+        self.info = info
         self._kind = kind or OutputKind()
+
+    @property
+    def id(self) -> str:
+        """The id the service gave it."""
+        return self.info.id
 
     @property
     def _runner(self) -> C:
@@ -161,24 +178,25 @@ async def _step(runner: SyncRunner | AsyncRunner, step: Step) -> tuple[Any, Base
     """Do one step with ``runner``: its methods' results are awaited where they are
     awaitable (an AsyncRunner's), taken as they are otherwise (a SyncRunner's)."""
     if isinstance(step, Sleep):
-        await _value(runner._sleep(step.seconds))
+        await awaited(runner._sleep(step.seconds))
         return None, None
     if not isinstance(step, Call):
         raise TypeError(f"a plan yielded {step!r} where a request was expected")
     try:
-        return await _value(runner._send(step)), None
+        return await awaited(runner._send(step)), None
     except JVPError as exc:
         return None, exc
 
 
-async def _value(result: Any) -> Any:
+async def awaited(result: Any) -> Any:
+    """``result``, awaited when it is awaitable (NOTE [one driver])."""
     return await result if inspect.isawaitable(result) else result
 
 
 # NOTE [one driver]: the driver is written once, as an async generator (aiterate); with a
 # SyncRunner nothing in it ever waits on the event loop (the runner's methods block and
 # return plain values), so the sync drivers run the same coroutines to completion with
-# one ``send(None)`` each (`_complete`), without an event loop.
+# one ``send(None)`` each (`complete`), without an event loop.
 
 
 async def aiterate(
@@ -209,7 +227,7 @@ async def arun(runner: SyncRunner | AsyncRunner, plan: Plan[R]) -> R:
     return result[0]
 
 
-def _complete(coroutine: Coroutine[Any, Any, T]) -> T:
+def complete(coroutine: Coroutine[Any, Any, T]) -> T:
     """The result of a coroutine that never suspends (NOTE [one driver])."""
     try:
         coroutine.send(None)
@@ -222,7 +240,7 @@ def _complete(coroutine: Coroutine[Any, Any, T]) -> T:
 
 def run(runner: SyncRunner, plan: Plan[R]) -> R:
     """Drive ``plan`` to its result."""
-    return _complete(arun(runner, plan))
+    return complete(arun(runner, plan))
 
 
 def iterate(runner: SyncRunner, plan: Plan[None]) -> Iterator[Any]:
@@ -231,11 +249,11 @@ def iterate(runner: SyncRunner, plan: Plan[None]) -> Iterator[Any]:
     try:
         while True:
             try:
-                yield _complete(items.__anext__())
+                yield complete(items.__anext__())
             except StopAsyncIteration:
                 return
     finally:
-        _complete(items.aclose())  # a loop left early: the plan is closed at once
+        complete(items.aclose())  # a loop left early: the plan is closed at once
 
 
 def _as_method(method: Callable[..., Any], build: Callable[..., Any]) -> None:

@@ -48,7 +48,7 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
     raise ImportError('jvp_client.jax needs JAX: pip install "jvp-client[jax]"') from exc
 
 from ._types import ShapeInfo
-from ._variables import expression_variables
+from ._variables import RemoteTarget
 
 if TYPE_CHECKING:
     from ._client import JVPClient
@@ -60,22 +60,14 @@ def _np(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-class RemoteJaxFunction:
+class RemoteJaxFunction(RemoteTarget):
     """The function `remote` returns; ``.names`` lists its inputs in positional order;
     ``.calls`` counts the requests it made, by route."""
 
     def __init__(
         self, client: JVPClient, *, expression: str | None = None, model: str | None = None
     ) -> None:
-        if (expression is None) == (model is None):
-            raise ValueError("remote(): give exactly one of expression= or model=")
-        self.client = client
-        self.expression, self.model = expression, model
-        if expression is not None:
-            self.names = expression_variables(expression)
-        else:
-            assert model is not None
-            self.names = [spec.name for spec in client.model(model).inputs]
+        super().__init__(client, expression=expression, model=model)
         self.calls: dict[str, int] = {"jvp": 0, "vjp": 0, "eval_shape": 0}
         self._shapes: dict[Any, tuple[list[jax.ShapeDtypeStruct], bool]] = {}
         self._fn = self._build()
@@ -216,19 +208,7 @@ class RemoteJaxFunction:
         return f
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if len(args) > len(self.names):
-            raise TypeError(f"expected at most {len(self.names)} inputs {self.names}")
-        given = dict(zip(self.names, args, strict=False))
-        for name, value in kwargs.items():
-            if name in given:
-                raise TypeError(f"input {name!r} given twice")
-            given[name] = value
-        missing = [n for n in self.names if n not in given]
-        unknown = [n for n in given if n not in self.names]
-        if missing or unknown:
-            raise TypeError(
-                f"expected the inputs {self.names}; missing {missing}, unknown {unknown}"
-            )
+        given = self.bind(args, kwargs)
         xs = [jnp.asarray(given[n]) for n in self.names]
         outs = self._fn(*xs)
         _, several = self._out_specs(xs)
