@@ -485,3 +485,27 @@ def test_eval_shape_vjp_flops_of_expressions_within_2x_of_the_real_run(
     xs = tuple(torch.randn(sizes[n], dtype=dtype) for n in target.input_names)
     est, real = _vjp_flops(target, xs, dtype, batch)
     assert real / VJP_TOLERANCE <= est <= VJP_TOLERANCE * real, (est, real)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_eval_shape_route_vjp_flops_within_tolerance_of_the_real_run(
+    client: TestClient, dtype: str
+) -> None:
+    """What POST /eval_shape answers for "vjp" (a model over its inputs, K = 4 cotangents)
+    is the estimate held above: within 1.5x of the real run's count."""
+    sizes = model_inputs(client, "mlp")
+    primals = {n: {"shape": s, "dtype": dtype} for n, s in sizes.items()}
+    body = {"model": "mlp", "primals": primals, "operation": "vjp", "options": {"dtype": dtype}}
+    forward = client.post("/eval_shape", json=body | {"operation": "jvp"})
+    assert forward.status_code == 200, forward.text
+    out_shape = forward.json()["output"]["shape"]
+    body |= {"cotangents": {"shape": [4, *out_shape], "dtype": dtype}}
+    body["options"] = {"dtype": dtype, "cotangent_batch": True}
+    got = client.post("/eval_shape", json=body)
+    assert got.status_code == 200, got.text
+    model = next(m for m in build_registry(Settings()).all() if m.name == "mlp")
+    torch_dtype = getattr(torch, dtype)
+    xs = tuple(torch.randn(sizes[n], dtype=torch_dtype) for n in model.target.input_names)
+    est, real = _vjp_flops(model.target, xs, torch_dtype, 4)
+    assert got.json()["cost"]["flops"] == est
+    assert real / VJP_TOLERANCE <= est <= VJP_TOLERANCE * real, (est, real)

@@ -127,7 +127,7 @@ class Handle(Generic[C, Info]):
     ``kind`` says."""
 
     def __init__(self, client: C, info: Info, kind: OutputKind | None) -> None:
-        self._client = client
+        self._client = self._runner = client
         self.info = info
         self._kind = kind or OutputKind()
 
@@ -135,10 +135,6 @@ class Handle(Generic[C, Info]):
     def id(self) -> str:
         """The id the service gave it."""
         return self.info.id
-
-    @property
-    def _runner(self) -> C:
-        return self._client
 
 
 _W = TypeVar("_W", bound="ClosesOnExit")
