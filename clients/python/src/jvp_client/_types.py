@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ._tensors import Array, parse_number
@@ -92,8 +92,17 @@ class Computed:
     #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
     request_id: str | None = field(default=None, kw_only=True)
 
+    def __repr__(self) -> str:
+        """The answer's own fields first, then these (the subclasses set ``repr=False``)."""
+        shown = [f.name for f in fields(self) if f.repr]
+        order = [n for n in shown if n not in _COMPUTED] + [n for n in shown if n in _COMPUTED]
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in order)})"
 
-@dataclass(frozen=True)
+
+_COMPUTED = frozenset(f.name for f in fields(Computed))
+
+
+@dataclass(frozen=True, repr=False)
 class JVPResult(Computed):
     """The answer of ``POST /jvp``.
 
@@ -113,7 +122,7 @@ class JVPResult(Computed):
         return iter((self.output, self.jvp))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class JacobianResult(Computed):
     """The answer of ``POST /jacobian``.
 
@@ -126,7 +135,7 @@ class JacobianResult(Computed):
     jacobian: dict[str, Array] | list[dict[str, Array]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class HVPResult(Computed):
     """The answer of ``POST /hvp``: the scalar ``output`` and ``hvp``, H·v per name."""
 
@@ -134,7 +143,7 @@ class HVPResult(Computed):
     hvp: dict[str, Array]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LinearizationInfo(Computed):
     """The answer of ``POST /linearize``: a session kept on the service until ``expires_at``.
 

@@ -29,7 +29,7 @@ __all__ = ["VJPResult", "encode_cotangents", "read_vjp", "read_vjp_map", "vjp"]
 Cotangents = Any  # one tensor, or a tuple/list (one per output, None for an output without one)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class VJPResult(Computed):
     """The answer of ``POST /vjp``.
 
