@@ -58,7 +58,7 @@ import threading
 import time
 import weakref
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -124,6 +124,7 @@ class Plan:
     output_index: int = 0
     reduction: str = "none"
     transpose: bool = False  # linearize with options.transpose: it keeps the reverse pass
+    parameters: int = 0  # vjp: how many of the differentiated arguments are parameters
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,8 @@ class _Tracer(TorchDispatchMode):
         self.largest_varying = 0
         self.varying_operator = ""
         self.matmul_flops = 0
+        self.reverse_input_flops = 0
+        self.reverse_weight_flops = 0
         self.elements = 0
         self._varying: dict[int, weakref.ref[torch.Tensor]] = {}
 
@@ -233,7 +236,14 @@ class _Tracer(TorchDispatchMode):
             if flop_formula is None:
                 self.elements += numel
         if flop_formula is not None:
-            self.matmul_flops += int(flop_formula(*args, **kwargs, out_val=out))
+            flops = int(flop_formula(*args, **kwargs, out_val=out))
+            self.matmul_flops += flops
+            # A backward pass makes one such product per operand the gradient reaches
+            # (NOTE [reverse-mode FLOPs]); a 1-d operand (addmm's bias) is a reduction.
+            operands = [a for a in given if a.dim() >= 2]
+            reached = sum(self._varies(a) for a in operands)
+            self.reverse_input_flops += flops * reached
+            self.reverse_weight_flops += flops * (len(operands) - reached)
         return out
 
 
@@ -251,6 +261,15 @@ class Forward:
     varying_operator: str
     matmul_flops: int
     elements: int
+    # NOTE [reverse-mode FLOPs]: what one backward pass spends on products (matmul,
+    # convolution, attention): one product per operand the gradient reaches, so a layer
+    # x @ W costs one product for the gradient of x (``reverse_input_flops``) and, when
+    # the weights are differentiated too, one more for that of W
+    # (``reverse_weight_flops``); not the two per product that hold only when every
+    # operand is differentiated (a VJP of a model with respect to its inputs was
+    # overestimated 1.5-1.9x that way).
+    reverse_input_flops: int = 0
+    reverse_weight_flops: int = 0
 
 
 def trace_forward(
@@ -287,6 +306,8 @@ def trace_forward(
         varying_operator=tracer.varying_operator or "an input",
         matmul_flops=tracer.matmul_flops,
         elements=tracer.elements,
+        reverse_input_flops=tracer.reverse_input_flops,
+        reverse_weight_flops=tracer.reverse_weight_flops,
     )
 
 
@@ -329,6 +350,10 @@ def _derive(forward: Forward, plan: Plan, dtype: torch.dtype) -> Estimate:
         results = tuple(Spec(lead + s, dtype) for s in plan.result_shapes)
         work, carried = 1 + 2 * k + (3 if plan.check else 0), 1 + k
         peak = forward.total + (1 + k) * forward.peak + _bytes(results)
+        backward = forward.reverse_input_flops  # NOTE [reverse-mode FLOPs]
+        if plan.parameters:
+            backward += forward.reverse_weight_flops
+        matmul = (work - 2 * k) * forward.matmul_flops + k * backward
     elif plan.kind == "linearize":
         results = tuple(Spec(o.shape, o.dtype) for o in outputs)  # J·t of the session
         work, carried = 3, 2
@@ -338,7 +363,8 @@ def _derive(forward: Forward, plan: Plan, dtype: torch.dtype) -> Estimate:
             peak += forward.total
     else:
         raise ValueError(f"unknown operation {plan.kind!r}")
-    matmul = work * forward.matmul_flops
+    if plan.kind != "vjp":
+        matmul = work * forward.matmul_flops
     elements = work * forward.elements
     if plan.check:  # 1 + 2 per direction float64 forward passes (NOTE [finite-difference check])
         passes = 1 + 2 * plan.directions * k
@@ -615,6 +641,8 @@ def plan_of(
     plan_for = getattr(operation, "plan_for", None)  # an operation that says its own plan
     if plan_for is not None:
         plan: Plan = plan_for(target, inputs)
+        if plan.kind == "vjp":  # which of its arguments are weights (NOTE [reverse-mode FLOPs])
+            plan = replace(plan, parameters=len(operation.parameter_names))
         return plan
     given = [t for t in tangents if t is not None] + list(parameter_tangents.values())
     if isinstance(operation, JVPOperation):

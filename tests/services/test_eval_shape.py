@@ -13,6 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from app.engine.abstract import Bounds, Plan, estimate, plan_of
@@ -373,3 +374,138 @@ def test_request_bytes_default_is_a_quarter_of_the_machines_memory(client: TestC
     cpu = service.bounds[torch.device("cpu")]
     assert 0 < cpu.max_bytes <= total // 4
     assert cpu.max_flops == Settings().max_request_flops
+
+
+class WorkCount(TorchDispatchMode):
+    """The work of a real run as NOTE [abstract evaluation] defines it: torch.utils.
+    flop_counter's formulas (matmul, convolution, attention) plus one per element written
+    by any other operator (views and in-place results write nothing new)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func.overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+            return out
+        given = {id(a) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        if not getattr(func, "is_view", False):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and id(t) not in given:
+                    self.total += t.numel()
+        return out
+
+
+def _vjp_flops(
+    target: Any,
+    xs: tuple[torch.Tensor, ...],
+    dtype: torch.dtype,
+    batch: int,
+    *,
+    parameters: bool = False,
+    check: bool = False,
+) -> tuple[int, int]:
+    """(estimated, counted) FLOPs of a VJP with respect to every input (every parameter
+    with ``parameters``; ``check``: with options.check's float64 checks): the estimate of
+    /eval_shape's "vjp" and torch.utils.flop_counter's formulas on the real run (the
+    reverse pass included, and one per element other operators write, as the estimate
+    counts them; the coverage check's verdict cached first, as a warm service has it)."""
+    from app.engine.vjp import VJPOperation
+
+    materialized = target.materialize(dtype, torch.device("cpu"))
+    with torch.no_grad():
+        outs = materialized.fn(xs, {**materialized.parameters, **materialized.buffers})
+    lead = (batch,) if batch else ()
+    cotangents = tuple(torch.randn((*lead, *o.shape), dtype=dtype) for o in outs)
+    wrt = ((), tuple(target.parameter_shapes)) if parameters else (tuple(range(len(xs))), ())
+    op = VJPOperation(
+        *wrt, cotangents, cotangent_batch=bool(batch), source=target,
+        single_output=len(outs) == 1, check_target=target if check else None,
+    )  # fmt: skip
+    op(materialized, xs, (None,) * len(xs), {})  # the coverage verdict, cached
+    counter = WorkCount()
+    with counter:
+        op(materialized, xs, (None,) * len(xs), {})
+    plan = plan_of(target, xs, (None,) * len(xs), {}, op)
+    assert isinstance(plan, Plan) and plan.kind == "vjp"
+    shapes_ = tuple(x.shape for x in xs)
+    est = estimate(target, shapes_, dtype, plan, Bounds(10**12, 2**62, 2**62))
+    return est.flops, counter.total
+
+
+# With respect to inputs: 1.5x, not the 2x the other operations hold: a backward pass is
+# counted one product per operand the gradient reaches (NOTE [reverse-mode FLOPs] in
+# app/engine/abstract.py); two per product, as before, put a VJP of a model over its
+# inputs at 1.5-1.9x. Over parameters (the first layer's input gradient is counted but not
+# made) and with options.check (the tiny `linear`, where elementwise work dominates): 2x.
+VJP_TOLERANCE = 1.5
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize(
+    ("batch", "parameters", "check"),
+    [(0, False, False), (8, False, False), (0, True, False), (8, True, False), (0, False, True)],
+    ids=["inputs", "inputs-cotangent_batch", "parameters", "parameters-cotangent_batch", "check"],
+)
+def test_eval_shape_vjp_flops_within_2x_of_flop_counter_on_the_real_run(
+    name: str, dtype: torch.dtype, batch: int, parameters: bool, check: bool
+) -> None:
+    model = next(m for m in build_registry(Settings()).all() if m.name == name)
+    example = model.config.get("example_inputs") or {}
+    sizes = {
+        s.name: example.get(s.name, [d if d >= 0 else 3 for d in s.shape]) for s in model.inputs
+    }
+    xs = tuple(torch.randn(sizes[n], dtype=dtype) for n in model.target.input_names)
+    est, real = _vjp_flops(model.target, xs, dtype, batch, parameters=parameters, check=check)
+    tolerance = 2.0 if parameters or check else VJP_TOLERANCE
+    assert real / tolerance <= est <= tolerance * real, (est, real)
+
+
+@pytest.mark.parametrize(
+    ("expression", "sizes"),
+    [
+        ("tanh(A @ x) * y", {"A": [64, 32], "x": [32, 16], "y": [64, 16]}),
+        ("sum(sin(x @ y) @ y)", {"x": [32, 64], "y": [64, 64]}),
+        ("exp(-x**2) * cos(x) + log1p(x * x)", {"x": [4096]}),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("batch", [0, 8], ids=["one", "cotangent_batch"])
+def test_eval_shape_vjp_flops_of_expressions_within_2x_of_the_real_run(
+    expression: str, sizes: dict[str, list[int]], dtype: torch.dtype, batch: int
+) -> None:
+    from app.services.jvp import expression_target
+
+    target = expression_target(expression, 2000, 500, 50)
+    xs = tuple(torch.randn(sizes[n], dtype=dtype) for n in target.input_names)
+    est, real = _vjp_flops(target, xs, dtype, batch)
+    assert real / VJP_TOLERANCE <= est <= VJP_TOLERANCE * real, (est, real)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_eval_shape_route_vjp_flops_within_tolerance_of_the_real_run(
+    client: TestClient, dtype: str
+) -> None:
+    """What POST /eval_shape answers for "vjp" (a model over its inputs, K = 4 cotangents)
+    is the estimate held above: within 1.5x of the real run's count."""
+    sizes = model_inputs(client, "mlp")
+    primals = {n: {"shape": s, "dtype": dtype} for n, s in sizes.items()}
+    body = {"model": "mlp", "primals": primals, "operation": "vjp", "options": {"dtype": dtype}}
+    forward = client.post("/eval_shape", json=body | {"operation": "jvp"})
+    assert forward.status_code == 200, forward.text
+    out_shape = forward.json()["output"]["shape"]
+    body |= {"cotangents": {"shape": [4, *out_shape], "dtype": dtype}}
+    body["options"] = {"dtype": dtype, "cotangent_batch": True}
+    got = client.post("/eval_shape", json=body)
+    assert got.status_code == 200, got.text
+    model = next(m for m in build_registry(Settings()).all() if m.name == "mlp")
+    torch_dtype = getattr(torch, dtype)
+    xs = tuple(torch.randn(sizes[n], dtype=torch_dtype) for n in model.target.input_names)
+    est, real = _vjp_flops(model.target, xs, torch_dtype, 4)
+    assert got.json()["cost"]["flops"] == est
+    assert real / VJP_TOLERANCE <= est <= VJP_TOLERANCE * real, (est, real)

@@ -9,6 +9,7 @@ from jvp_fakes import Recorder, error_response, fake_service
 
 import jvp_client
 from jvp_client import (
+    ADUnsupportedError,
     APIConnectionError,
     APIResponseValidationError,
     APIStatusError,
@@ -25,6 +26,7 @@ from jvp_client import (
     OverloadedError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    ReverseADUnsupportedError,
     UnprocessableEntityError,
 )
 
@@ -38,6 +40,7 @@ CASES = [
     (413, "too_large", PayloadTooLargeError, "primals.x"),
     (422, "invalid_request", UnprocessableEntityError, "tangents.x"),
     (501, "forward_ad_unsupported", ForwardADUnsupportedError, None),
+    (501, "reverse_ad_unsupported", ReverseADUnsupportedError, None),
     (503, "overloaded", OverloadedError, None),
     (504, "timeout", DeadlineExceededError, None),
     (507, "out_of_memory", OutOfMemoryError, None),
@@ -46,7 +49,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("status", "type_", "cls", "param"), CASES, ids=[str(c[0]) for c in CASES])
+@pytest.mark.parametrize(
+    ("status", "type_", "cls", "param"), CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES]
+)
 def test_raise_status_error_class(make_client, status, type_, cls, param) -> None:
     message = f"Expected tangent 'x' of shape [10, 10], got [10, 9] ({status})"
     recorder = Recorder(
@@ -58,6 +63,8 @@ def test_raise_status_error_class(make_client, status, type_, cls, param) -> Non
     err = info.value
     assert type(err) is cls
     assert isinstance(err, APIStatusError) and isinstance(err, JVPError)
+    # Both 501s share one base, so `except ADUnsupportedError` catches either mode.
+    assert isinstance(err, ADUnsupportedError) == (status == 501)
     assert err.status_code == status
     assert err.type == type_
     assert err.message == message
@@ -65,6 +72,13 @@ def test_raise_status_error_class(make_client, status, type_, cls, param) -> Non
     assert err.request_id == "req-123"
     assert err.body == {"error": {"type": type_, "message": message, "param": param}}
     assert message in str(err) and str(status) in str(err)
+
+
+def test_raise_501_of_unknown_type_is_forward_as_before(make_client) -> None:
+    client = make_client(Recorder(lambda r: error_response(501, "new_kind", "no formula")))
+    with pytest.raises(ADUnsupportedError) as info:
+        client.jvp(expression="x * 2", primals=X)
+    assert type(info.value) is ForwardADUnsupportedError
 
 
 def test_raise_status_error_for_unlisted_4xx(make_client) -> None:

@@ -14,97 +14,37 @@ See :mod:`jvp_client._exceptions` for the exception tree.
 
 from __future__ import annotations
 
+from . import _exceptions, _types
 from ._base import BINARY_MIN_ELEMENTS, DEFAULT_BASE_URL, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 from ._client import AsyncJVPClient, JVPClient
-from ._exceptions import (
-    APIConnectionError,
-    APIResponseValidationError,
-    APIStatusError,
-    APITimeoutError,
-    AuthenticationError,
-    BadRequestError,
-    DeadlineExceededError,
-    ForwardADUnsupportedError,
-    InternalServerError,
-    JVPError,
-    NotFoundError,
-    OutOfMemoryError,
-    OverloadedError,
-    PayloadTooLargeError,
-    PermissionDeniedError,
-    UnprocessableEntityError,
-)
+from ._exceptions import *  # noqa: F403 - the exception tree, as _exceptions.__all__ lists it
 from ._jobs import AsyncJob, Job
 from ._linearize import AsyncLinearization, Linearization
 from ._stacking import JobArrays, stack_results
 from ._tensors import B64_MIN_ELEMENTS, decode_tensor, encode_tensor
-from ._types import (
-    BufferSpec,
-    EvalShapeResult,
-    GradientCheck,
-    HealthStatus,
-    HVPResult,
-    JacobianResult,
-    JobInfo,
-    JobResultsPage,
-    JobTaskError,
-    JobTaskResult,
-    JVPResult,
-    LinearizationInfo,
-    ModelInfo,
-    ShapeInfo,
-    TensorSpec,
-)
+from ._types import *  # noqa: F403 - the result and info types, as _types.__all__ lists them
 from ._version import __version__
 from ._vjp import VJPResult
 
+# The rest of the public names: those of the two modules above are added from their lists.
 __all__ = [
     "B64_MIN_ELEMENTS",
     "BINARY_MIN_ELEMENTS",
     "DEFAULT_BASE_URL",
     "DEFAULT_MAX_RETRIES",
     "DEFAULT_TIMEOUT",
-    "APIConnectionError",
-    "APIResponseValidationError",
-    "APIStatusError",
-    "APITimeoutError",
     "AsyncJVPClient",
-    "VJPResult",
     "AsyncJob",
     "AsyncLinearization",
-    "AuthenticationError",
-    "BadRequestError",
-    "BufferSpec",
-    "DeadlineExceededError",
-    "ForwardADUnsupportedError",
-    "GradientCheck",
-    "EvalShapeResult",
-    "HVPResult",
-    "ShapeInfo",
-    "HealthStatus",
-    "InternalServerError",
     "JVPClient",
-    "JVPError",
-    "JVPResult",
-    "JacobianResult",
     "Job",
     "JobArrays",
-    "JobInfo",
-    "JobResultsPage",
-    "JobTaskError",
-    "JobTaskResult",
     "Linearization",
-    "LinearizationInfo",
-    "ModelInfo",
-    "NotFoundError",
-    "OutOfMemoryError",
-    "OverloadedError",
-    "PayloadTooLargeError",
-    "PermissionDeniedError",
-    "TensorSpec",
-    "UnprocessableEntityError",
+    "VJPResult",
     "__version__",
     "decode_tensor",
     "encode_tensor",
     "stack_results",
 ]
+__all__ += _exceptions.__all__
+__all__ += _types.__all__

@@ -50,7 +50,6 @@ from ._tensors import B64_MIN_ELEMENTS, is_torch_tensor
 from ._version import __version__
 
 __all__ = [
-    "B64_MIN_ELEMENTS",
     "BINARY_MIN_ELEMENTS",
     "DEFAULT_BASE_URL",
     "DEFAULT_MAX_RETRIES",

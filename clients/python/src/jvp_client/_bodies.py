@@ -30,13 +30,45 @@ from ._tensors import _to_wire_array as to_wire_array
 from ._tensors import count_elements, encode_tensor, infer_dtype, normalize_dtype
 from ._types import ShapeInfo
 
-__all__ = ["job_request", "names", "request", "shapes"]
+__all__ = ["job_request", "names", "plan_request", "request", "shapes"]
 
 Tensors = Mapping[str, object]
 
 
 #: The tensor groups of a request, in wire order.
 GROUPS = ("primals", "tangents", "parameter_tangents")
+
+
+def plan_request(
+    client: Limits,
+    where: str,
+    path: str,
+    args: Mapping[str, Any],
+    *,
+    groups: Sequence[str] = ("primals",),
+    fields: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+    form: str = "json",
+) -> tuple[Call, OutputKind]:
+    """:func:`request` from an operation plan's own arguments (its ``locals()``): the
+    target, the tensor ``groups``, ``dtype``, ``device``, ``encoding`` (None where the plan
+    has none), the caller's ``options`` and ``timeout``; plus the route's own ``fields``
+    and named ``options``."""
+    call, kind, _ = request(
+        client,
+        where,
+        path,
+        target=(args["expression"], args["model"]),
+        tensors={group: args[group] for group in groups},
+        dtype=args["dtype"],
+        encoding=args.get("encoding"),
+        fields=fields,
+        options={"dtype": True, "device": args["device"], **(options or {})},
+        extra_options=args["options"],
+        form=form,
+        timeout=args["timeout"],
+    )
+    return call, kind
 
 
 def request(

@@ -17,6 +17,7 @@ from ._cli_io import (
     _load_value,
     _named_arrays,
     _parse_assignments,
+    _parse_shape,
     _parse_shapes,
     _print_eval_shape,
     _print_facts,
@@ -82,15 +83,31 @@ def _cmd_jacobian(client: JVPClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cotangents(args: argparse.Namespace, command: str) -> Any:
+    """--cotangent (values) or --cotangent-shape (shapes alone), one per output in order
+    ('null': none): one cotangent, a tuple for several, None when none was given."""
+    values: list[str] = args.cotangent or []
+    shapes: list[str] = getattr(args, "cotangent_shape", None) or []
+    if values and shapes:
+        raise UsageError(f"{command}: give --cotangent or --cotangent-shape, not both")
+    if shapes:
+        given = [None if s == "null" else _parse_shape(s, "--cotangent-shape") for s in shapes]
+    else:
+        given = [None if c == "null" else _load_value(c) for c in values]
+    if not given:
+        return None
+    return given[0] if len(given) == 1 else tuple(given)
+
+
 def _cmd_vjp(client: JVPClient, args: argparse.Namespace) -> int:
     primals = _primals(args, "vjp")
-    if not args.cotangent:
+    cotangents = _cotangents(args, "vjp")
+    if cotangents is None:
         raise UsageError("vjp: give --cotangent FILE.npy (one per output, in order; 'null': none)")
-    given = [None if c == "null" else _load_value(c) for c in args.cotangent]
     result = client.vjp(
         **_target(args),
         primals=primals,
-        cotangents=given[0] if len(given) == 1 else tuple(given),
+        cotangents=cotangents,
         wrt=args.wrt,
         cotangent_batch=args.cotangent_batch,
         check=args.check,
@@ -150,6 +167,15 @@ def _cmd_eval_shape(client: JVPClient, args: argparse.Namespace) -> int:
         raise UsageError("eval-shape: give at least one --shape NAME=D0,D1 or --primal")
     tangents = _parse_assignments(args.tangent, "--tangent") or {}
     tangents.update(_parse_shapes(args.tangent_shape, "--tangent-shape") or {})
+    cotangents = _cotangents(args, "eval-shape")
+    if (cotangents is None) == (args.operation == "vjp"):
+        raise UsageError(
+            "eval-shape: --operation vjp takes --cotangent or --cotangent-shape (one per "
+            "output), and only it does"
+        )
+    options = {"cotangent_batch": True} if args.cotangent_batch else {}
+    if args.transpose:
+        options["transpose"] = True
     result = client.eval_shape(
         args.operation,
         **_target(args),
@@ -157,8 +183,11 @@ def _cmd_eval_shape(client: JVPClient, args: argparse.Namespace) -> int:
         tangents=tangents or None,
         parameter_tangents=_parse_assignments(args.parameter_tangent, "--parameter-tangent"),
         wrt=args.wrt,
+        output_index=args.output_index,
         reduction=args.reduction,
         tangent_batch=args.tangent_batch,
+        cotangents=cotangents,
+        options=options or None,
     )
     _print_eval_shape(result, args.operation)
     return 0
@@ -201,10 +230,7 @@ def _cmd_jobs_submit(client: JVPClient, args: argparse.Namespace) -> int:
     tasks = _read_tasks(args.tasks)
     job = client.submit_job(
         tasks,
-        expression=args.expression,
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
+        **_target(args),
         engine=args.engine,
         fallback=args.fallback,
         idempotency_key=args.idempotency_key,

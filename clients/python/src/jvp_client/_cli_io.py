@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ._tensors import Array
 from ._types import EvalShapeResult, HVPResult, JacobianResult, JobInfo, JVPResult, ShapeInfo
+
+T = TypeVar("T")
 
 
 class UsageError(Exception):
@@ -37,18 +39,31 @@ def _load_value(text: str, *, base_dir: Path | None = None) -> Any:
         raise UsageError(f"{text!r} is neither a .npy file nor a JSON number or list") from None
 
 
-def _parse_assignments(items: Sequence[str] | None, flag: str) -> dict[str, Any] | None:
+def _parse_named(
+    items: Sequence[str] | None,
+    flag: str,
+    read: Callable[[str, str], T],
+    expected: str,
+    *,
+    empty: bool = False,
+) -> dict[str, T] | None:
+    """Repeated ``NAME=VALUE`` flags as ``{name: read(VALUE, item)}`` (None when none was
+    given); ``empty``: ``NAME=`` is allowed."""
     if not items:
         return None
-    out: dict[str, Any] = {}
+    out: dict[str, T] = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or not name or not value:
-            raise UsageError(f"{flag}: expected NAME=FILE.npy, got {item!r}")
+        if not sep or not name or not (value or empty):
+            raise UsageError(f"{flag}: expected {expected}, got {item!r}")
         if name in out:
             raise UsageError(f"{flag}: {name!r} given twice")
-        out[name] = _load_value(value)
+        out[name] = read(value, item)
     return out
+
+
+def _parse_assignments(items: Sequence[str] | None, flag: str) -> dict[str, Any] | None:
+    return _parse_named(items, flag, lambda value, _: _load_value(value), "NAME=FILE.npy")
 
 
 def _load_task_tensors(values: Any, base_dir: Path, where: str) -> Any:
@@ -185,19 +200,20 @@ def _print_job(info: JobInfo, *, created: bool = False) -> None:
 
 def _parse_shapes(items: Sequence[str] | None, flag: str) -> dict[str, ShapeInfo] | None:
     """``NAME=3,4`` (``NAME=`` for a scalar) as shapes without data, in --dtype."""
-    if not items:
-        return None
-    out: dict[str, ShapeInfo] = {}
-    for item in items:
-        name, sep, dims = item.partition("=")
-        try:
-            shape = tuple(int(d) for d in dims.split(",") if d.strip())
-        except ValueError:
-            shape = None
-        if not sep or not name or shape is None:
-            raise UsageError(f"{flag}: expected NAME=D0,D1,... (integers), got {item!r}")
-        out[name] = ShapeInfo(shape)
-    return out
+    expected = "NAME=D0,D1,..."
+
+    def read(dims: str, item: str) -> ShapeInfo:
+        return _parse_shape(dims, flag, expected=expected, item=item)
+
+    return _parse_named(items, flag, read, f"{expected} (integers)", empty=True)
+
+
+def _parse_shape(dims: str, flag: str, *, expected: str = "D0,D1,...", item: str = "") -> ShapeInfo:
+    """``3,4`` (empty for a scalar) as a shape without data, in --dtype."""
+    try:
+        return ShapeInfo(tuple(int(d) for d in dims.split(",") if d.strip()))
+    except ValueError:
+        raise UsageError(f"{flag}: expected {expected} (integers), got {item or dims!r}") from None
 
 
 def _print_eval_shape(result: EvalShapeResult, operation: str) -> None:

@@ -9,7 +9,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -25,7 +24,17 @@ from ._base import (
 )
 from ._jobs import AsyncJob, Job
 from ._linearize import AsyncLinearization, Linearization
-from ._plans import Call, aiterate, async_method, iterate, sync_method
+from ._plans import (
+    AsyncClosesOnExit,
+    Call,
+    ClosesOnExit,
+    aiterate,
+    async_method,
+    awaited,
+    complete,
+    iterate,
+    sync_method,
+)
 from ._types import JobInfo, LinearizationInfo
 
 __all__ = ["AsyncJVPClient", "JVPClient"]
@@ -55,7 +64,30 @@ def _retrying(client: BaseClient[Any], request: httpx.Request, call: Call) -> Re
     return Retrying(request, retries, call.ok_statuses)
 
 
-class JVPClient(BaseClient[httpx.Client]):
+async def _send(
+    client: JVPClient | AsyncJVPClient, http: httpx.Client | httpx.AsyncClient, call: Call
+) -> httpx.Response:
+    """Send ``call`` with ``http``, retrying as NOTE [retries] says; written once for both
+    clients (NOTE [one driver]: the sync client's calls block and are not awaited)."""
+    request = _build(client, http, call)
+    attempts = _retrying(client, request, call)
+    while True:
+        try:
+            response: httpx.Response = await awaited(http.send(request))
+        except httpx.TransportError as exc:
+            await awaited(client._sleep(attempts.failed(exc)))
+            continue
+        delay = attempts.answered(response)
+        if delay is None:
+            return response
+        if isinstance(http, httpx.AsyncClient):
+            await response.aclose()
+        else:
+            response.close()
+        await awaited(client._sleep(delay))
+
+
+class JVPClient(ClosesOnExit, BaseClient[httpx.Client]):
     """A synchronous client of the JVP service.
 
     Args:
@@ -92,17 +124,6 @@ class JVPClient(BaseClient[httpx.Client]):
         if self._owns_client:
             self._client.close()
 
-    def __enter__(self) -> JVPClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     @property
     def _runner(self) -> JVPClient:
         return self
@@ -113,19 +134,7 @@ class JVPClient(BaseClient[httpx.Client]):
 
     def _send(self, call: Call) -> httpx.Response:
         """Send one request, retrying as NOTE [retries] says; raise for error statuses."""
-        request = _build(self, self._client, call)
-        attempts = _retrying(self, request, call)
-        while True:
-            try:
-                response = self._client.send(request)
-            except httpx.TransportError as exc:
-                self._sleep(attempts.failed(exc))
-                continue
-            delay = attempts.answered(response)
-            if delay is None:
-                return response
-            response.close()
-            self._sleep(delay)
+        return complete(_send(self, self._client, call))
 
     def _linearization(self, info: LinearizationInfo, kind: OutputKind) -> Linearization:
         return Linearization(self, info, kind=kind)
@@ -168,7 +177,7 @@ class JVPClient(BaseClient[httpx.Client]):
         return least_squares_jac(self, **kwargs)
 
 
-class AsyncJVPClient(BaseClient[httpx.AsyncClient]):
+class AsyncJVPClient(AsyncClosesOnExit, BaseClient[httpx.AsyncClient]):
     """The asyncio twin of :class:`JVPClient`: the same arguments, methods awaited.
 
     ``http_client`` is an ``httpx.AsyncClient`` (``httpx.ASGITransport`` serves an app
@@ -182,17 +191,6 @@ class AsyncJVPClient(BaseClient[httpx.AsyncClient]):
         if self._owns_client:
             await self._client.aclose()
 
-    async def __aenter__(self) -> AsyncJVPClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     @property
     def _runner(self) -> AsyncJVPClient:
         return self
@@ -203,19 +201,7 @@ class AsyncJVPClient(BaseClient[httpx.AsyncClient]):
 
     async def _send(self, call: Call) -> httpx.Response:
         """Send one request, retrying as NOTE [retries] says; raise for error statuses."""
-        request = _build(self, self._client, call)
-        attempts = _retrying(self, request, call)
-        while True:
-            try:
-                response = await self._client.send(request)
-            except httpx.TransportError as exc:
-                await self._sleep(attempts.failed(exc))
-                continue
-            delay = attempts.answered(response)
-            if delay is None:
-                return response
-            await response.aclose()
-            await self._sleep(delay)
+        return await _send(self, self._client, call)
 
     def _linearization(self, info: LinearizationInfo, kind: OutputKind) -> AsyncLinearization:
         return AsyncLinearization(self, info, kind=kind)

@@ -13,7 +13,9 @@ Every error the client raises for the service derives from :class:`JVPError`::
         ├── NotFoundError               404 not_found
         ├── PayloadTooLargeError        413 too_large
         ├── UnprocessableEntityError    422 invalid_request
-        ├── ForwardADUnsupportedError   501 forward_ad_unsupported
+        ├── ADUnsupportedError          501 an operator without a derivative formula
+        │   ├── ForwardADUnsupportedError   forward_ad_unsupported (/jvp and the others)
+        │   └── ReverseADUnsupportedError   reverse_ad_unsupported (/vjp, Jᵀ·u)
         ├── OverloadedError             503 overloaded
         ├── DeadlineExceededError       504 timeout
         ├── OutOfMemoryError            507 out_of_memory
@@ -35,6 +37,7 @@ from typing import Any
 import httpx
 
 __all__ = [
+    "ADUnsupportedError",
     "APIConnectionError",
     "APIResponseValidationError",
     "APIStatusError",
@@ -50,6 +53,7 @@ __all__ = [
     "OverloadedError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "ReverseADUnsupportedError",
     "UnprocessableEntityError",
 ]
 
@@ -199,8 +203,19 @@ class UnprocessableEntityError(APIStatusError):
     """422: shapes, names, dtypes, encodings or anything else malformed."""
 
 
-class ForwardADUnsupportedError(APIStatusError):
-    """501: an operator without a forward-AD formula; the message names it."""
+class ADUnsupportedError(APIStatusError):
+    """501: an operator without a derivative formula in the mode the route needs; the
+    message names it. ``except ADUnsupportedError`` catches both modes."""
+
+
+class ForwardADUnsupportedError(ADUnsupportedError):
+    """501 ``forward_ad_unsupported``: an operator without a forward-AD formula (and any 501
+    whose type the client does not know, as before reverse mode existed)."""
+
+
+class ReverseADUnsupportedError(ADUnsupportedError):
+    """501 ``reverse_ad_unsupported``: an operator without a backward (reverse-mode) formula,
+    from ``/vjp``, ``Linearization.vjp`` or an ``rmatvec``."""
 
 
 class OverloadedError(APIStatusError):
@@ -233,8 +248,17 @@ _STATUS_ERRORS: dict[int, type[APIStatusError]] = {
 }
 
 
-def error_class_for_status(status_code: int) -> type[APIStatusError]:
-    """The exception class for an error status: a subclass, or APIStatusError itself."""
+# Where one status carries several error types, the type picks the class.
+_TYPE_ERRORS: dict[tuple[int, str], type[APIStatusError]] = {
+    (501, "reverse_ad_unsupported"): ReverseADUnsupportedError,
+}
+
+
+def error_class_for_status(status_code: int, type: str | None = None) -> type[APIStatusError]:
+    """The exception class for an error status (and its wire ``type``): a subclass, or
+    APIStatusError itself."""
+    if type is not None and (status_code, type) in _TYPE_ERRORS:
+        return _TYPE_ERRORS[status_code, type]
     if status_code in _STATUS_ERRORS:
         return _STATUS_ERRORS[status_code]
     if status_code >= 500:
@@ -265,7 +289,7 @@ def make_status_error(response: httpx.Response) -> APIStatusError:
     if not message:
         reason = response.reason_phrase or "error"
         message = f"HTTP {response.status_code} {reason}"
-    cls = error_class_for_status(response.status_code)
+    cls = error_class_for_status(response.status_code, err_type)
     return cls(message, response=response, body=body, type=err_type, param=param)
 
 

@@ -84,7 +84,7 @@ C = TypeVar("C")
 Jb = TypeVar("Jb")
 
 
-class _JobHandle(Handle[C]):
+class _JobHandle(Handle[C, JobInfo]):
     """What :class:`Job` and :class:`AsyncJob` share: the client, the state last seen."""
 
     def __init__(
@@ -95,13 +95,8 @@ class _JobHandle(Handle[C]):
         kind: OutputKind | None = None,
         idempotency_key: str | None = None,
     ) -> None:
-        super().__init__(client, kind)
-        self.info = info
+        super().__init__(client, info, kind)
         self.idempotency_key = idempotency_key
-
-    @property
-    def id(self) -> str:
-        return self.info.id
 
     def __repr__(self) -> str:
         i = self.info

@@ -18,14 +18,23 @@ Its methods are plans (NOTE [plans] in ``_plans.py``) written once for both hand
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any, TypeVar
 
 from . import _parsing as parsing
 from ._base import NOT_GIVEN, Encoding, OutputKind, TimeoutTypes, linearization_path
 from ._bodies import request
 from ._exceptions import NotFoundError
-from ._plans import AsyncRunner, Call, Handle, Plan, SyncRunner, async_method, sync_method
+from ._plans import (
+    AsyncClosesOnExit,
+    AsyncRunner,
+    Call,
+    ClosesOnExit,
+    Handle,
+    Plan,
+    SyncRunner,
+    async_method,
+    sync_method,
+)
 from ._tensors import Array
 from ._types import LinearizationInfo
 from ._vjp import encode_cotangents, read_vjp_map
@@ -36,20 +45,14 @@ _Tensors = Mapping[str, Any]
 C = TypeVar("C")
 
 
-class _LinearizationBase(Handle[C]):
+class _LinearizationBase(Handle[C, LinearizationInfo]):
     """What the sync and async handles share: the session's facts."""
 
     def __init__(
         self, client: C, info: LinearizationInfo, *, kind: OutputKind | None = None
     ) -> None:
-        super().__init__(client, kind)
-        self.info = info
+        super().__init__(client, info, kind)
         self._closed = False
-
-    @property
-    def id(self) -> str:
-        """The session id."""
-        return self.info.id
 
     @property
     def output(self) -> Array | list[Array]:
@@ -200,7 +203,7 @@ def close(lin: _LinearizationBase[Any]) -> Plan[None]:
     lin._closed = True
 
 
-class Linearization(_LinearizationBase[SyncRunner]):
+class Linearization(ClosesOnExit, _LinearizationBase[SyncRunner]):
     """A linearize session of :meth:`JVPClient.linearize`; closes its session on ``with`` exit."""
 
     jvp = sync_method(jvp)
@@ -208,19 +211,8 @@ class Linearization(_LinearizationBase[SyncRunner]):
     __call__ = sync_method(apply)
     close = sync_method(close)
 
-    def __enter__(self) -> Linearization:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class AsyncLinearization(_LinearizationBase[AsyncRunner]):
+class AsyncLinearization(AsyncClosesOnExit, _LinearizationBase[AsyncRunner]):
     """The async twin of :class:`Linearization`: ``await lin.jvp(...)``, ``await lin(v)``,
     ``async with``."""
 
@@ -228,14 +220,3 @@ class AsyncLinearization(_LinearizationBase[AsyncRunner]):
     vjp = async_method(vjp)
     __call__ = async_method(apply)
     close = async_method(close)
-
-    async def __aenter__(self) -> AsyncLinearization:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

@@ -26,7 +26,7 @@ from ._base import (
     TimeoutTypes,
 )
 from ._base import model_path as _model_path
-from ._bodies import names, request, shapes
+from ._bodies import GROUPS, names, plan_request, shapes
 from ._plans import Call, Plan
 from ._types import (
     EvalShapeResult,
@@ -99,64 +99,22 @@ def jvp(
         ``timing_ms``, ``device``, ``dtype``, ``engine``, ``method``, ``check`` and
         ``request_id``; it unpacks as ``out, jvp = client.jvp(...)``.
     """
-    call, kind, _ = request(
+    call, kind = plan_request(
         client,
         "jvp()",
         "jvp",
-        target=(expression, model),
-        tensors={
-            "primals": primals,
-            "tangents": tangents,
-            "parameter_tangents": parameter_tangents,
-        },
-        dtype=dtype,
-        encoding=encoding,
+        locals(),
+        groups=GROUPS,
         options={
-            "dtype": True,
-            "device": device,
             "engine": engine,
             "fallback": fallback,
             "tangent_batch": tangent_batch,
             "check": check,
         },
-        extra_options=options,
         form="binary",
-        timeout=timeout,
     )
     response = yield call
     return parsing.parse_jvp(response, kind)
-
-
-def _point(
-    client: Limits,
-    where: str,
-    path: str,
-    *,
-    expression: str | None,
-    model: str | None,
-    primals: Tensors,
-    wrt: str | Sequence[str] | None,
-    dtype: object,
-    device: str | None,
-    encoding: Encoding,
-    options: Mapping[str, Any] | None,
-    timeout: TimeoutTypes,
-) -> tuple[Call, OutputKind]:
-    """The request of ``POST /jacobian`` and ``POST /linearize`` (the same body)."""
-    call, kind, _ = request(
-        client,
-        where,
-        path,
-        target=(expression, model),
-        tensors={"primals": primals},
-        dtype=dtype,
-        encoding=encoding,
-        fields={"wrt": names(wrt, where)},
-        options={"dtype": True, "device": device},
-        extra_options=options,
-        timeout=timeout,
-    )
-    return call, kind
 
 
 def jacobian(
@@ -184,14 +142,10 @@ def jacobian(
         :class:`JacobianResult`: ``output`` and ``jacobian``, ``{name: array}`` of
         shape output shape + that input's shape (lists of both for several outputs).
     """
-    call, kind = _point(client, "jacobian()", "jacobian", **_args(locals()))
+    fields = {"wrt": names(wrt, "jacobian()")}
+    call, kind = plan_request(client, "jacobian()", "jacobian", locals(), fields=fields)
     response = yield call
     return parsing.parse(response, "/jacobian", parsing.read_jacobian(kind))
-
-
-def _args(values: dict[str, Any]) -> dict[str, Any]:
-    """A plan's own arguments, to pass on (``locals()`` less the client)."""
-    return {k: v for k, v in values.items() if k != "client"}
 
 
 def hvp(
@@ -237,25 +191,13 @@ def hvp(
         raise ValueError(f"{where}: expected output_index to be an int >= 0, got {output_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{where}: expected reduction 'sum', 'mean' or 'none', got {reduction!r}")
-    call, kind, _ = request(
-        client,
-        where,
-        "hvp",
-        target=(expression, model),
-        tensors={
-            "primals": primals,
-            "tangents": tangents,
-            "parameter_tangents": parameter_tangents,
-        },
-        dtype=dtype,
-        encoding=encoding,
-        fields={
-            "output_index": output_index or None,
-            "reduction": None if reduction == "none" else reduction,
-        },
-        options={"dtype": True, "device": device, "tangent_batch": tangent_batch},
-        extra_options=options,
-        timeout=timeout,
+    fields = {
+        "output_index": output_index or None,
+        "reduction": None if reduction == "none" else reduction,
+    }
+    options_ = {"tangent_batch": tangent_batch}
+    call, kind = plan_request(
+        client, where, "hvp", locals(), groups=GROUPS, fields=fields, options=options_
     )
     response = yield call
     return parsing.parse(response, "/hvp", parsing.read_hvp(kind))
@@ -297,29 +239,22 @@ def eval_shape(
         :class:`EvalShapeResult`. Over a limit: the `PayloadTooLargeError` the
         operation would raise.
     """
-    call, _, _ = request(
+    fields = {
+        "operation": operation,
+        "wrt": None if wrt is None else ([wrt] if isinstance(wrt, str) else list(wrt)),
+        "output_index": output_index,
+        "reduction": reduction,
+        "cotangents": shapes(client, cotangents),
+    }
+    call, _ = plan_request(
         client,
         "eval_shape()",
         "eval_shape",
-        target=(expression, model),
-        tensors={
-            "primals": primals,
-            "tangents": tangents,
-            "parameter_tangents": parameter_tangents,
-        },
-        dtype=dtype,
-        encoding=None,
-        fields={
-            "operation": operation,
-            "wrt": None if wrt is None else ([wrt] if isinstance(wrt, str) else list(wrt)),
-            "output_index": output_index,
-            "reduction": reduction,
-            "cotangents": shapes(client, cotangents),
-        },
-        options={"tangent_batch": tangent_batch, "dtype": True, "device": device},
-        extra_options=options,
+        locals(),
+        groups=GROUPS,
+        fields=fields,
+        options={"tangent_batch": tangent_batch},
         form="shapes",
-        timeout=timeout,
     )
     response = yield call
     return parsing.parse(response, "/eval_shape", parsing.read_eval_shape(operation))
@@ -346,7 +281,8 @@ def linearize(
     session over the service's memory budget is a 503 (:class:`OverloadedError`,
     retried after its Retry-After as NOTE [retries] says).
     """
-    call, kind = _point(client, "linearize()", "linearize", **_args(locals()))
+    fields = {"wrt": names(wrt, "linearize()")}
+    call, kind = plan_request(client, "linearize()", "linearize", locals(), fields=fields)
     response = yield call
     info = parsing.parse(response, "/linearize", parsing.read_linearize(kind))
     return client._linearization(info, kind)

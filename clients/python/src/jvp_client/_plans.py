@@ -19,7 +19,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
@@ -29,8 +36,10 @@ from ._base import NOT_GIVEN, Limits, OutputKind, TimeoutTypes
 from ._exceptions import JVPError
 
 __all__ = [
+    "AsyncClosesOnExit",
     "AsyncRunner",
     "Call",
+    "ClosesOnExit",
     "Emit",
     "Handle",
     "Plan",
@@ -39,6 +48,8 @@ __all__ = [
     "aiterate",
     "arun",
     "async_method",
+    "awaited",
+    "complete",
     "gather",
     "iterate",
     "run",
@@ -102,99 +113,143 @@ class AsyncRunner(Limits, Protocol):
     async def _sleep(self, seconds: float) -> None: ...
 
 
-class Handle(Generic[C]):
-    """A resource made by a client (``Job``, ``Linearization``): its plans run with that
-    client (``_runner``), and its tensors come back as ``kind`` says."""
+class _Identified(Protocol):
+    @property
+    def id(self) -> str: ...
 
-    def __init__(self, client: C, kind: OutputKind | None) -> None:
-        self._client = client
+
+Info = TypeVar("Info", bound=_Identified)
+
+
+class Handle(Generic[C, Info]):
+    """A resource made by a client (``Job``, ``Linearization``): its plans run with that
+    client (``_runner``), ``info`` is its state last seen, and its tensors come back as
+    ``kind`` says."""
+
+    def __init__(self, client: C, info: Info, kind: OutputKind | None) -> None:
+        self._client = self._runner = client
+        self.info = info
         self._kind = kind or OutputKind()
 
     @property
-    def _runner(self) -> C:
-        return self._client
+    def id(self) -> str:
+        """The id the service gave it."""
+        return self.info.id
+
+
+_W = TypeVar("_W", bound="ClosesOnExit")
+_AW = TypeVar("_AW", bound="AsyncClosesOnExit")
+
+
+class ClosesOnExit:
+    """``with x:`` calls ``x.close()`` on exit (the clients, ``Linearization``, the SciPy
+    operators)."""
+
+    close: Callable[[], Any]
+
+    def __enter__(self: _W) -> _W:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncClosesOnExit:
+    """``async with x:`` awaits ``x.close()`` on exit."""
+
+    close: Callable[[], Coroutine[Any, Any, Any]]
+
+    async def __aenter__(self: _AW) -> _AW:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
 
 def _advance(plan: Plan[Any], value: Any, error: BaseException | None) -> Step:
     return plan.throw(error) if error is not None else plan.send(value)
 
 
-def _step(runner: SyncRunner, step: Step) -> tuple[Any, BaseException | None]:
+async def _step(runner: SyncRunner | AsyncRunner, step: Step) -> tuple[Any, BaseException | None]:
+    """Do one step with ``runner``: its methods' results are awaited where they are
+    awaitable (an AsyncRunner's), taken as they are otherwise (a SyncRunner's)."""
     if isinstance(step, Sleep):
-        runner._sleep(step.seconds)
+        await awaited(runner._sleep(step.seconds))
         return None, None
     if not isinstance(step, Call):
         raise TypeError(f"a plan yielded {step!r} where a request was expected")
     try:
-        return runner._send(step), None
+        return await awaited(runner._send(step)), None
     except JVPError as exc:
         return None, exc
 
 
-async def _astep(runner: AsyncRunner, step: Step) -> tuple[Any, BaseException | None]:
-    if isinstance(step, Sleep):
-        await runner._sleep(step.seconds)
-        return None, None
-    if not isinstance(step, Call):
-        raise TypeError(f"a plan yielded {step!r} where a request was expected")
+async def awaited(result: Any) -> Any:
+    """``result``, awaited when it is awaitable (NOTE [one driver])."""
+    return await result if inspect.isawaitable(result) else result
+
+
+# NOTE [one driver]: the driver is written once, as an async generator (aiterate); with a
+# SyncRunner nothing in it ever waits on the event loop (the runner's methods block and
+# return plain values), so the sync drivers run the same coroutines to completion with
+# one ``send(None)`` each (`complete`), without an event loop.
+
+
+async def aiterate(
+    runner: SyncRunner | AsyncRunner, plan: Plan[Any], result: list[Any] | None = None
+) -> AsyncGenerator[Any, None]:
+    """The items ``plan`` emits, for ``async for``; its return value is appended to
+    ``result`` when one is given."""
+    value, error = None, None
+    while True:
+        try:
+            step = _advance(plan, value, error)
+        except StopIteration as stop:
+            if result is not None:
+                result.append(stop.value)
+            return
+        if isinstance(step, Emit):
+            value, error = None, None
+            yield step.item
+        else:
+            value, error = await _step(runner, step)
+
+
+async def arun(runner: SyncRunner | AsyncRunner, plan: Plan[R]) -> R:
+    """Drive ``plan`` to its result (on the event loop, for an AsyncRunner)."""
+    result: list[R] = []
+    async for item in aiterate(runner, plan, result):
+        raise TypeError(f"a plan yielded {Emit(item)!r} where a request was expected")
+    return result[0]
+
+
+def complete(coroutine: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine that never suspends (NOTE [one driver])."""
     try:
-        return await runner._send(step), None
-    except JVPError as exc:
-        return None, exc
+        coroutine.send(None)
+    except StopIteration as stop:
+        done: T = stop.value
+        return done
+    coroutine.close()
+    raise RuntimeError("a plan driven by a sync client waited on an event loop")
 
 
 def run(runner: SyncRunner, plan: Plan[R]) -> R:
     """Drive ``plan`` to its result."""
-    value, error = None, None
-    while True:
-        try:
-            step = _advance(plan, value, error)
-        except StopIteration as stop:
-            result: R = stop.value
-            return result
-        value, error = _step(runner, step)
-
-
-async def arun(runner: AsyncRunner, plan: Plan[R]) -> R:
-    """Drive ``plan`` to its result on the event loop."""
-    value, error = None, None
-    while True:
-        try:
-            step = _advance(plan, value, error)
-        except StopIteration as stop:
-            result: R = stop.value
-            return result
-        value, error = await _astep(runner, step)
+    return complete(arun(runner, plan))
 
 
 def iterate(runner: SyncRunner, plan: Plan[None]) -> Iterator[Any]:
     """The items ``plan`` emits, fetched as they are asked for."""
-    value, error = None, None
-    while True:
-        try:
-            step = _advance(plan, value, error)
-        except StopIteration:
-            return
-        if isinstance(step, Emit):
-            value, error = None, None
-            yield step.item
-        else:
-            value, error = _step(runner, step)
-
-
-async def aiterate(runner: AsyncRunner, plan: Plan[None]) -> AsyncIterator[Any]:
-    """The items ``plan`` emits, for ``async for``."""
-    value, error = None, None
-    while True:
-        try:
-            step = _advance(plan, value, error)
-        except StopIteration:
-            return
-        if isinstance(step, Emit):
-            value, error = None, None
-            yield step.item
-        else:
-            value, error = await _astep(runner, step)
+    items = aiterate(runner, plan)
+    try:
+        while True:
+            try:
+                yield complete(items.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        complete(items.aclose())  # a loop left early: the plan is closed at once
 
 
 def _as_method(method: Callable[..., Any], build: Callable[..., Any]) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ._tensors import Array, parse_number
 
 __all__ = [
     "BufferSpec",
+    "EvalShapeResult",
     "GradientCheck",
     "HVPResult",
     "HealthStatus",
@@ -21,6 +22,7 @@ __all__ = [
     "JobTaskError",
     "JobTaskResult",
     "ModelInfo",
+    "ShapeInfo",
     "TensorSpec",
 ]
 
@@ -78,7 +80,30 @@ class GradientCheck:
 
 
 @dataclass(frozen=True)
-class JVPResult:
+class Computed:
+    """What every computing route's answer says besides its tensors (keyword-only, so
+    each answer class lists its own fields first): the computation ``dtype`` and
+    ``device``, ``timing_ms``, the ``raw`` body and the ``request_id``."""
+
+    dtype: str = field(kw_only=True)
+    device: str = field(kw_only=True)
+    timing_ms: dict[str, float] = field(kw_only=True)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, kw_only=True)
+    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
+    request_id: str | None = field(default=None, kw_only=True)
+
+    def __repr__(self) -> str:
+        """The answer's own fields first, then these (the subclasses set ``repr=False``)."""
+        shown = [f.name for f in fields(self) if f.repr]
+        order = [n for n in shown if n not in _COMPUTED] + [n for n in shown if n in _COMPUTED]
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in order)})"
+
+
+_COMPUTED = frozenset(f.name for f in fields(Computed))
+
+
+@dataclass(frozen=True, repr=False)
+class JVPResult(Computed):
     """The answer of ``POST /jvp``.
 
     ``output`` and ``jvp`` are arrays (numpy, or torch when torch tensors went
@@ -88,23 +113,17 @@ class JVPResult:
 
     output: Array | list[Array]
     jvp: Array | list[Array]
-    dtype: str
-    device: str
     engine: str | None
     method: str | None
-    timing_ms: dict[str, float]
     check: GradientCheck | None = None
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
-    request_id: str | None = None
 
     def __iter__(self) -> Iterator[Array | list[Array]]:
         """``out, jvp = client.jvp(...)``, as ``jax.jvp`` answers ``(out, tangent_out)``."""
         return iter((self.output, self.jvp))
 
 
-@dataclass(frozen=True)
-class JacobianResult:
+@dataclass(frozen=True, repr=False)
+class JacobianResult(Computed):
     """The answer of ``POST /jacobian``.
 
     ``jacobian`` maps each name of ``wrt`` to an array of shape output shape +
@@ -114,30 +133,18 @@ class JacobianResult:
 
     output: Array | list[Array]
     jacobian: dict[str, Array] | list[dict[str, Array]]
-    dtype: str
-    device: str
-    timing_ms: dict[str, float]
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
-    request_id: str | None = None
 
 
-@dataclass(frozen=True)
-class HVPResult:
+@dataclass(frozen=True, repr=False)
+class HVPResult(Computed):
     """The answer of ``POST /hvp``: the scalar ``output`` and ``hvp``, H·v per name."""
 
     output: Array
     hvp: dict[str, Array]
-    dtype: str
-    device: str
-    timing_ms: dict[str, float]
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
-    request_id: str | None = None
 
 
-@dataclass(frozen=True)
-class LinearizationInfo:
+@dataclass(frozen=True, repr=False)
+class LinearizationInfo(Computed):
     """The answer of ``POST /linearize``: a session kept on the service until ``expires_at``.
 
     ``wrt`` are the names the session's tangents may use; ``bytes`` is its estimated
@@ -149,12 +156,6 @@ class LinearizationInfo:
     expires_at: str
     wrt: list[str]
     bytes: int
-    dtype: str
-    device: str
-    timing_ms: dict[str, float]
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
-    request_id: str | None = None
 
 
 @dataclass(frozen=True)

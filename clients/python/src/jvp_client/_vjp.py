@@ -14,22 +14,23 @@ The plan :func:`vjp` is bound as ``JVPClient.vjp`` / ``AsyncJVPClient.vjp`` (NOT
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import _parsing as parsing
 from ._base import NOT_GIVEN, Encoding, Limits, OutputKind, TimeoutTypes
-from ._bodies import names, request
+from ._bodies import names, plan_request
 from ._plans import Plan
 from ._tensors import Array, decode_tensors, encode_tensor, infer_dtype, normalize_dtype
+from ._types import Computed
 
 __all__ = ["VJPResult", "encode_cotangents", "read_vjp", "read_vjp_map", "vjp"]
 
 Cotangents = Any  # one tensor, or a tuple/list (one per output, None for an output without one)
 
 
-@dataclass(frozen=True)
-class VJPResult:
+@dataclass(frozen=True, repr=False)
+class VJPResult(Computed):
     """The answer of ``POST /vjp``.
 
     ``vjp`` maps each name of ``wrt`` (default: every input) to Jᵀ·u, shaped like that
@@ -40,14 +41,8 @@ class VJPResult:
 
     output: Array | list[Array]
     vjp: dict[str, Array]
-    dtype: str
-    device: str
     method: str
-    timing_ms: dict[str, float]
     check: dict[str, Any] | None = None
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: The ``X-Request-ID`` of the response (quote it when reporting a problem).
-    request_id: str | None = None
 
     def __iter__(self) -> Iterator[Any]:
         """``out, vjp = client.vjp(...)``: the output and ``{name: Jᵀu}``."""
@@ -137,7 +132,7 @@ def vjp(
         ``out, vjp = client.vjp(...)``.
 
     Raises:
-        ForwardADUnsupportedError: (501, type ``reverse_ad_unsupported``) an operator
+        ReverseADUnsupportedError: (501, type ``reverse_ad_unsupported``) an operator
             without a backward formula; the message names it.
     """
     where = "vjp()"
@@ -145,25 +140,19 @@ def vjp(
     if wire_dtype is None and isinstance(primals, Mapping):
         wire_dtype = infer_dtype(primals.values())  # as request() infers it
     wire, used_b64, given = encode_cotangents(client, cotangents, wire_dtype, where)
-    call, kind, _ = request(
+    fields = {"cotangents": wire, "wrt": names(wrt, where)}
+    call, kind = plan_request(
         client,
         where,
         "vjp",
-        target=(expression, model),
-        tensors={"primals": primals},
-        dtype=dtype,
-        encoding=encoding,
-        fields={"cotangents": wire, "wrt": names(wrt, where)},
+        locals(),
+        fields=fields,
         options={
-            "dtype": True,
-            "device": device,
             "cotangent_batch": cotangent_batch,
             "check": check,
             # b64 answers when b64 cotangents went out (NOTE [wire form choice])
             "encoding": "b64" if encoding == "auto" and used_b64 else None,
         },
-        extra_options=options,
-        timeout=timeout,
     )
     response = yield call
     return parsing.parse(response, "/vjp", read_vjp(OutputKind.of(primals, given)))

@@ -10,6 +10,7 @@
     jvp vjp --expression "sin(x) * y" --primal x=x.npy --primal y=y.npy \\
             --cotangent u.npy [--wrt x] [--cotangent-batch] [--check] --out vjp.npz
     jvp eval-shape [--operation jacobian] -e "sin(x) * y" --shape x=3,4 --shape y=4
+    jvp eval-shape --operation vjp -e "sin(x) * y" -s x=3,4 -s y=4 --cotangent-shape 3,4
     jvp models [NAME]
     jvp health
     jvp jobs submit tasks.jsonl [--expression ... | --model ...] [--wait]
@@ -163,43 +164,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands that compute: name -> (help, whether it takes tangents, what --out writes).
+_COMPUTING = {
+    "call": (
+        "compute one JVP (POST /jvp)",
+        True,
+        "write output and jvp (output_0, jvp_0, ... for several outputs)",
+    ),
+    "jacobian": (
+        "compute a full Jacobian (POST /jacobian)",
+        False,
+        "write output and jacobian_NAME (output_I, jacobian_I_NAME for several outputs)",
+    ),
+    "hvp": (
+        "compute Hessian-vector products of a scalar (POST /hvp)",
+        True,
+        "write output and hvp_NAME",
+    ),
+    "vjp": (
+        "compute a vector-Jacobian product Jᵀ·u (POST /vjp)",
+        False,
+        "write output and vjp_NAME",
+    ),
+}
+
+
+def _add_computing(commands: Any, name: str) -> argparse.ArgumentParser:
+    """A command of `_COMPUTING`: the target and tensor options, ``--out`` and the handler
+    ``_cmd_<name>``."""
+    help, tangents, out = _COMPUTING[name]
+    command = _add(commands, name, help)
+    _add_target_options(command, required=True, jvp_options=name == "call")
+    _add_tensor_options(command, tangents=tangents)
+    command.add_argument("--out", "-o", metavar="FILE.npz", help=out)
+    command.set_defaults(handler=getattr(commands_, f"_cmd_{name}"))
+    return command
+
+
 def _add_derivative_commands(commands: Any) -> None:
-    call = _add(commands, "call", "compute one JVP (POST /jvp)")
-    _add_target_options(call, required=True)
-    _add_tensor_options(call, tangents=True)
+    call = _add_computing(commands, "call")
     call.add_argument(
         "--check",
         action="store_true",
         help="compare with float64 central finite differences; exit 1 when it does not pass",
     )
-    call.add_argument(
-        "--out",
-        "-o",
-        metavar="FILE.npz",
-        help="write output and jvp (output_0, jvp_0, ... for several outputs)",
-    )
-    call.set_defaults(handler=commands_._cmd_call)
 
-    jacobian = _add(commands, "jacobian", "compute a full Jacobian (POST /jacobian)")
-    _add_target_options(jacobian, required=True, jvp_options=False)
-    _add_tensor_options(jacobian, tangents=False)
+    jacobian = _add_computing(commands, "jacobian")
     jacobian.add_argument(
         "--wrt",
         action="append",
         metavar="NAME",
         help="an input or parameter to differentiate by; repeat (default: all inputs)",
     )
-    jacobian.add_argument(
-        "--out",
-        "-o",
-        metavar="FILE.npz",
-        help="write output and jacobian_NAME (output_I, jacobian_I_NAME for several outputs)",
-    )
-    jacobian.set_defaults(handler=commands_._cmd_jacobian)
 
-    hvp = _add(commands, "hvp", "compute Hessian-vector products of a scalar (POST /hvp)")
-    _add_target_options(hvp, required=True, jvp_options=False)
-    _add_tensor_options(hvp, tangents=True)
+    hvp = _add_computing(commands, "hvp")
     hvp.add_argument(
         "--reduction",
         choices=["sum", "mean", "none"],
@@ -209,30 +227,38 @@ def _add_derivative_commands(commands: Any) -> None:
     hvp.add_argument(
         "--output-index", type=int, default=0, metavar="I", help="which output (models)"
     )
-    hvp.add_argument("--out", "-o", metavar="FILE.npz", help="write output and hvp_NAME")
-    hvp.set_defaults(handler=commands_._cmd_hvp)
 
 
 def _add_vjp_command(commands: Any) -> None:
-    vjp = _add(commands, "vjp", "compute a vector-Jacobian product Jᵀ·u (POST /vjp)")
-    _add_target_options(vjp, required=True, jvp_options=False)
-    _add_tensor_options(vjp, tangents=False)
+    vjp = _add_computing(commands, "vjp")
+    _add_cotangent_options(vjp)
     vjp.add_argument(
+        "--wrt", action="append", metavar="NAME", help="differentiate by; repeat (default: all)"
+    )
+    vjp.add_argument(
+        "--check", action="store_true", help="check it; exit 1 when the check does not pass"
+    )
+
+
+def _add_cotangent_options(parser: argparse.ArgumentParser, *, shapes: bool = False) -> None:
+    """The cotangents u of `jvp vjp` and `jvp eval-shape --operation vjp`."""
+    parser.add_argument(
         "--cotangent",
         "-u",
         action="append",
         metavar="FILE",
         help="u, shaped like the output (.npy or JSON); repeat per output, 'null' for none",
     )
-    vjp.add_argument(
-        "--wrt", action="append", metavar="NAME", help="differentiate by; repeat (default: all)"
+    if shapes:
+        parser.add_argument(
+            "--cotangent-shape",
+            action="append",
+            metavar="D0,D1",
+            help="a cotangent by its shape alone (vjp); repeat per output, 'null' for none",
+        )
+    parser.add_argument(
+        "--cotangent-batch", action="store_true", help="cotangents have a leading K"
     )
-    vjp.add_argument("--cotangent-batch", action="store_true", help="cotangents have a leading K")
-    vjp.add_argument(
-        "--check", action="store_true", help="check it; exit 1 when the check does not pass"
-    )
-    vjp.add_argument("--out", "-o", metavar="FILE.npz", help="write output and vjp_NAME")
-    vjp.set_defaults(handler=commands_._cmd_vjp)
 
 
 def _add_eval_shape_command(commands: Any) -> None:
@@ -243,7 +269,7 @@ def _add_eval_shape_command(commands: Any) -> None:
     )
     shapes.add_argument(
         "--operation",
-        choices=["jvp", "jacobian", "hvp", "linearize"],
+        choices=["jvp", "vjp", "jacobian", "hvp", "linearize"],
         default="jvp",
         help="whose shapes (default: jvp)",
     )
@@ -259,8 +285,15 @@ def _add_eval_shape_command(commands: Any) -> None:
     shapes.add_argument(
         "--tangent-shape", action="append", metavar="NAME=D0,D1", help="a tangent's shape"
     )
-    shapes.add_argument("--wrt", action="append", metavar="NAME", help="jacobian, linearize")
+    _add_cotangent_options(shapes, shapes=True)
+    shapes.add_argument("--wrt", action="append", metavar="NAME", help="vjp, jacobian, linearize")
     shapes.add_argument("--reduction", choices=["sum", "mean", "none"], help="hvp")
+    shapes.add_argument("--output-index", type=int, metavar="I", help="hvp: which output")
+    shapes.add_argument(
+        "--transpose",
+        action="store_true",
+        help="linearize: a session that also answers vjp (keeps what the reverse pass needs)",
+    )
     shapes.set_defaults(handler=commands_._cmd_eval_shape)
 
 

@@ -7,13 +7,19 @@ shapes while tracing). Derivatives:
 
 - forward mode: a ``jax.custom_jvp`` rule whose tangent is ``POST /jvp``; inputs whose
   tangent is a symbolic zero are not sent (they contribute nothing, exactly);
-- reverse mode: that tangent map is linear, a ``jax.custom_derivatives.linear_call``
-  whose transpose is ``POST /vjp`` (so ``jax.grad`` transposes the JVP rule into one
-  /vjp, where a ``custom_vjp`` inside a JVP rule could not be transposed);
-- ``jax.vmap`` over tangents: not yet. JAX 0.10 has no batching rule for ``linear_call``,
-  so it raises NotImplementedError (a refusal, never a wrong number); the host side is
-  ready for it (a tangent with a leading axis goes as one ``tangent_batch`` request).
-  ``jax.vmap`` over primals works (one request per element).
+- reverse mode: that tangent map is a primitive of its own (``jvp_client_remote_jvp``)
+  whose transpose rule is ``POST /vjp`` (``jvp_client_remote_vjp``), so ``jax.grad``
+  transposes the JVP rule into one /vjp;
+- ``jax.vmap`` over tangents: the batching rule of the tangent map sends the K tangents as
+  ONE ``tangent_batch`` request, and that of its transpose the K cotangents as one
+  ``cotangent_batch`` request (``jax.vmap`` of a pullback, ``jax.jacrev``). ``jax.vmap``
+  over primals makes one request per element (the service linearizes at one point).
+
+NOTE [why primitives]: ``jax.custom_derivatives.linear_call`` (JAX's ready-made "linear
+function with a custom transpose") has no batching rule in JAX 0.10, and a
+``custom_vmap`` is not transposable; a ``jax.extend.core.Primitive`` takes all three
+rules (batching, transpose, lowering through ``jax.pure_callback``) and is the route JAX's
+own custom-derivative design note names for calling into other systems.
 
 Higher derivatives (a JVP of the VJP) are refused by JAX: a callback has no derivative.
 
@@ -26,6 +32,7 @@ Higher derivatives (a JVP of the VJP) are refused by JAX: a callback has no deri
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,12 +40,15 @@ import numpy as np
 try:
     import jax
     import jax.numpy as jnp
-    from jax.custom_derivatives import SymbolicZero, linear_call
+    from jax.core import ShapedArray
+    from jax.custom_derivatives import SymbolicZero
+    from jax.extend.core import Primitive
+    from jax.interpreters import ad, batching, mlir
 except ImportError as exc:  # pragma: no cover - the extra is not installed
     raise ImportError('jvp_client.jax needs JAX: pip install "jvp-client[jax]"') from exc
 
 from ._types import ShapeInfo
-from ._variables import expression_variables
+from ._variables import RemoteTarget
 
 if TYPE_CHECKING:
     from ._client import JVPClient
@@ -50,22 +60,14 @@ def _np(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-class RemoteJaxFunction:
+class RemoteJaxFunction(RemoteTarget):
     """The function `remote` returns; ``.names`` lists its inputs in positional order;
     ``.calls`` counts the requests it made, by route."""
 
     def __init__(
         self, client: JVPClient, *, expression: str | None = None, model: str | None = None
     ) -> None:
-        if (expression is None) == (model is None):
-            raise ValueError("remote(): give exactly one of expression= or model=")
-        self.client = client
-        self.expression, self.model = expression, model
-        if expression is not None:
-            self.names = expression_variables(expression)
-        else:
-            assert model is not None
-            self.names = [spec.name for spec in client.model(model).inputs]
+        super().__init__(client, expression=expression, model=model)
         self.calls: dict[str, int] = {"jvp": 0, "vjp": 0, "eval_shape": 0}
         self._shapes: dict[Any, tuple[list[jax.ShapeDtypeStruct], bool]] = {}
         self._fn = self._build()
@@ -147,20 +149,27 @@ class RemoteJaxFunction:
         return tuple(_np(j).astype(d) for j, d in zip(jvps, dtypes, strict=True))
 
     def _host_vjp(
-        self, shapes: list[tuple[int, ...]], which: tuple[int, ...], *arrays: Any
+        self,
+        shapes: list[tuple[int, ...]],
+        which: tuple[int, ...],
+        batch: int | None,
+        *arrays: Any,
     ) -> tuple[np.ndarray, ...]:
+        """Jᵀ·u for the inputs in ``which``; with ``batch`` (jax.vmap over cotangents) every
+        cotangent has a leading K (the batching rule broadcast it): one cotangent_batch
+        request."""
         self.calls["vjp"] += 1
         n = len(self.names)
         primals = {name: _np(a) for name, a in zip(self.names, arrays[:n], strict=True)}
-        cts = [_np(c) for c in arrays[n:]]
+        cts = [np.ascontiguousarray(_np(c)) for c in arrays[n:]]
         wrt = [self.names[i] for i in which]
-        cotangents: Any = tuple(cts) if len(cts) > 1 else cts[0]
         r = self.client.vjp(
             expression=self.expression,
             model=self.model,
             primals=primals,
-            cotangents=cotangents,
+            cotangents=tuple(cts) if len(cts) > 1 else cts[0],
             wrt=wrt,
+            cotangent_batch=batch is not None,
         )
         return tuple(
             _np(r.vjp[name]).astype(arrays[i].dtype) for name, i in zip(wrt, which, strict=True)
@@ -169,35 +178,16 @@ class RemoteJaxFunction:
     # -- the JAX function -------------------------------------------------------------
 
     def _linear(self, which: tuple[int, ...], primals: tuple[Any, ...], tangents: Any) -> Any:
-        """J·t for the inputs in ``which`` (primals as residuals), through
-        ``jax.custom_derivatives.linear_call``: JAX transposes it with POST /vjp."""
+        """J·t for the inputs in ``which`` (primals as residuals): the tangent-map primitive,
+        transposed by JAX into POST /vjp and batched into one tangent_batch request."""
         specs, _ = self._out_specs(primals)
-        shapes = [tuple(p.shape) for p in primals]
-        dtypes = [s.dtype for s in specs]
-
-        def forward(residuals: tuple[Any, ...], ts: tuple[Any, ...]) -> Any:
-            return jax.pure_callback(
-                lambda *a: self._host_jvp(shapes, which, dtypes, *a),
-                tuple(specs),
-                *residuals,
-                *ts,
-                vmap_method="expand_dims",
-            )
-
-        def transpose(residuals: tuple[Any, ...], cts: Any) -> Any:
-            grads = jax.pure_callback(
-                lambda *a: self._host_vjp(shapes, which, *a),
-                tuple(
-                    jax.ShapeDtypeStruct(primals[i].shape, primals[i].dtype)  # type: ignore[no-untyped-call, unused-ignore]
-                    for i in which
-                ),
-                *residuals,
-                *cts,
-                vmap_method="sequential",
-            )
-            return tuple(grads)
-
-        return linear_call(forward, transpose, tuple(primals), tuple(tangents))
+        call = _Call(
+            self,
+            which,
+            tuple(tuple(p.shape) for p in primals),
+            tuple((tuple(s.shape), np.dtype(s.dtype)) for s in specs),
+        )
+        return _jvp_p.bind(*primals, *tangents, call=call)
 
     def _build(self) -> Any:
         # (untyped without JAX installed: mypy then sees jax as Any)
@@ -218,23 +208,107 @@ class RemoteJaxFunction:
         return f
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if len(args) > len(self.names):
-            raise TypeError(f"expected at most {len(self.names)} inputs {self.names}")
-        given = dict(zip(self.names, args, strict=False))
-        for name, value in kwargs.items():
-            if name in given:
-                raise TypeError(f"input {name!r} given twice")
-            given[name] = value
-        missing = [n for n in self.names if n not in given]
-        unknown = [n for n in given if n not in self.names]
-        if missing or unknown:
-            raise TypeError(
-                f"expected the inputs {self.names}; missing {missing}, unknown {unknown}"
-            )
+        given = self.bind(args, kwargs)
         xs = [jnp.asarray(given[n]) for n in self.names]
         outs = self._fn(*xs)
         _, several = self._out_specs(xs)
         return list(outs) if several else outs[0]
+
+
+# ---------------------------------------------------------------------------------------
+# The tangent map and its transpose as primitives (NOTE [why primitives]).
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A primitive's static parameters (hashable: jax.jit caches on them). ``out`` holds the
+    unbatched (shape, dtype) of each result; ``batch`` the leading K once vmapped."""
+
+    fn: RemoteJaxFunction
+    which: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    out: tuple[tuple[tuple[int, ...], np.dtype[Any]], ...]
+    batch: int | None = None
+
+    def results(self) -> tuple[jax.ShapeDtypeStruct, ...]:
+        lead = () if self.batch is None else (self.batch,)
+        return tuple(jax.ShapeDtypeStruct((*lead, *s), d) for s, d in self.out)  # type: ignore[no-untyped-call, unused-ignore]
+
+
+_jvp_p = Primitive("jvp_client_remote_jvp")  # (*primals, *tangents of `which`) -> J·t
+_vjp_p = Primitive("jvp_client_remote_vjp")  # (*primals, *cotangents) -> Jᵀ·u per `which`
+
+
+def _jvp_callback(*args: Any, call: _Call) -> Any:
+    dtypes = [d for _, d in call.out]
+    host = call.fn._host_jvp
+    return jax.pure_callback(
+        lambda *a: host(list(call.shapes), call.which, dtypes, *a),
+        call.results(),
+        *args,
+        vmap_method="sequential",
+    )
+
+
+def _vjp_callback(*args: Any, call: _Call) -> Any:
+    host = call.fn._host_vjp
+    return jax.pure_callback(
+        lambda *a: host(list(call.shapes), call.which, call.batch, *a),
+        call.results(),
+        *args,
+        vmap_method="sequential",
+    )
+
+
+def _batch_rule(prim: Primitive) -> Any:
+    """Only the tangents (cotangents) mapped, primals not: one batched request, the mapped
+    axis moved to the front. Mapped primals (the service linearizes at one point) or a
+    second vmap: one bind per element, stacked."""
+
+    def rule(args: Sequence[Any], dims: Sequence[int | None], *, call: _Call) -> Any:
+        n = len(call.shapes)
+        size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
+        if call.batch is None and all(d is None for d in dims[:n]):
+            lead = [
+                jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
+                for a, d in zip(args[n:], dims[n:], strict=True)
+            ]
+            outs = prim.bind(*args[:n], *lead, call=replace(call, batch=size))
+            return outs, [0] * len(outs)
+        per_k = [
+            prim.bind(
+                *[
+                    a if d is None else jnp.take(a, k, axis=d)
+                    for a, d in zip(args, dims, strict=True)
+                ],
+                call=call,
+            )
+            for k in range(size)
+        ]
+        return [jnp.stack(outs) for outs in zip(*per_k, strict=True)], [0] * len(per_k[0])
+
+    return rule
+
+
+def _jvp_transpose(cts: Sequence[Any], *args: Any, call: _Call) -> list[Any]:
+    """Jᵀ·u for the tangents' inputs; the primals are residuals (no cotangent)."""
+    n = len(call.shapes)
+    primals = args[:n]
+    cts = [ad.instantiate_zeros(c) if type(c) is ad.Zero else c for c in cts]
+    out = tuple((call.shapes[i], np.dtype(primals[i].dtype)) for i in call.which)
+    grads = _vjp_p.bind(*primals, *cts, call=replace(call, out=out))
+    return [None] * n + list(grads)
+
+
+for _prim, _callback in ((_jvp_p, _jvp_callback), (_vjp_p, _vjp_callback)):
+    _prim.multiple_results = True
+    _prim.def_impl(_callback)
+    _prim.def_abstract_eval(
+        lambda *_, call: [ShapedArray(r.shape, r.dtype) for r in call.results()]
+    )
+    mlir.register_lowering(_prim, mlir.lower_fun(_callback, multiple_results=True))
+    batching.primitive_batchers[_prim] = _batch_rule(_prim)
+ad.primitive_transposes[_jvp_p] = _jvp_transpose
 
 
 def remote(

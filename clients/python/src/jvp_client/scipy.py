@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,6 +34,7 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
     raise ImportError('jvp_client.scipy needs SciPy: pip install "jvp-client[scipy]"') from exc
 
 from ._exceptions import NotFoundError
+from ._plans import ClosesOnExit
 
 if TYPE_CHECKING:
     from ._client import JVPClient
@@ -49,7 +49,7 @@ def _numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-class JacobianOperator(LinearOperator):  # type: ignore[misc]
+class JacobianOperator(ClosesOnExit, LinearOperator):  # type: ignore[misc]
     """J at a point of the service's function, as a ``LinearOperator`` (see the module).
 
     Attributes: ``session`` (the `Linearization`), ``wrt`` (names, in column order),
@@ -124,17 +124,6 @@ class JacobianOperator(LinearOperator):  # type: ignore[misc]
     def close(self) -> None:
         """Delete the session (``DELETE /linearize/{id}``)."""
         self.session.close()
-
-    def __enter__(self) -> JacobianOperator:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- splitting and joining flat vectors ----------------------------------------------
 

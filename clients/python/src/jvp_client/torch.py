@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._variables import expression_variables
+from ._variables import RemoteTarget, expression_variables
 
 if TYPE_CHECKING:
     from ._client import JVPClient
@@ -113,21 +113,8 @@ class _Remote(torch.autograd.Function):
         return tuple(jvps) if spec.several else jvps
 
 
-class RemoteFunction:
+class RemoteFunction(RemoteTarget):
     """The callable `remote` returns; ``.names`` lists its inputs in positional order."""
-
-    def __init__(
-        self, client: JVPClient, *, expression: str | None = None, model: str | None = None
-    ) -> None:
-        if (expression is None) == (model is None):
-            raise ValueError("remote(): give exactly one of expression= or model=")
-        self.client = client
-        self.expression, self.model = expression, model
-        if expression is not None:
-            self.names = expression_variables(expression)
-        else:
-            assert model is not None
-            self.names = [spec.name for spec in client.model(model).inputs]
 
     def _call_jvp(
         self,
@@ -149,21 +136,7 @@ class RemoteFunction:
         parameter_deltas: Mapping[str, torch.Tensor] | None = None,
         **kwargs: torch.Tensor,
     ) -> Any:
-        if len(args) > len(self.names):
-            raise TypeError(
-                f"expected at most {len(self.names)} inputs {self.names}, got {len(args)}"
-            )
-        given = dict(zip(self.names, args, strict=False))
-        for name, value in kwargs.items():
-            if name in given:
-                raise TypeError(f"input {name!r} given twice")
-            given[name] = value
-        missing = [n for n in self.names if n not in given]
-        unknown = [n for n in given if n not in self.names]
-        if missing or unknown:
-            raise TypeError(
-                f"expected the inputs {self.names}; missing {missing}, unknown {unknown}"
-            )
+        given = self.bind(args, kwargs)
         deltas = dict(parameter_deltas or {})
         if deltas and self.model is None:
             raise ValueError("parameter_deltas= is for models only")
