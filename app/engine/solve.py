@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -115,7 +116,7 @@ class Problem:
         outputs = len(self.outputs(z))
         COVERAGE.check(source, self.target, full, self.indices, (), tuple(range(outputs)))
         f, primals = partial_function(self.target, full, self.indices, ())
-        _, pullback = func_vjp(lambda *a: flat(f(*a)), *primals)
+        pullback = func_vjp(lambda *a: flat(f(*a)), *primals)[1]
 
         def apply(u: torch.Tensor) -> torch.Tensor:
             self.vjps += 1
@@ -209,7 +210,7 @@ class SolveOperation:
         kw: dict[str, Any] = {"rtol": rtol, "maxiter": o.max_krylov}
         if o.krylov == "gmres":
             kw["restart"] = o.restart
-        return solver(lambda v: problem.jvp(z, v), b, **kw)  # type: ignore[operator]
+        return solver(lambda v: problem.jvp(z, v), b, **kw)
 
     # NOTE [Newton-Krylov]
     # Inexact Newton (Dembo, Eisenstat and Steihaug 1982): each step solves J δ = -F to
@@ -305,7 +306,7 @@ class SolveOperation:
                 state.converged = True
                 return
             solved = lsmr(
-                lambda v, z=z: problem.jvp(z, v),
+                partial(problem.jvp, z),
                 pullback,
                 -fz,
                 n,

@@ -145,9 +145,8 @@ class ShapeService:
         operation = body.pop("operation", "jvp")
         request = self._request(operation, body)
         task, names = self._task(operation, request)
-        if operation == "solve":  # the whole solve's, at its caps (app/services/solve.py)
-            estimate = task.estimate
-        else:
+        estimate: object = task.estimate  # solve: the whole solve's (app/services/solve.py)
+        if operation != "solve":
             estimate = self.service.bound(task, strict=True)
         assert isinstance(estimate, Estimate)
         return self.render(operation, task, names, estimate)
@@ -169,7 +168,9 @@ class ShapeService:
             body["vjp"] = dict(zip(names, results, strict=True))
         elif operation == "solve":
             unknowns = [task.inputs[task.target.input_names.index(n)] for n in names]
-            body["solution"] = {n: _spec(tuple(x.shape), task.dtype) for n, x in zip(names, unknowns, strict=True)}
+            body["solution"] = {
+                n: _spec(tuple(x.shape), task.dtype) for n, x in zip(names, unknowns, strict=True)
+            }
         elif operation == "jacobian":
             n = len(names)
             maps = [

@@ -209,15 +209,13 @@ class SolveService:
             raise TooLarge(
                 f"The solve may take up to about {whole.flops} floating-point operations "
                 f"({count} products of J at most, {per.flops} each); the limit is "
-                f"{bounds.max_flops} per request (JVP_MAX_REQUEST_FLOPS). "
-                + BATCH_HINT,
+                f"{bounds.max_flops} per request (JVP_MAX_REQUEST_FLOPS). " + BATCH_HINT,
                 param="options.max_iterations",
             )
         if whole.peak_bytes > bounds.max_bytes:
             raise TooLarge(
                 f"The solve would need about {whole.peak_bytes} bytes at its peak; the limit "
-                f"is {bounds.max_bytes} bytes per request (JVP_MAX_REQUEST_BYTES). "
-                + BATCH_HINT,
+                f"is {bounds.max_bytes} bytes per request (JVP_MAX_REQUEST_BYTES). " + BATCH_HINT,
                 param="primals",
             )
         return whole
