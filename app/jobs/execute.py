@@ -13,7 +13,7 @@ from app.engine.errors import EngineError
 from app.engine.task import JVPResult, JVPTask
 from app.jobs import blobs
 from app.jobs.operations import VJP_KEYS, is_vjp, vjp_task
-from app.jobs.solve_tasks import SOLVE_KEYS, is_solve, solve_task
+from app.jobs.solve_tasks import SOLVE_KEYS, finished, is_solve, solve_task
 from app.jobs.store import Outcome, TaskSpec
 from app.jobs.tables import DONE
 from app.schemas import JVPOptions, JVPRequest
@@ -59,6 +59,7 @@ class Finished:
     error: tuple[str, str, str | None] | None = None
 
     def outcome(self) -> Outcome:
+        finished(self.spec)  # a solve task's progress ends with it
         blob = None
         if self.kind == DONE:
             assert self.task is not None and self.result is not None

@@ -85,6 +85,11 @@ class Job(BaseModel):
         description="Seconds until the job completes at its rate so far (null before a rate is "
         "known, 0 once finished)."
     )
+    progress: dict[str, int] | None = Field(
+        None,
+        description='{"<task index>": Newton iterations done} of the "solve" tasks computing '
+        "now (in this process: not those a Celery worker runs); absent when there are none.",
+    )
 
 
 class JobList(BaseModel):

@@ -25,7 +25,7 @@ from app.jobs.backend import JobBackend
 from app.jobs.execute import error_of
 from app.jobs.operations import cotangent_group, task_options
 from app.jobs.schemas import JobCreate, JobOptions, JobTask
-from app.jobs.solve_tasks import rhs_group
+from app.jobs.solve_tasks import progress, rhs_group
 from app.jobs.store import JobStore, JobView, NewJob, NewTask, StoredTask, now
 from app.models.registry import ModelRegistry
 from app.services.jvp import JVPService, expression_target
@@ -71,6 +71,7 @@ def job_body(job: JobView) -> dict[str, Any]:
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
         "eta_s": job.eta_s(now()),
+        **({"progress": found} if (found := progress(job.id)) else {}),
     }
 
 

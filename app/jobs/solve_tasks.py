@@ -10,6 +10,10 @@ When it runs it is prepared exactly as POST /solve prepares a request
 caps and the request deadline: a job is where a solve that may run long goes (NOTE [the
 cost of a solve] in app/services/solve.py). Its result is stored with the unknowns' names
 and the solve's report (converged, iterations, counts, history), rendered as /solve's body.
+
+While it runs, the job's status has ``progress``: ``{"<task index>": Newton iterations
+done}`` for each solve task computing in this process (`PROGRESS`; a task that a Celery
+worker, another process, computes is not in it).
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from app.jobs.store import TaskSpec
 from app.schemas_solve import SolveOptions, SolveRequest
 from app.services.jvp import JVPService
 from app.services.solve import SolveService
+
+# (job id, task index) -> iterations done, of the solve tasks computing in this process:
+# written by the device worker (one int per iteration), read by GET /jobs/{id}.
+PROGRESS: dict[tuple[str, int], int] = {}
 
 # Option keys a solve task keeps in its stored options (never passed to JVPOptions).
 SOLVE_KEYS = ("unknowns", "method", "solve_options", "rhs")
@@ -76,5 +84,18 @@ def solve_task(service: JVPService, spec: TaskSpec) -> JVPTask:
         rhs=rhs,
         options=SolveOptions(**{**options.get("solve_options", {}), **own}),
     )
-    task, _ = SolveService(service).prepare(request, job=True)
+    task, op = SolveService(service).prepare(request, job=True)
+    key = (spec.job_id, spec.idx)
+    op.progress = lambda iterations: PROGRESS.__setitem__(key, iterations)
     return task
+
+
+def finished(spec: TaskSpec) -> None:
+    """The task ended: it has no progress any more."""
+    PROGRESS.pop((spec.job_id, spec.idx), None)
+
+
+def progress(job_id: str) -> dict[str, int] | None:
+    """``{"<task index>": iterations}`` of the job's solve tasks computing here, or None."""
+    found = {str(idx): n for (job, idx), n in list(PROGRESS.items()) if job == job_id}
+    return found or None

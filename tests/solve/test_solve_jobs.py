@@ -3,6 +3,7 @@ solve too long for one request's caps run as a job."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,3 +83,32 @@ def test_a_solve_over_the_request_limits_runs_as_a_job(jobs_client: TestClient) 
     (result,) = all_results(jobs_client, job["id"])
     assert result["solve"]["converged"] is True and result["solve"]["residual_norm"] < 1e-8
     assert np.linalg.norm(residual(array(result["solution"]["u"]))) < 1e-8
+
+
+def test_a_running_solve_task_reports_its_iterations_as_progress(
+    jobs_client: TestClient,
+) -> None:
+    # One product per Newton step (max_krylov 1): a slow solve, many iterations to watch.
+    body = {
+        "model": "bratu",
+        "unknowns": ["u"],
+        "primals": {"u": wire(np.zeros((N, N))), "lam": wire([LAMBDA])},
+        "solve_options": {"max_krylov": 1, "max_iterations": 400, "line_search": False},
+    }
+    r = jobs_client.post("/jobs", json={"operation": "solve", "tasks": [body]})
+    job_id = r.json()["id"]
+    seen: list[int] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = jobs_client.get(f"/jobs/{job_id}").json()
+        if job["status"] == "completed":
+            break
+        if "progress" in job:
+            assert list(job["progress"]) == ["0"]
+            seen.append(job["progress"]["0"])
+        time.sleep(0.01)
+    assert job["status"] == "completed" and "progress" not in job
+    assert seen, "no progress was seen while the task ran"
+    assert seen == sorted(seen) and all(1 <= n <= 400 for n in seen)
+    (result,) = all_results(jobs_client, job_id)
+    assert result["solve"]["iterations"] == 400 and result["solve"]["converged"] is False

@@ -36,6 +36,7 @@ from ._exceptions import (
 )
 from ._jobs import AsyncJob, Job
 from ._linearize import AsyncLinearization, Linearization
+from ._solve import SolveResult
 from ._stacking import JobArrays, stack_results
 from ._tensors import B64_MIN_ELEMENTS, decode_tensor, encode_tensor
 from ._types import (
@@ -70,6 +71,7 @@ __all__ = [
     "APITimeoutError",
     "AsyncJVPClient",
     "VJPResult",
+    "SolveResult",
     "AsyncJob",
     "AsyncLinearization",
     "AuthenticationError",
