@@ -41,7 +41,7 @@ from tests.solve.bratu import LAMBDA, N, export, residual
 F_TOL = 1e-8
 
 
-class ServiceJacobian(KrylovJacobian):  # type: ignore[misc]
+class ServiceJacobian(KrylovJacobian):
     """SciPy's Krylov Jacobian with its products J·v taken from the service (exact), at
     each Newton point one linearize session."""
 
@@ -133,7 +133,9 @@ def main() -> None:
         }
         rows = []
         for name, run in ways.items():
-            times, u, counts = [], None, {}
+            times: list[float] = []
+            u: Any = None
+            counts: dict[str, Any] = {}
             for _ in range(repeat):
                 started = time.perf_counter()
                 u, counts = run()
