@@ -97,7 +97,8 @@ def gmres(
     products += 0 if x0 is None else 1
     beta = _norm(r)
     tiny = torch.finfo(b.dtype).tiny
-    while beta > target and products < maxiter:
+    singular = False
+    while beta > target and products < maxiter and not singular:
         m = max(1, min(restart, maxiter - products, n))
         basis = torch.empty((m + 1, n), dtype=b.dtype, device=b.device)
         basis[0] = r / beta
@@ -121,7 +122,10 @@ def gmres(
                 column[i] = cs[i] * hi + sn[i] * hn
                 column[i + 1] = -sn[i] * hi + cs[i] * hn
             diag = math.hypot(column[j], below)
-            cs[j], sn[j] = (1.0, 0.0) if diag == 0.0 else (column[j] / diag, below / diag)
+            if diag == 0.0:  # J maps the new basis vector into the old ones' span: singular
+                singular = True
+                break
+            cs[j], sn[j] = column[j] / diag, below / diag
             column[j] = diag
             for i in range(j + 1):
                 h[i][j] = column[i]
@@ -132,6 +136,8 @@ def gmres(
                 basis[j + 1] = w / below
             if abs(g[j + 1]) <= target or below <= tiny:  # converged, or the happy breakdown
                 break
+        if k == 0:
+            break
         upper = torch.tensor([row[:k] for row in h[:k]], dtype=torch.float64)
         rhs = torch.tensor(g[:k], dtype=torch.float64).unsqueeze(1)
         y = torch.linalg.solve_triangular(upper, rhs, upper=True).squeeze(1)
@@ -142,7 +148,9 @@ def gmres(
         if k < m and beta > target and abs(g[k]) > target:
             break  # a breakdown without convergence: restarting would repeat it
     converged = beta <= target
-    reason = None if converged or products >= maxiter else "GMRES broke down (a singular J?)"
+    reason = None
+    if not converged and (singular or products < maxiter):
+        reason = "GMRES broke down: J is singular on the Krylov space (J v = 0 for some v in it)"
     return KrylovResult(x, products, converged, beta, reason=reason)
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch.func import vjp as func_vjp
 
+from app.engine.abstract import Plan
 from app.engine.devices import api_float
 from app.engine.errors import InvalidRequest
 from app.engine.fallback import jvp_with_fallback
@@ -81,6 +82,7 @@ class Problem:
     shapes: tuple[torch.Size, ...]
     jvps: int = 0
     vjps: int = 0
+    n_outputs: int = 0  # f's outputs, known once it ran
 
     def split(self, z: torch.Tensor) -> Tensors:
         sizes = [math.prod(s) for s in self.shapes]
@@ -94,7 +96,9 @@ class Problem:
 
     def outputs(self, z: torch.Tensor) -> Tensors:
         with torch.no_grad():
-            return tuple(o.detach() for o in self.f(*self.split(z)))
+            found = tuple(o.detach() for o in self.f(*self.split(z)))
+        self.n_outputs = len(found)
+        return found
 
     def residual(self, z: torch.Tensor) -> torch.Tensor:
         return flat(self.outputs(z))
@@ -113,8 +117,8 @@ class Problem:
         """u -> Jᵀu at z, one forward pass kept for every u (NOTE [the solve is one work
         item]); refused (501) where reverse mode would drop a gradient."""
         full = self.full(z)
-        outputs = len(self.outputs(z))
-        COVERAGE.check(source, self.target, full, self.indices, (), tuple(range(outputs)))
+        outputs = tuple(range(self.n_outputs or len(self.outputs(z))))
+        COVERAGE.check(source, self.target, full, self.indices, (), outputs)
         f, primals = partial_function(self.target, full, self.indices, ())
         pullback = func_vjp(lambda *a: flat(f(*a)), *primals)[1]
 
@@ -153,10 +157,8 @@ class SolveOperation:
     method: str = "forward"
     result: dict[str, Any] = field(default_factory=dict, init=False)
 
-    def plan_for(self, target: Target, inputs: Sequence[torch.Tensor]) -> Any:
+    def plan_for(self, target: Target, inputs: Sequence[torch.Tensor]) -> Plan:
         """One J·v's plan: the service multiplies its estimate by the iteration caps."""
-        from app.engine.abstract import Plan
-
         return Plan("jvp", directions=len(self.unknown_indices))
 
     def __call__(
@@ -233,27 +235,44 @@ class SolveOperation:
                 eta = self._forcing(eta, norm, previous, o.tol)
             state.iterations += 1
             solved = self._krylov(problem, state.z, -fz, eta)
-            t, trial, trial_norm = 1.0, state.z + solved.x, math.inf
-            for _ in range(LINE_SEARCH_STEPS + 1):
-                trial = state.z + t * solved.x
-                ft = problem.residual(trial)
-                trial_norm = _norm(ft) if finite(ft) else math.inf
-                if not o.line_search or trial_norm <= (1 - ARMIJO * t * (1 - eta)) * norm:
-                    break
-                t *= 0.5
-            if not math.isfinite(trial_norm):
-                raise Stopped(f"f is NaN or infinite after Newton step {state.iterations}")
-            if trial_norm > norm and o.line_search:
+            if not bool(solved.x.any()):
+                state.reason = solved.reason or "The linear solve gave no Newton step (δ = 0)"
+                self._step(state, _entry(state.iterations, norm, solved.iterations, 0.0))
+                return
+            found = self._line_search(problem, state.z, solved.x, norm, eta)
+            if found is None:
                 state.reason = (
-                    f"The line search found no decrease of ||F|| along Newton step "
-                    f"{state.iterations} (Krylov residual {solved.residual_norm:.3g})"
+                    f"The line search found no sufficient decrease of ||F|| along Newton step "
+                    f"{state.iterations} (its linear solve's residual: "
+                    f"{solved.residual_norm:.3g}{'; ' + solved.reason if solved.reason else ''})"
                 )
                 self._step(state, _entry(state.iterations, norm, solved.iterations, 0.0))
                 return
+            t, state.z, fz, trial_norm = found
             previous, norm = norm, trial_norm
-            state.z, fz, state.residual_norm = trial, ft, norm
+            state.residual_norm = norm
             self._step(state, _entry(state.iterations, norm, solved.iterations, t))
         state.converged = norm <= o.tol
+
+    def _line_search(
+        self, problem: Problem, z: torch.Tensor, delta: torch.Tensor, norm: float, eta: float
+    ) -> tuple[float, torch.Tensor, torch.Tensor, float] | None:
+        """(t, z + t δ, f there, ||f||) for the first t of 1, 1/2, 1/4, ... with sufficient
+        decrease (NOTE [Newton-Krylov]), or None after LINE_SEARCH_STEPS halvings; without
+        the line search t = 1, and a NaN there stops the solve."""
+        t = 1.0
+        for _ in range(LINE_SEARCH_STEPS + 1):
+            trial = z + t * delta
+            ft = problem.residual(trial)
+            trial_norm = _norm(ft) if finite(ft) else math.inf
+            if not self.options.line_search:
+                if not math.isfinite(trial_norm):
+                    raise Stopped("f is NaN or infinite after a full Newton step")
+                return t, trial, ft, trial_norm
+            if trial_norm <= (1 - ARMIJO * t * (1 - eta)) * norm:
+                return t, trial, ft, trial_norm
+            t *= 0.5
+        return None
 
     @staticmethod
     def _forcing(eta: float, norm: float, previous: float, tol: float) -> float:
@@ -296,15 +315,17 @@ class SolveOperation:
         fz = self._residual(problem, state, "f at the initial guess")
         norm = state.residual_norm = _norm(fz)
         mu, n = 0.0, z.numel()
+        pullback, gradient = None, fz
         while norm > o.tol and state.iterations < o.max_iterations:
+            if pullback is None:  # a new point (a refused step keeps the last one's)
+                pullback = problem.vjp_at(z, self.source)
+                gradient = pullback(fz)
+                if not finite(gradient):
+                    raise NonFinite("Jᵀ·F")
+                if _norm(gradient) <= o.tol:  # a stationary point: nothing left to gain
+                    state.converged = True
+                    return
             state.iterations += 1
-            pullback = problem.vjp_at(z, self.source)
-            gradient = pullback(fz)
-            if not finite(gradient):
-                raise NonFinite("Jᵀ·F")
-            if _norm(gradient) <= o.tol:
-                state.converged = True
-                return
             solved = lsmr(
                 partial(problem.jvp, z),
                 pullback,
@@ -322,6 +343,7 @@ class SolveOperation:
                 z, fz, norm = trial, ft, trial_norm
                 state.z, state.residual_norm = z, norm
                 mu = mu / 10 if mu > 1e-12 else 0.0
+                pullback = None
                 self._step(state, _entry(state.iterations, norm, solved.iterations, 1.0))
             else:
                 mu = mu * 10 if mu > 0 else 1e-3 * _norm(gradient) / max(norm, 1e-300)
@@ -348,7 +370,7 @@ class _State:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def where(self) -> str:
-        return f"Newton iteration {self.iterations}" if self.iterations else "the start"
+        return f"iteration {self.iterations}" if self.iterations else "the start"
 
 
 def _entry(iteration: int, norm: float, krylov: int, step: float) -> dict[str, Any]:

@@ -109,3 +109,10 @@ def test_lsmr_zero_rhs() -> None:
     a = torch.eye(3, dtype=F64)
     r = lsmr(lambda v: a @ v, lambda u: a.T @ u, torch.zeros(3, dtype=F64), 3)
     assert r.converged and not r.x.any() and r.iterations == 0
+
+
+def test_gmres_on_a_singular_matrix_says_so() -> None:
+    singular = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=F64)
+    r = gmres(lambda v: singular @ v, torch.tensor([0.0, 1.0], dtype=F64), rtol=1e-10, maxiter=10)
+    assert not r.converged and r.reason is not None and "singular" in r.reason
+    assert bool(torch.isfinite(r.x).all())
