@@ -228,7 +228,7 @@ class SolveOperation:
         o = self.options
         fz = self._residual(problem, state, "f at the initial guess")
         check_square(fz.numel(), state.z.numel(), o.method)
-        norm = state.residual_norm = _norm(fz)
+        norm = state.residual_norm
         eta, previous = (o.krylov_tol if o.krylov_tol is not None else EW_ETA0), None
         while norm > o.tol and state.iterations < o.max_iterations:
             if o.krylov_tol is None and previous is not None:
@@ -313,7 +313,7 @@ class SolveOperation:
         o = self.options
         z = state.z
         fz = self._residual(problem, state, "f at the initial guess")
-        norm = state.residual_norm = _norm(fz)
+        norm = state.residual_norm
         mu, n = 0.0, z.numel()
         pullback, gradient = None, fz
         while norm > o.tol and state.iterations < o.max_iterations:

@@ -104,3 +104,17 @@ def test_solve_cli_round_trip(live_url: str, tmp_path: Path, capsys: Any) -> Non
     code = cli_main([*argv, "--max-iterations", "1"])
     printed = capsys.readouterr()
     assert code == 1 and "did NOT converge" in printed.out
+
+
+def test_eval_shape_of_a_solve_before_sending(client: JVPClient) -> None:
+    from jvp_client import ShapeInfo
+
+    primals = {"A": ShapeInfo((3, 3), "float64"), "b": ShapeInfo((3,), "float64")}
+    primals["u"] = ShapeInfo((3,), "float64")
+    one = client.eval_shape(expression=EXPR, primals=primals, tangents={"u": primals["u"]})
+    shaped = client.eval_shape(
+        "solve", expression=EXPR, primals=primals, unknowns="u", options={"max_iterations": 2}
+    )
+    assert shaped.result == {"u": ShapeInfo((3,), "float64")}
+    assert shaped.output == ShapeInfo((3,), "float64")
+    assert shaped.flops == one.flops * (2 * (200 + 4 + 21) + 1)
