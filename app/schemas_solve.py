@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.schemas import Tensor, TimingMs
 
@@ -31,6 +31,14 @@ class SolveOptions(BaseModel):
         description="Relative tolerance of each Newton step's linear solve; auto: the "
         "Eisenstat-Walker forcing term.",
     )
+
+    @field_validator("krylov_tol")
+    @classmethod
+    def _forcing_in_range(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and not 0.0 < value < 1.0:
+            raise ValueError(f"krylov_tol is in (0, 1) (a relative tolerance) or auto; got {value}")
+        return value
+
     max_krylov: int = Field(
         200, ge=1, le=100_000, description="Products of J per linear solve at most."
     )

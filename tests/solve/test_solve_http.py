@@ -313,7 +313,14 @@ def test_rhs_errors_are_422(client: TestClient) -> None:
 
 
 def test_bad_options_are_422(client: TestClient) -> None:
-    for options in ({"krylov": "minres"}, {"max_iterations": 0}, {"tol": -1}, {"krylov_tol": "x"}):
+    for options in (
+        {"krylov": "minres"},
+        {"max_iterations": 0},
+        {"tol": -1},
+        {"krylov_tol": "x"},
+        {"krylov_tol": 1.0},
+        {"krylov_tol": 0},
+    ):
         r = post(client, options=options)
         assert r.status_code == 422, options
 
