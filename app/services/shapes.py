@@ -33,7 +33,6 @@ REQUESTS: dict[str, type[BaseModel]] = {
     "vjp": VJPRequest,
     "solve": SolveRequest,
 }
-NOT_YET: tuple[str, ...] = ()
 TENSOR_FIELDS = ("primals", "tangents", "parameter_tangents")
 
 
@@ -87,12 +86,6 @@ class ShapeService:
         return torch.empty(shape, dtype=dtype, device="meta")
 
     def _request(self, operation: str, body: dict[str, Any]) -> BaseModel:
-        if operation in NOT_YET:
-            raise InvalidRequest(
-                f"The operation {operation!r} is not available yet on this service; "
-                f"/eval_shape takes {', '.join(REQUESTS)}",
-                param="operation",
-            )
         body = dict(body)
         for name in TENSOR_FIELDS:
             given = body.get(name)
