@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from scipy.optimize import newton_krylov
 
@@ -27,10 +28,20 @@ def array(tensor: dict[str, Any]) -> np.ndarray:
     return np.asarray(tensor["data"], dtype=np.float64).reshape(tensor["shape"])
 
 
+class TwoOutputs(torch.nn.Module):
+    """f(u) = (2 u[:2] - 1, u[2:]² - 4): two outputs, three elements in all, as u has."""
+
+    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return 2.0 * u[:2] - 1.0, u[2:] ** 2 - 4.0
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("solve-models")
     export(root)
+    program = torch.export.export(TwoOutputs(), (torch.ones(3),))
+    (root / "twoout").mkdir()
+    torch.export.save(program, root / "twoout" / "model.pt2")
     return root
 
 
@@ -446,3 +457,22 @@ def test_float32_solve_to_a_float32_tolerance(client: TestClient) -> None:
     body = post(client, options={"dtype": "float32", "tol": 1e-5}).json()
     assert body["dtype"] == "float32" and body["converged"]
     np.testing.assert_allclose(array(body["solution"]["u"]), np.cbrt([2.0, 3.0]), rtol=1e-6)
+
+
+def test_several_outputs_are_one_system(client: TestClient) -> None:
+    point = {"model": "twoout", "primals": {"u": wire([1.0, 1.0, 1.0])}, "unknowns": ["u"]}
+    body = client.post("/solve", json=point).json()
+    assert body["converged"], body
+    np.testing.assert_allclose(array(body["solution"]["u"]), [0.5, 0.5, 2.0], atol=1e-10)
+    assert [o["shape"] for o in body["output"]] == [[2], [1]]
+    # linear: J = diag(2, 2, 2 u₂) at u = (1, 1, 1); rhs one tensor per output.
+    r = client.post(
+        "/solve",
+        json={**point, "method": "linear", "rhs": [wire([2.0, 4.0]), wire([6.0])]},
+    )
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(array(r.json()["solution"]["u"]), [1.0, 2.0, 3.0], atol=1e-12)
+    r = client.post("/solve", json={**point, "method": "linear", "rhs": wire([2.0, 4.0])})
+    assert r.status_code == 422 and "one tensor per output" in r.json()["error"]["message"]
+    r = client.post("/solve", json={**point, "method": "linear", "rhs": [wire([2.0, 4.0])]})
+    assert r.status_code == 422 and "Expected 2 rhs tensors" in r.json()["error"]["message"]
