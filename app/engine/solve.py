@@ -18,11 +18,20 @@ J·v by `torch.func.jvp` recomputes f(z) with every product. `torch.func.lineari
 per Newton step would save that forward pass, but it traces f with make_fx at every new
 point, which costs more than the products it saves for the small residuals this route
 is bounded to; so it is not used (the measure: bench/solve.py).
+
+# NOTE [a solve's deadline]
+A solve is not watched operator by operator (`DeadlineWatch`, a Python dispatch mode on
+every operator, made the Bratu solve of bench/solve.py 2.4x slower: 0.29 s against
+0.12 s); instead `Problem` checks the request's deadline before every evaluation of f and
+every product, and a solve past it stops there with the 504 that points to batch jobs.
+One product is bounded like one /jvp (its estimate against the limits), so the check
+comes often enough.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,7 +42,7 @@ from torch.func import vjp as func_vjp
 
 from app.engine.abstract import Plan
 from app.engine.devices import api_float
-from app.engine.errors import InvalidRequest
+from app.engine.errors import DeadlineExceeded, InvalidRequest
 from app.engine.fallback import jvp_with_fallback
 from app.engine.jvp import ENGINES
 from app.engine.krylov import METHODS, KrylovResult, NonFinite, lsmr
@@ -83,6 +92,16 @@ class Problem:
     jvps: int = 0
     vjps: int = 0
     n_outputs: int = 0  # f's outputs, known once it ran
+    deadline: float | None = None  # time.monotonic(); NOTE [a solve's deadline]
+
+    def _in_time(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineExceeded(
+                f"The solve passed the request's deadline after {self.jvps} products of J and "
+                f"{self.vjps} of Jᵀ, and was stopped (JVP_REQUEST_TIMEOUT_S). Submit it as a "
+                'batch job (POST /jobs with "operation": "solve"), which has no request '
+                "deadline, or lower options.max_iterations / options.max_krylov"
+            )
 
     def split(self, z: torch.Tensor) -> Tensors:
         sizes = [math.prod(s) for s in self.shapes]
@@ -95,6 +114,7 @@ class Problem:
         return tuple(full)
 
     def outputs(self, z: torch.Tensor) -> Tensors:
+        self._in_time()
         with torch.no_grad():
             found = tuple(o.detach() for o in self.f(*self.split(z)))
         self.n_outputs = len(found)
@@ -107,6 +127,7 @@ class Problem:
         tangents: list[torch.Tensor | None] = [None] * len(self.inputs)
         for i, t in zip(self.indices, self.split(v), strict=True):
             tangents[i] = t
+        self._in_time()
         self.jvps += 1
         _, jv, _ = jvp_with_fallback(
             ENGINES["dual"], self.target, self.full(z), tuple(tangents), {}
@@ -123,6 +144,7 @@ class Problem:
         pullback = func_vjp(lambda *a: flat(f(*a)), *primals)[1]
 
         def apply(u: torch.Tensor) -> torch.Tensor:
+            self._in_time()
             self.vjps += 1
             return torch.cat([g.reshape(-1) for g in pullback(u)])
 
@@ -153,6 +175,7 @@ class SolveOperation:
     rhs: torch.Tensor | None = None  # linear: flat, host
     source: Target | None = None  # the coverage cache's key (least squares)
     progress: Callable[[int], None] | None = None
+    deadline: float | None = None  # the request's (NOTE [a solve's deadline]); None in a job
     kind: str = "solve"
     method: str = "forward"
     result: dict[str, Any] = field(default_factory=dict, init=False)
@@ -169,7 +192,8 @@ class SolveOperation:
         parameter_tangents: Mapping[str, torch.Tensor],
     ) -> tuple[Tensors, Tensors]:
         f, primals = partial_function(target, inputs, self.unknown_indices, ())
-        problem = Problem(f, target, inputs, self.unknown_indices, tuple(p.shape for p in primals))
+        shapes = tuple(p.shape for p in primals)
+        problem = Problem(f, target, inputs, self.unknown_indices, shapes, deadline=self.deadline)
         z0 = flat(primals) if primals else inputs[0].new_zeros(0)
         run = {
             "newton_krylov": self._newton,

@@ -222,12 +222,14 @@ class SolveService:
 
     def schedule(self, task: JVPTask, arrived: float | None) -> None:
         """`JVPService.schedule` on the whole solve's estimate: a 504 at once (saying a
-        batch job takes it) when its caps cannot fit in the deadline; always watched
-        for its deadline between operators (its length is only bounded)."""
+        batch job takes it) when its caps cannot fit in the deadline; the solve checks
+        the deadline before each product (NOTE [a solve's deadline] in app/engine/solve.py)."""
         start = time.monotonic() if arrived is None else arrived
         task.deadline = start + self.settings.request_timeout_s
+        if isinstance(task.operation, SolveOperation):  # checked per product, not per operator
+            task.operation.deadline = task.deadline  # NOTE [a solve's deadline]
+        task.watch = False
         if task.estimate is None:
-            task.watch = True
             return
         try:
             task.seconds = check_deadline(
@@ -240,7 +242,6 @@ class SolveService:
                 + BATCH_HINT,
                 param="options.max_iterations",
             ) from None
-        task.watch = True  # a solve's length is known only as a bound
 
     async def solve(self, body: SolveRequest, arrived: float | None = None) -> dict[str, Any]:
         started = time.monotonic()
