@@ -28,6 +28,7 @@ from app.models.repository import load_repository
 from app.services.derivatives import DerivativeService, SessionSweeper, derivative_service
 from app.services.jvp import JVPService
 from app.services.shapes import ShapeService
+from app.services.solve import SolveService
 from app.services.vjp import VJPService
 from app.settings import Settings
 from app.startup import startup_summary
@@ -82,6 +83,7 @@ class Runtime:
     metrics: Metrics | None = None
     jobs: JobService | None = None
     cpu: str = ""  # the thread plan, in words, for the start-up summary
+    solve: SolveService | None = None  # POST /solve (set by `build`)
 
     def start_engine(self) -> None:
         """Warm every device up, then take work (all a Celery worker starts)."""
@@ -136,9 +138,11 @@ def build(settings: Settings, *, metrics: Metrics | None = None, plan_cpu: bool 
     if metrics is not None:
         metrics.bind_engine(engine)
     vjp = VJPService(service, derivatives.store)
-    shapes = ShapeService(derivatives, vjp)
+    solve = SolveService(service)
+    shapes = ShapeService(derivatives, vjp, solve)
     runtime = Runtime(
         settings, engine, registry, service, derivatives, sweeper, shapes, vjp, metrics
     )
+    runtime.solve = solve
     runtime.cpu = cpu.describe() if plan_cpu else f"{torch.get_num_threads()} thread(s)"
     return runtime

@@ -295,8 +295,8 @@ class EvalShapeRequest(BaseModel):
 
     operation: Literal["jvp", "vjp", "jacobian", "hvp", "linearize", "solve"] = Field(
         "jvp",
-        description="Whose shapes and cost: jvp, vjp, jacobian, hvp, linearize (solve is "
-        "not available yet: 422). The other fields are that route's body. " + SHAPE_ONLY,
+        description="Whose shapes and cost: jvp, vjp, jacobian, hvp, linearize, solve (the "
+        "whole solve at its iteration caps). The other fields are that route's body. " + SHAPE_ONLY,
     )
     expression: str | None = Field(None, description="An expression such as 'x**2 + y**2'.")
     model: str | None = Field(None, description="A registered model's name (GET /models).")
@@ -327,4 +327,5 @@ class EvalShapeResponse(BaseModel):
     )
     hvp: dict[str, ShapeSpec] | None = Field(None, description="hvp: per input with a tangent.")
     vjp: dict[str, ShapeSpec] | None = Field(None, description="vjp: per name in wrt.")
+    solution: dict[str, ShapeSpec] | None = Field(None, description="solve: per unknown.")
     cost: Cost

@@ -113,6 +113,13 @@ def _serving(answers: list[dict]) -> None:
     assert answers[1]["jvp"]["shape"] == [1, 1]
 
 
+def _solve(answers: list[dict]) -> None:
+    assert answers[0]["converged"] is True and answers[0]["residual_norm"] < 1e-8
+    assert answers[0]["solution"]["u"]["dtype"] == "float64"
+    for got, want in zip(answers[0]["solution"]["u"]["data"], [2.0, 3.0], strict=True):
+        assert abs(got - want) < 1e-9
+
+
 def _jobs(answers: list[dict]) -> None:
     assert answers[0]["total"] == 3
 
@@ -123,6 +130,7 @@ CHECKS: dict[str, Callable[[list[dict]], None]] = {
     "curl -s localhost:8000/hvp": _hvp,
     "id=$(curl -s localhost:8000/linearize": _linearize,
     "curl -s localhost:8000/eval_shape": _eval_shape,
+    "curl -s localhost:8000/solve": _solve,
     "# A second server (make run's holds port 8000)": _serving,
     "curl -s http://127.0.0.1:8000/jobs": _jobs,
 }

@@ -10,7 +10,18 @@ from fastapi import FastAPI
 from app.api import errors
 from app.api.fastpath import JVPApp, JVPEndpoint
 from app.api.middleware import BodyLimitMiddleware, KeyFirstMiddleware, RequestContextMiddleware
-from app.api.routes import derivatives, docs, health, jobs, jvp, metrics, models, shapes, vjp
+from app.api.routes import (
+    derivatives,
+    docs,
+    health,
+    jobs,
+    jvp,
+    metrics,
+    models,
+    shapes,
+    solve,
+    vjp,
+)
 from app.metrics import Metrics
 from app.runtime import build
 from app.settings import Settings
@@ -52,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jvp.router)
     app.include_router(derivatives.router)
     app.include_router(vjp.router)
+    app.include_router(solve.router)
     app.include_router(shapes.router)
     app.include_router(models.router)
     app.include_router(health.router)

@@ -25,6 +25,7 @@ from app.runtime import Runtime
 from app.services.derivatives import DerivativeService
 from app.services.jvp import JVPService
 from app.services.shapes import ShapeService
+from app.services.solve import SolveService
 from app.services.vjp import VJPService
 from app.settings import Settings
 
@@ -60,6 +61,13 @@ vjp_service = _of_runtime(lambda r: r.vjp)
 shape_service = _of_runtime(lambda r: r.shapes)
 
 
+async def solve_service(request: Request) -> SolveService:
+    """The solve service (`build` sets it after the services it drives)."""
+    runtime: Runtime = request.app.state.runtime
+    assert runtime.solve is not None, "app/runtime.py builds the solve service"
+    return runtime.solve
+
+
 async def job_service(request: Request) -> JobService:
     """The batch-job service (the runtime opens the job store as it starts)."""
     runtime: Runtime = request.app.state.runtime
@@ -89,6 +97,7 @@ JVPServiceDep = Annotated[JVPService, Depends(jvp_service)]
 DerivativeServiceDep = Annotated[DerivativeService, Depends(derivative_service)]
 VJPServiceDep = Annotated[VJPService, Depends(vjp_service)]
 ShapeServiceDep = Annotated[ShapeService, Depends(shape_service)]
+SolveServiceDep = Annotated[SolveService, Depends(solve_service)]
 JobServiceDep = Annotated[JobService, Depends(job_service)]
 OptionalJobServiceDep = Annotated[JobService | None, Depends(optional_job_service)]
 ArrivedDep = Annotated[float | None, Depends(arrived)]

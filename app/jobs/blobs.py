@@ -12,6 +12,7 @@ import json
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from safetensors.torch import load, save
@@ -59,6 +60,7 @@ class StoredResult:
     single: bool
     method: str
     names: list[str] | None = None  # a vjp task's result: the names of its "vjp" entries
+    solve: dict[str, Any] | None = None  # a solve task's report (converged, history, ...)
 
 
 def dump_result(
@@ -68,12 +70,15 @@ def dump_result(
     single: bool,
     method: str,
     names: Sequence[str] | None = None,
+    solve: dict[str, Any] | None = None,
 ) -> bytes:
     flat = {f"output.{i}": t for i, t in enumerate(outputs)}
     flat.update({f"jvp.{i}": t for i, t in enumerate(jvps)})
     meta = {"kind": "jvp-task-result", "single": "1" if single else "0", "method": method}
     if names is not None:
         meta["names"] = json.dumps(list(names))
+    if solve is not None:
+        meta["solve"] = json.dumps(solve)
     return save(_contiguous(flat), metadata=meta)
 
 
@@ -93,4 +98,5 @@ def load_result(blob: bytes) -> StoredResult:
         single=meta.get("single") == "1",
         method=meta.get("method", "forward"),
         names=json.loads(meta["names"]) if "names" in meta else None,
+        solve=json.loads(meta["solve"]) if "solve" in meta else None,
     )

@@ -13,6 +13,7 @@ from app.engine.errors import EngineError
 from app.engine.task import JVPResult, JVPTask
 from app.jobs import blobs
 from app.jobs.operations import VJP_KEYS, is_vjp, vjp_task
+from app.jobs.solve_tasks import SOLVE_KEYS, finished, is_solve, solve_task
 from app.jobs.store import Outcome, TaskSpec
 from app.jobs.tables import DONE
 from app.schemas import JVPOptions, JVPRequest
@@ -35,7 +36,8 @@ def request_of(spec: TaskSpec) -> JVPRequest:
     limits when the job was submitted): `JVPService.prepare` takes tensors as they are, as
     from a safetensors body, so none is encoded again only to be decoded."""
     groups = blobs.load_inputs(spec.inputs)
-    options = {k: v for k, v in spec.options.items() if v is not None and k not in VJP_KEYS}
+    kept = (*VJP_KEYS, *SOLVE_KEYS)
+    options = {k: v for k, v in spec.options.items() if v is not None and k not in kept}
     return JVPRequest(
         expression=spec.expression,
         model=spec.model,
@@ -57,6 +59,7 @@ class Finished:
     error: tuple[str, str, str | None] | None = None
 
     def outcome(self) -> Outcome:
+        finished(self.spec)  # a solve task's progress ends with it
         blob = None
         if self.kind == DONE:
             assert self.task is not None and self.result is not None
@@ -67,6 +70,7 @@ class Finished:
                 single=single,
                 method=self.result.method,
                 names=getattr(self.task.operation, "names", None),  # a vjp task's
+                solve=self.task.operation.report() if is_solve(self.spec) else None,  # type: ignore[union-attr]
             )
         return Outcome(self.spec.job_id, self.spec.idx, self.kind, result=blob, error=self.error)
 
@@ -88,6 +92,8 @@ def prepare(service: JVPService, spec: TaskSpec) -> tuple[JVPTask | None, Error 
     try:
         if is_vjp(spec):
             return vjp_task(service, spec), None
+        if is_solve(spec):
+            return solve_task(service, spec), None
         return service.prepare(request_of(spec)), None
     except Exception as e:  # noqa: BLE001 - recorded for the task; the job goes on
         return None, task_error(spec, e, traceback=True)

@@ -30,6 +30,10 @@ def task_options(task: Any, job_operation: str, single: bool) -> dict[str, Any]:
     """The stored options a task adds for its operation ({} for a jvp task); ``single``:
     the function has one output, so its cotangent is one tensor (a nested list is one)."""
     operation = task.operation or job_operation
+    if operation == "solve":
+        from app.jobs.solve_tasks import solve_options
+
+        return solve_options(task)
     if operation != "vjp":
         return {}
     form = "one" if single or not isinstance(task.cotangents, list) else len(task.cotangents)

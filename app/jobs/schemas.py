@@ -37,13 +37,23 @@ class JobTask(BaseModel):
     tangents: dict[str, Tensor] = Field(default_factory=dict)
     parameter_tangents: dict[str, Tensor] = Field(default_factory=dict)
     options: JobOptions = Field(default_factory=JobOptions)
-    operation: Literal["jvp", "vjp"] | None = Field(
-        None, description="Overrides the job's operation: jvp (default) or vjp."
+    operation: Literal["jvp", "vjp", "solve"] | None = Field(
+        None, description="Overrides the job's operation: jvp (default), vjp or solve."
     )
     cotangents: Any = Field(
         None, description='For "operation": "vjp": as in POST /vjp (a list for several outputs).'
     )
     wrt: list[str] | None = Field(None, description='For "vjp": as in POST /vjp.')
+    unknowns: list[str] | None = Field(None, description='For "solve": as in POST /solve.')
+    method: Literal["newton_krylov", "linear", "least_squares"] | None = Field(
+        None, description='For "solve": as in POST /solve (default newton_krylov).'
+    )
+    rhs: Any = Field(None, description='For "solve" with method linear: as in POST /solve.')
+    solve_options: dict[str, Any] | None = Field(
+        None,
+        description='For "solve": POST /solve\'s options but dtype, device and encoding '
+        "(those are the task's options): tol, max_iterations, krylov, krylov_tol, ...",
+    )
 
 
 class JobCreate(BaseModel):
@@ -54,8 +64,8 @@ class JobCreate(BaseModel):
     expression: str | None = Field(None, description="Every task's expression, unless it has one.")
     model: str | None = Field(None, description="Every task's model, unless it has one.")
     options: JobOptions = Field(default_factory=JobOptions)
-    operation: Literal["jvp", "vjp"] = Field(
-        "jvp", description="Every task's operation, unless it has one: jvp or vjp."
+    operation: Literal["jvp", "vjp", "solve"] = Field(
+        "jvp", description="Every task's operation, unless it has one: jvp, vjp or solve."
     )
     tasks: list[JobTask] = Field(min_length=1, description="The JVPs, in order (index 0, 1, ...).")
 
@@ -75,6 +85,11 @@ class Job(BaseModel):
         description="Seconds until the job completes at its rate so far (null before a rate is "
         "known, 0 once finished)."
     )
+    progress: dict[str, int] | None = Field(
+        None,
+        description='{"<task index>": Newton iterations done} of the "solve" tasks computing '
+        "now (in this process: not those a Celery worker runs); absent when there are none.",
+    )
 
 
 class JobList(BaseModel):
@@ -87,6 +102,12 @@ class TaskResult(BaseModel):
     output: Any = Field(None, description="A tensor, or a list of tensors for several outputs.")
     jvp: Any = None
     vjp: Any = Field(None, description='For a "vjp" task: {"<name>": Jᵀu}.')
+    solution: Any = Field(None, description='For a "solve" task: {"<unknown>": T}.')
+    solve: dict[str, Any] | None = Field(
+        None,
+        description='For a "solve" task: the rest of POST /solve\'s body (residual_norm, '
+        "converged, iterations, jvp_count, vjp_count, history, reason).",
+    )
     error: ErrorDetail | None = None
 
 

@@ -25,6 +25,7 @@ from app.jobs.backend import JobBackend
 from app.jobs.execute import error_of
 from app.jobs.operations import cotangent_group, task_options
 from app.jobs.schemas import JobCreate, JobOptions, JobTask
+from app.jobs.solve_tasks import progress, rhs_group
 from app.jobs.store import JobStore, JobView, NewJob, NewTask, StoredTask, now
 from app.models.registry import ModelRegistry
 from app.services.jvp import JVPService, expression_target
@@ -70,6 +71,7 @@ def job_body(job: JobView) -> dict[str, Any]:
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
         "eta_s": job.eta_s(now()),
+        **({"progress": found} if (found := progress(job.id)) else {}),
     }
 
 
@@ -104,6 +106,8 @@ class JobService:
         for i, task in enumerate(body.tasks):
             expression, model = self._function(body, task, i, checked)
             options = {**job_options, **task.options.model_dump(exclude_none=True)}
+            if (task.operation or body.operation) == "solve":
+                options.setdefault("dtype", "float64")  # /solve's default
             dtype = self._check_options(options, task.options, i, checked)
             new = NewTask(idx=i)
             if (expression, model) != (body.expression, body.model):
@@ -115,7 +119,9 @@ class JobService:
                 new.options = {**(new.options or {}), **extra}
                 options = {**options, **extra}
             try:
-                new.inputs = self._encode_inputs(task, dtype, form=extra.get("cotangents"))
+                new.inputs = self._encode_inputs(
+                    task, dtype, form=extra.get("cotangents"), rhs=extra.get("rhs")
+                )
                 new.batch_key = batch_key(expression, model, options, new.inputs)
             except EngineError as e:
                 new.error = error_of(e)
@@ -185,10 +191,15 @@ class JobService:
             checked.add(("device", device))
         return dtype
 
-    def _encode_inputs(self, task: JobTask, dtype: torch.dtype, *, form: Any = None) -> bytes:
-        """``form``: a vjp task's cotangent form (`app.jobs.operations.task_options`)."""
+    def _encode_inputs(
+        self, task: JobTask, dtype: torch.dtype, *, form: Any = None, rhs: Any = None
+    ) -> bytes:
+        """``form``: a vjp task's cotangent form (`app.jobs.operations.task_options`);
+        ``rhs``: a solve task's (`app.jobs.solve_tasks.solve_options`)."""
         groups: dict[str, dict[str, torch.Tensor]] = {}
         extra = {"cotangents": cotangent_group(task, form)} if form is not None else {}
+        if rhs is not None:
+            extra["rhs"] = rhs_group(task, rhs)
         for group in (*blobs.GROUPS, *extra):
             given: dict[str, Any] = extra[group] if group in extra else getattr(task, group)
             groups[group] = {
@@ -229,6 +240,13 @@ class JobService:
         stored = blobs.load_result(task.result)
         outputs = [encode_tensor(o, encoding=task.encoding) for o in stored.outputs]
         jvps = [encode_tensor(j, encoding=task.encoding) for j in stored.jvps]
+        if stored.solve is not None:  # a solve task
+            return {
+                "index": task.idx,
+                "output": outputs[0] if stored.single else outputs,
+                "solution": dict(zip(stored.names or [], jvps, strict=True)),
+                "solve": stored.solve,
+            }
         if stored.names is not None:  # a vjp task
             return {
                 "index": task.idx,

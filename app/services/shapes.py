@@ -20,6 +20,7 @@ from app.engine.devices import DTYPE_NAMES, parse_dtype
 from app.engine.errors import InvalidRequest
 from app.engine.task import JVPTask
 from app.schemas import HVPRequest, JacobianRequest, JVPRequest, LinearizeRequest
+from app.schemas_solve import SolveRequest
 from app.schemas_vjp import VJPRequest
 from app.services.derivatives import DerivativeService
 from app.wire.codec import check_limits
@@ -30,8 +31,8 @@ REQUESTS: dict[str, type[BaseModel]] = {
     "hvp": HVPRequest,
     "linearize": LinearizeRequest,
     "vjp": VJPRequest,
+    "solve": SolveRequest,
 }
-NOT_YET = ("solve",)
 TENSOR_FIELDS = ("primals", "tangents", "parameter_tangents")
 
 
@@ -51,10 +52,11 @@ def _spec(shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Any]:
 class ShapeService:
     """`POST /eval_shape` on the services of the operation routes."""
 
-    def __init__(self, derivatives: DerivativeService, vjp: Any = None) -> None:
+    def __init__(self, derivatives: DerivativeService, vjp: Any = None, solve: Any = None) -> None:
         self.derivatives = derivatives
         self.service = derivatives.service
         self.vjp = vjp  # app.services.vjp.VJPService, for operation "vjp"
+        self.solve = solve  # app.services.solve.SolveService, for operation "solve"
 
     def _shape_only(self, value: Any, param: str) -> Any:
         """A ``{"shape", "dtype"}`` tensor as a meta tensor; anything else as it came."""
@@ -84,12 +86,6 @@ class ShapeService:
         return torch.empty(shape, dtype=dtype, device="meta")
 
     def _request(self, operation: str, body: dict[str, Any]) -> BaseModel:
-        if operation in NOT_YET:
-            raise InvalidRequest(
-                f"The operation {operation!r} is not available yet on this service; "
-                f"/eval_shape takes {', '.join(REQUESTS)}",
-                param="operation",
-            )
         body = dict(body)
         for name in TENSOR_FIELDS:
             given = body.get(name)
@@ -98,6 +94,8 @@ class ShapeService:
         cotangents = body.get("cotangents")
         if operation == "vjp" and isinstance(cotangents, dict):
             body["cotangents"] = self._shape_only(cotangents, "cotangents")
+        if operation == "solve" and isinstance(body.get("rhs"), dict):
+            body["rhs"] = self._shape_only(body["rhs"], "rhs")
         elif operation == "vjp" and isinstance(cotangents, list):
             body["cotangents"] = [
                 self._shape_only(c, f"cotangents.{i}") if isinstance(c, dict) else c
@@ -127,6 +125,10 @@ class ShapeService:
             assert isinstance(request, VJPRequest) and self.vjp is not None
             task, vjp_names = self.vjp.eval_shape(request)
             return task, vjp_names
+        if operation == "solve":
+            assert isinstance(request, SolveRequest) and self.solve is not None
+            task, op = self.solve.prepare(request, strict=True)
+            return task, op.names
         assert isinstance(request, LinearizeRequest)
         task, names, _ = d._prepare_linearize(request)
         return task, names
@@ -136,7 +138,9 @@ class ShapeService:
         operation = body.pop("operation", "jvp")
         request = self._request(operation, body)
         task, names = self._task(operation, request)
-        estimate = self.service.bound(task, strict=True)
+        estimate: object = task.estimate  # solve: the whole solve's (app/services/solve.py)
+        if operation != "solve":
+            estimate = self.service.bound(task, strict=True)
         assert isinstance(estimate, Estimate)
         return self.render(operation, task, names, estimate)
 
@@ -155,6 +159,11 @@ class ShapeService:
             body["jvp"] = results[0] if single else results
         elif operation == "vjp":
             body["vjp"] = dict(zip(names, results, strict=True))
+        elif operation == "solve":
+            unknowns = [task.inputs[task.target.input_names.index(n)] for n in names]
+            body["solution"] = {
+                n: _spec(tuple(x.shape), task.dtype) for n, x in zip(names, unknowns, strict=True)
+            }
         elif operation == "jacobian":
             n = len(names)
             maps = [

@@ -262,19 +262,6 @@ def test_eval_shape_flops_of_a_matmul_expression_match_flop_counter(client: Test
 # The 4xx of /eval_shape.
 
 
-@pytest.mark.parametrize("operation", ["solve"])
-def test_eval_shape_of_an_operation_not_available_yet_is_422(
-    client: TestClient, operation: str
-) -> None:
-    r = client.post(
-        "/eval_shape",
-        json={"operation": operation, "expression": "x", "primals": {"x": {"shape": [2]}}},
-    )
-    assert r.status_code == 422
-    assert r.json()["error"]["param"] == "operation"
-    assert f"'{operation}' is not available yet" in r.json()["error"]["message"]
-
-
 def test_eval_shape_of_an_unknown_operation_is_422(client: TestClient) -> None:
     r = client.post("/eval_shape", json={"operation": "grad", "expression": "x", "primals": {}})
     assert r.status_code == 422

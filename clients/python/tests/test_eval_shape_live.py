@@ -66,7 +66,8 @@ def test_eval_shape_over_a_limit_raises_the_operations_413(client: JVPClient) ->
             expression="x * y",
             primals={"x": ShapeInfo((16384, 1)), "y": ShapeInfo((1, 16384))},
         )
-    with pytest.raises(UnprocessableEntityError, match="not available yet"):
+    # A solve without its unknowns gets the 422 POST /solve gives (issue 18).
+    with pytest.raises(UnprocessableEntityError, match="unknowns"):
         client.eval_shape("solve", expression="x", primals={"x": ShapeInfo((2,))})
 
 

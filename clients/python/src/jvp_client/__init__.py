@@ -20,6 +20,7 @@ from ._client import AsyncJVPClient, JVPClient
 from ._exceptions import *  # noqa: F403 - the exception tree, as _exceptions.__all__ lists it
 from ._jobs import AsyncJob, Job
 from ._linearize import AsyncLinearization, Linearization
+from ._solve import SolveResult
 from ._stacking import JobArrays, stack_results
 from ._tensors import B64_MIN_ELEMENTS, decode_tensor, encode_tensor
 from ._types import *  # noqa: F403 - the result and info types, as _types.__all__ lists them
@@ -40,6 +41,7 @@ __all__ = [
     "Job",
     "JobArrays",
     "Linearization",
+    "SolveResult",
     "VJPResult",
     "__version__",
     "decode_tensor",

@@ -15,6 +15,7 @@ import httpx
 
 from . import _jobs as job_ops
 from . import _operations as ops
+from . import _solve as solve_ops
 from . import _vjp as vjp_ops
 from ._base import (
     NOT_GIVEN,
@@ -148,6 +149,7 @@ class JVPClient(ClosesOnExit, BaseClient[httpx.Client]):
     eval_shape = sync_method(ops.eval_shape)
     linearize = sync_method(ops.linearize)
     vjp = sync_method(vjp_ops.vjp)
+    solve = sync_method(solve_ops.solve)
     models = sync_method(ops.models)
     model = sync_method(ops.model)
     load_model = sync_method(ops.load_model)
@@ -215,6 +217,7 @@ class AsyncJVPClient(AsyncClosesOnExit, BaseClient[httpx.AsyncClient]):
     eval_shape = async_method(ops.eval_shape)
     linearize = async_method(ops.linearize)
     vjp = async_method(vjp_ops.vjp)
+    solve = async_method(solve_ops.solve)
     models = async_method(ops.models)
     model = async_method(ops.model)
     load_model = async_method(ops.load_model)

@@ -217,6 +217,8 @@ def eval_shape(
     reduction: Reduction | None = None,
     tangent_batch: bool = False,
     cotangents: Any = None,
+    unknowns: str | Sequence[str] | None = None,
+    method: str | None = None,
     dtype: object = None,
     device: str | None = None,
     options: Mapping[str, Any] | None = None,
@@ -234,6 +236,9 @@ def eval_shape(
             operation's method.
         cotangents: ``"vjp"`` only: as for :meth:`vjp` (`ShapeInfo` entries allowed);
             ``cotangent_batch`` goes in ``options``.
+        unknowns, method: ``"solve"`` only: as for :meth:`solve` (its options, such as
+            ``max_iterations``, go in ``options``); ``result`` is then the solution's shapes
+            and the cost that of the whole solve at its caps.
 
     Returns:
         :class:`EvalShapeResult`. Over a limit: the `PayloadTooLargeError` the
@@ -245,6 +250,8 @@ def eval_shape(
         "output_index": output_index,
         "reduction": reduction,
         "cotangents": shapes(client, cotangents),
+        "unknowns": [unknowns] if isinstance(unknowns, str) else unknowns,
+        "method": method,
     }
     call, _ = plan_request(
         client,

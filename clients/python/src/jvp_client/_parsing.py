@@ -198,7 +198,7 @@ def read_eval_shape(operation: str) -> Callable[[Any], EvalShapeResult]:
             return [specs(v) for v in value]
         raise TypeError(f"expected a shape, got {value!r}")
 
-    name = {"linearize": "jvp"}.get(operation, operation)
+    name = {"linearize": "jvp", "solve": "solution"}.get(operation, operation)
 
     def read(body: Any) -> EvalShapeResult:
         cost = body["cost"]

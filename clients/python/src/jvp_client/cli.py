@@ -9,6 +9,8 @@
     jvp hvp --expression "sum(x**3)" --primal x=x.npy --tangent x=v.npy --out hvp.npz
     jvp vjp --expression "sin(x) * y" --primal x=x.npy --primal y=y.npy \\
             --cotangent u.npy [--wrt x] [--cotangent-batch] [--check] --out vjp.npz
+    jvp solve -e "u**3 - a" -p u=u0.npy -p a=a.npy --unknown u [--method linear --rhs b.npy]
+              [--tol 1e-10] [--krylov bicgstab] --out solution.npz
     jvp eval-shape [--operation jacobian] -e "sin(x) * y" --shape x=3,4 --shape y=4
     jvp eval-shape --operation vjp -e "sin(x) * y" -s x=3,4 -s y=4 --cotangent-shape 3,4
     jvp models [NAME]
@@ -27,8 +29,8 @@ which takes the computation dtype). In a tasks file (JSON Lines, one task a line
 a string naming a ``.npy`` file (relative to the tasks file).
 
 Exit status: 0 on success, 1 when the service answered an error (its message is
-printed), could not be reached, a job task failed or ``call --check`` (``vjp
---check``) did not pass; 2 for bad arguments.
+printed), could not be reached, a job task failed, ``call --check`` (``vjp
+--check``) did not pass or ``solve`` did not converge; 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import httpx
 from . import _cli_commands as commands_
 from ._base import NOT_GIVEN
 from ._cli_io import UsageError
+from ._cli_solve import add_solve_command
 from ._client import JVPClient
 from ._exceptions import APIStatusError, AuthenticationError, JVPError, PermissionDeniedError
 from ._version import __version__
@@ -149,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_derivative_commands(commands)
     _add_vjp_command(commands)
+    add_solve_command(commands, _add, _add_target_options, _add_tensor_options)
     _add_eval_shape_command(commands)
 
     models = _add(commands, "models", "list models, or describe one")
