@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -69,6 +70,26 @@ def _checked(matvec: Matvec, what: str) -> Matvec:
     return apply
 
 
+class _Start(NamedTuple):
+    a: Matvec  # the checked product
+    x: torch.Tensor  # the first iterate
+    r: torch.Tensor  # its residual b - J x
+    target: float  # the residual norm that counts as converged
+    products: int  # products spent so far (one for a given x0)
+
+
+def _start(
+    matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None, rtol: float, atol: float
+) -> _Start:
+    """What GMRES, BiCGSTAB and CG begin with: x0 (zero when not given) and its residual."""
+    a = _checked(matvec, "J·v")
+    target = max(rtol * _norm(b), atol)
+    if x0 is None:
+        return _Start(a, torch.zeros_like(b), b, target, 0)
+    x = x0.clone()
+    return _Start(a, x, b - a(x), target, 1)
+
+
 # NOTE [GMRES]
 # Restarted GMRES (Saad and Schultz 1986; Saad, "Iterative Methods for Sparse Linear
 # Systems", 2nd ed., Algorithm 6.9): Arnoldi with classical Gram-Schmidt done twice
@@ -91,13 +112,8 @@ def gmres(
     maxiter: int = 200,
 ) -> KrylovResult:
     """x with ||b - A x|| <= max(rtol ||b||, atol), in at most ``maxiter`` products."""
-    a = _checked(matvec, "J·v")
+    a, x, r, target, products = _start(matvec, b, x0, rtol, atol)
     n = b.numel()
-    x = torch.zeros_like(b) if x0 is None else x0.clone()
-    target = max(rtol * _norm(b), atol)
-    products = 0
-    r = b if x0 is None else b - a(x)
-    products += 0 if x0 is None else 1
     beta = _norm(r)
     tiny = torch.finfo(b.dtype).tiny
     singular = False
@@ -167,11 +183,7 @@ def bicgstab(
     maxiter: int = 200,
 ) -> KrylovResult:
     """BiCGSTAB (van der Vorst 1992; Saad, Algorithm 7.7): two products per iteration."""
-    a = _checked(matvec, "J·v")
-    x = torch.zeros_like(b) if x0 is None else x0.clone()
-    target = max(rtol * _norm(b), atol)
-    products = 0 if x0 is None else 1
-    r = b if x0 is None else b - a(x)
+    a, x, r, target, products = _start(matvec, b, x0, rtol, atol)
     shadow = r.clone()
     rho = alpha = omega = 1.0
     v = p = torch.zeros_like(b)
@@ -219,11 +231,7 @@ def cg(
 ) -> KrylovResult:
     """Conjugate gradients (Hestenes and Stiefel 1952) for a symmetric positive definite
     J; stops with a reason where p·Jp <= 0 shows J is not."""
-    a = _checked(matvec, "J·v")
-    x = torch.zeros_like(b) if x0 is None else x0.clone()
-    target = max(rtol * _norm(b), atol)
-    products = 0 if x0 is None else 1
-    r = b if x0 is None else b - a(x)
+    a, x, r, target, products = _start(matvec, b, x0, rtol, atol)
     p = r.clone()
     rr = float(r @ r)
     reason = None

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from app.engine.abstract import Bounds, Estimate, Estimator, check_deadline, plan_of
+from app.engine.abstract import Bounds, Estimate, Estimator, Plan, check_deadline, plan_of
 from app.engine.devices import device_memory, parse_device, parse_dtype
 from app.engine.engine import Engine
 from app.engine.errors import InvalidRequest, TooLarge
@@ -98,6 +98,9 @@ MISSING = object()  # `JVPService.bound(cached_only=True)`: not evaluated yet
 async def _offload(fn: Callable[..., T], *args: Any, inline: bool) -> T:
     """``fn(*args)`` here when ``inline``, else in a worker thread off the event loop."""
     return fn(*args) if inline else await asyncio.to_thread(fn, *args)
+
+
+_FORWARD_PLAN = Plan("jvp", directions=0)  # the forward pass alone
 
 
 class JVPService:
@@ -275,6 +278,18 @@ class JVPService:
         total += sum(t.numel() for t in tangents if t is not None)
         total += sum(t.numel() for t in parameter_tangents.values())
         self.check_elements(total, "primals")
+
+    def forward_estimate(self, task: JVPTask) -> Estimate | None:
+        """The task's target's plain forward pass on its inputs' shapes (cached): what
+        /vjp and /solve read the output shapes from before their own operation is set.
+        None where the target cannot be evaluated on meta tensors."""
+        return self.estimator(
+            task.target,
+            tuple(tuple(x.shape) for x in task.inputs),
+            task.dtype,
+            _FORWARD_PLAN,
+            self.bounds.get(task.device),
+        )
 
     def bound(
         self, task: JVPTask, *, strict: bool = False, cached_only: bool = False

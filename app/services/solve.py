@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from app.engine.abstract import Bounds, Estimate, Plan, check_deadline
+from app.engine.abstract import Bounds, Estimate, check_deadline
 from app.engine.devices import DTYPE_NAMES
 from app.engine.errors import DeadlineExceeded, InvalidRequest, TooLarge
 from app.engine.solve import LINE_SEARCH_STEPS, SolveOperation, SolveOptions, check_square
@@ -41,7 +41,6 @@ BATCH_HINT = (
     'Submit it as a batch job (POST /jobs with "operation": "solve"), which has no '
     "request deadline, or lower options.max_iterations / options.max_krylov"
 )
-_FORWARD_PLAN = Plan("jvp", directions=0)
 
 
 def products(options: SolveOptions) -> int:
@@ -155,13 +154,7 @@ class SolveService:
         )
         task = self.service.prepare(point, bound=False)
         indices = self._unknowns(body, task)
-        forward = self.service.estimator(
-            task.target,
-            tuple(tuple(x.shape) for x in task.inputs),
-            task.dtype,
-            _FORWARD_PLAN,
-            self.service.bounds.get(task.device),
-        )
+        forward = self.service.forward_estimate(task)
         shapes = [tuple(s.shape) for s in forward.outputs] if forward is not None else None
         n = sum(task.inputs[i].numel() for i in indices)
         if shapes is not None:

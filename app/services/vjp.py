@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from app.engine.abstract import Plan
 from app.engine.errors import InvalidRequest, NotFound
 from app.engine.linearize import LinearizeStore
 from app.engine.target import Target
@@ -84,13 +83,7 @@ class VJPService:
         task.operation = None
         indices, params, names = DerivativeService._wrt(task.target, body.wrt)
         # The output count first, from the forward pass on meta tensors (cached).
-        forward = self.service.estimator(
-            task.target,
-            tuple(tuple(x.shape) for x in task.inputs),
-            task.dtype,
-            _FORWARD_PLAN,
-            self.service.bounds.get(task.device),
-        )
+        forward = self.service.forward_estimate(task)
         n_outputs = len(forward.outputs) if forward is not None else None
         cotangents = self.decode_cotangents(body.cotangents, task.target, task.dtype, n_outputs)
         batched = body.options.cotangent_batch
@@ -195,4 +188,3 @@ class VJPService:
 
 
 # The plain forward pass's evaluation: the output shapes, cached with every other estimate.
-_FORWARD_PLAN = Plan("jvp", directions=0)
