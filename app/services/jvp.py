@@ -280,16 +280,11 @@ class JVPService:
         self.check_elements(total, "primals")
 
     def forward_estimate(self, task: JVPTask) -> Estimate | None:
-        """The task's target's plain forward pass on its inputs' shapes (cached): what
-        /vjp and /solve read the output shapes from before their own operation is set.
-        None where the target cannot be evaluated on meta tensors."""
-        return self.estimator(
-            task.target,
-            tuple(tuple(x.shape) for x in task.inputs),
-            task.dtype,
-            _FORWARD_PLAN,
-            self.bounds.get(task.device),
-        )
+        """The target's forward pass on the inputs' shapes (cached; None where meta tensors
+        cannot run it): the output shapes /vjp and /solve need before their operation."""
+        shapes = tuple(tuple(x.shape) for x in task.inputs)
+        bounds = self.bounds.get(task.device)
+        return self.estimator(task.target, shapes, task.dtype, _FORWARD_PLAN, bounds)
 
     def bound(
         self, task: JVPTask, *, strict: bool = False, cached_only: bool = False
