@@ -151,13 +151,22 @@ def runtime() -> WorkerRuntime:
 def run_chunk(self: Task, job_id: str, ranges: list[list[int]]) -> dict[str, int]:
     """Compute the tasks of `ranges` of job `job_id` that have not ended (NOTE [celery
     delivery]); returns counts for the worker log."""
+    from app.jobs.leases import LeaseKeeper, local_worker_dead
     from app.jobs.store import Outcome
     from app.jobs.tables import CANCELLED, FAILED
 
     rt = runtime()
     limit = rt.settings.max_task_attempts
+    lease_s = rt.settings.celery_lease_s
     idxs = [i for start, stop in ranges for i in range(start, stop)]
-    attempt = rt.store.start_attempt(job_id, idxs, worker=rt.worker_id, max_attempts=limit)
+    attempt = rt.store.start_attempt(
+        job_id,
+        idxs,
+        worker=rt.worker_id,
+        max_attempts=limit,
+        lease_s=lease_s,
+        is_dead=local_worker_dead,
+    )
     ended = [Outcome(job_id, i, FAILED, error=lost_error(n, limit)) for i, n in attempt.lost]
     ended += [Outcome(job_id, i, CANCELLED) for i in attempt.cancelled]
     if attempt.lost:
@@ -169,10 +178,12 @@ def run_chunk(self: Task, job_id: str, ranges: list[list[int]]) -> dict[str, int
         )
     rt.store.record(ended)
     if attempt.run:
-        if rt.settings.celery_task_delay_s:
-            time.sleep(rt.settings.celery_task_delay_s)  # test hook (JVP_CELERY_TASK_DELAY_S)
-        finished = rt.compute(attempt.run)
-        rt.store.record([f.outcome() for f in finished])
+        held = [spec.idx for spec in attempt.run]
+        with LeaseKeeper(rt.store, job_id, held, worker=rt.worker_id, lease_s=lease_s):
+            if rt.settings.celery_task_delay_s:
+                time.sleep(rt.settings.celery_task_delay_s)  # test hook (JVP_CELERY_TASK_DELAY_S)
+            finished = rt.compute(attempt.run)
+            rt.store.record([f.outcome() for f in finished], worker=rt.worker_id)
     counts = {
         "computed": len(attempt.run),
         "lost": len(attempt.lost),

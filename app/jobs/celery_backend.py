@@ -9,6 +9,10 @@ dispatched. An API process that dies between storing a job and marking it leaves
 undispatched: every API process sends such jobs at start, and looks for old ones now and
 then (so a job is never lost; a chunk sent twice is computed once, NOTE [celery delivery]).
 
+The same thread takes back, every quarter of JVP_CELERY_LEASE_S, the running tasks whose
+worker stopped renewing their lease, and sends them again (NOTE [task leases] in
+app/jobs/leases.py).
+
 Cancelling needs nothing from the broker: `JobStore.cancel` ends the queued tasks, and a
 worker skips a task that has ended.
 """
@@ -19,12 +23,14 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import defaultdict
 from datetime import datetime, timedelta
 
 from celery import Celery
 
 from app.jobs.celery_config import TASK_NAME, make_celery, ranges_of
+from app.jobs.leases import RECLAIM_BATCH, reclaim_lapsed
 from app.jobs.store import JobStore, now
 from app.settings import Settings
 
@@ -75,16 +81,32 @@ class CeleryBackend:
 
     def _run(self) -> None:
         self._sweep(created_before=None)  # whatever a dead API process left behind
+        reclaim_every = self.settings.celery_lease_s / 4
+        next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+        next_reclaim = time.monotonic()
         while True:
+            wait = max(0.0, min(next_sweep, next_reclaim) - time.monotonic())
             try:
-                item = self._queue.get(timeout=SWEEP_INTERVAL_S)
+                item = self._queue.get(timeout=wait)
             except queue.Empty:
-                self._sweep(created_before=now() - timedelta(seconds=SWEEP_GRACE_S))
-                continue
+                item = None
             if item is _STOP:
                 return
-            assert isinstance(item, str)
-            self._dispatch_logged(item)
+            if isinstance(item, str):
+                self._dispatch_logged(item)
+            if time.monotonic() >= next_reclaim:
+                next_reclaim = time.monotonic() + reclaim_every
+                self._reclaim()
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+                self._sweep(created_before=now() - timedelta(seconds=SWEEP_GRACE_S))
+
+    def _reclaim(self) -> None:
+        try:
+            while reclaim_lapsed(self.store, self.send) >= RECLAIM_BATCH:
+                pass
+        except Exception:  # noqa: BLE001 - the store or broker is down: tried again soon
+            log.exception("jobs: taking back tasks whose lease lapsed failed")
 
     def _sweep(self, *, created_before: datetime | None) -> None:
         try:
@@ -104,6 +126,13 @@ class CeleryBackend:
     def dispatch(self, job_id: str) -> int:
         """Send the job's queued tasks in chunks, then mark it dispatched. Returns chunks sent."""
         plan = self.store.dispatch_plan(job_id)
+        sent = self.send(job_id, plan)
+        self.store.mark_dispatched(job_id)
+        log.info("jobs: job %s sent to the broker: %d tasks in %d chunks", job_id, len(plan), sent)
+        return sent
+
+    def send(self, job_id: str, plan: list[tuple[int, str | None]]) -> int:
+        """Send tasks (index, batch key) of a job in chunks. Returns how many chunks."""
         parts = chunks(plan, self.settings.celery_chunk_size)
         with self.celery.producer_or_acquire() as producer:
             for part in parts:
@@ -113,8 +142,4 @@ class CeleryBackend:
                     queue=self.settings.celery_queue,
                     producer=producer,
                 )
-        self.store.mark_dispatched(job_id)
-        log.info(
-            "jobs: job %s sent to the broker: %d tasks in %d chunks", job_id, len(plan), len(parts)
-        )
         return len(parts)
