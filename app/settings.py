@@ -218,6 +218,12 @@ class Settings(BaseSettings):
         "that stops answering loses its connection, and its unacknowledged chunk is "
         "requeued, after about this long. 0 turns heartbeats off.",
     )
+    celery_dispatch_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="Test and drill hook: seconds the API's dispatcher sleeps after each "
+        "chunk it sends (tests/scaleout kill an API process mid-dispatch). Keep 0.",
+    )
     celery_task_delay_s: float = Field(
         0.0,
         ge=0,

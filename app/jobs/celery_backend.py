@@ -36,8 +36,12 @@ from app.settings import Settings
 
 log = logging.getLogger("app.jobs.celery")
 
-SWEEP_INTERVAL_S = 10.0  # look for undispatched jobs this often
-SWEEP_GRACE_S = 30.0  # ... older than this (younger ones may be in another API's hands)
+# Look for undispatched jobs this often, older than the grace (younger ones may still be in
+# another API process's hands). A job sent twice costs only messages (a task started or
+# ended is skipped), so the grace is short enough that a job whose API process died
+# mid-dispatch is sent again within 25 s.
+SWEEP_INTERVAL_S = 5.0
+SWEEP_GRACE_S = 20.0
 
 _STOP = object()
 
@@ -142,4 +146,6 @@ class CeleryBackend:
                     queue=self.settings.celery_queue,
                     producer=producer,
                 )
+                if self.settings.celery_dispatch_delay_s:  # test hook
+                    time.sleep(self.settings.celery_dispatch_delay_s)
         return len(parts)
