@@ -181,10 +181,12 @@ class Settings(BaseSettings):
     )
     celery_queue: str = Field("jvp", min_length=1, description="The Celery queue of job tasks.")
     celery_chunk_size: int = Field(
-        16,
-        ge=1,
+        0,
+        ge=0,
         description="Tasks of one job that share a function, options and shapes go to the "
-        "broker in chunks of at most this many; a worker computes a chunk as one batch.",
+        "broker in chunks of at most this many; a worker computes a chunk as one batch. 0 "
+        "(the default) sizes them by the job: a 16th of its tasks, 16 to 512, and at most "
+        "32 MiB of inputs per chunk.",
     )
     max_task_attempts: int = Field(
         3,

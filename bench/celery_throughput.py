@@ -1,14 +1,18 @@
-"""Job throughput with Celery workers: tasks/s with 1 and 2 worker processes on the CPU.
+"""Job throughput with Celery workers against the local runner, on the same job, in one run.
 
-    .venv/bin/python bench/celery_throughput.py [--tasks 2000] [--chunk-size 16] [--workers 1,2]
+    .venv/bin/python bench/celery_throughput.py [--tasks 2000] [--workers 1,2] [--broker amqp]
 
-Needs the Redis (127.0.0.1:6379, db 15) and PostgreSQL (127.0.0.1:5432, db test) of this
-machine. Makes a fresh PostgreSQL schema and a queue of its own, starts one
-`jvp-service serve` (JVP_JOBS_BACKEND=celery) and, for each worker count, that many
-`jvp-service worker --device cpu` processes (one torch thread each), waits until they are
-ready, submits one job of --tasks tasks (`sin(x) * y + x**2` on 64 float32 elements,
-tangents for x and y, b64 tensors) and times it from POST /jobs to `completed`. Prints a
-table; removes the schema and the queue at the end.
+Needs this machine's PostgreSQL (127.0.0.1:5432, db test) and RabbitMQ (127.0.0.1:5672,
+the default broker; --broker redis: Redis 127.0.0.1:6379 db 15). Makes a fresh PostgreSQL
+schema and a queue of its own, then times one job of --tasks tasks (`sin(x) * y + x**2` on
+64 float32 elements, tangents for x and y, b64 tensors) from POST /jobs to `completed`:
+first on one `jvp-service serve` with the local runner (JVP_JOBS_BACKEND=local, the same
+PostgreSQL store), then on one `jvp-service serve` with JVP_JOBS_BACKEND=celery and, for
+each worker count, that many `jvp-service worker --device cpu` processes. Every process
+computes with one torch thread and the default settings otherwise (--chunk-size sets
+JVP_CELERY_CHUNK_SIZE). Prints the load average before and after, a table with the
+ratios, and PASS/FAIL against the targets of issue 20: one worker at least 0.8x the local
+runner, two workers at least 1.5x one. Removes the schema and the queue at the end.
 """
 
 from __future__ import annotations
@@ -23,17 +27,19 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-import redis
 from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parents[1]
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-REDIS = "redis://127.0.0.1:6379/15"
+BROKERS = {"amqp": "amqp://guest:guest@127.0.0.1:5672//", "redis": "redis://127.0.0.1:6379/15"}
+ONE_WORKER_TARGET = 0.8  # one worker's tasks/s over the local runner's
+TWO_WORKERS_TARGET = 1.5  # two workers' over one's
 
 
 def free_port() -> int:
@@ -74,50 +80,102 @@ def start(args: list[str], env: dict[str, str], log: Any) -> subprocess.Popen[by
     )
 
 
-def wait(check: Any, timeout_s: float, what: str) -> None:
+def wait(check: Callable[[], object], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if check():
             return
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def run(env: dict[str, str], url: str, workers: int, tasks: int, logdir: Path) -> float:
+def serve(env: dict[str, str], log: Any) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    api = start(["serve", "--port", str(port), "--log-level", "warning"], env, log)
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait(ready, 120, "the API")
+    return api, url
+
+
+def time_job(url: str, body: dict[str, Any]) -> float:
+    """Seconds from POST /jobs to `completed` (every task done, none failed)."""
+    t0 = time.perf_counter()
+    r = httpx.post(f"{url}/jobs", json=body, timeout=120)
+    r.raise_for_status()
+    job_id = r.json()["id"]
+
+    def completed() -> bool:
+        job = httpx.get(f"{url}/jobs/{job_id}", timeout=30).json()
+        if job["status"] == "completed" and job["failed"]:
+            raise SystemExit(f"{job['failed']} tasks failed")
+        return bool(job["status"] == "completed")
+
+    wait(completed, 1800, "the job")
+    return time.perf_counter() - t0
+
+
+def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    os.killpg(process.pid, sig)
+    process.wait(timeout=30)
+
+
+def time_local(env: dict[str, str], body: dict[str, Any], logdir: Path) -> float:
+    with (logdir / "local.log").open("wb") as log:
+        api, url = serve({**env, "JVP_JOBS_BACKEND": "local"}, log)
+        try:
+            time_job(url, job_body(16))  # warm: the expression compiled, the engine's paths
+            return time_job(url, body)
+        finally:
+            stop(api)
+
+
+def time_workers(
+    url: str, env: dict[str, str], workers: int, body: dict[str, Any], logdir: Path
+) -> float:
     logs = [(logdir / f"worker-{workers}-{i}.log").open("wb") for i in range(workers)]
     procs = [start(["worker", "--device", "cpu"], env, log) for log in logs]
     try:
         for i in range(workers):
             path = logdir / f"worker-{workers}-{i}.log"
-            wait(lambda p=path: b" ready." in p.read_bytes(), 120, f"worker {i}")
-        time.sleep(5)  # pool children build and warm up their engines
-        body = job_body(tasks)
-        t0 = time.perf_counter()
-        r = httpx.post(f"{url}/jobs", json=body, timeout=120)
-        r.raise_for_status()
-        job_id = r.json()["id"]
-
-        def completed() -> bool:
-            job = httpx.get(f"{url}/jobs/{job_id}", timeout=30).json()
-            if job["status"] == "completed" and job["failed"]:
-                raise SystemExit(f"{job['failed']} tasks failed")
-            return bool(job["status"] == "completed")
-
-        wait(completed, 1800, "the job")
-        return time.perf_counter() - t0
+            wait(ready(path), 120, f"worker {i}")
+        time_job(url, job_body(16 * workers))  # warm every worker's engine
+        return time_job(url, body)
     finally:
         for p in procs:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+            stop(p, signal.SIGKILL)
         for log in logs:
             log.close()
 
 
+def ready(log: Path) -> Callable[[], bool]:
+    """Whether the worker writing `log` built its engine (its pool child warmed up)."""
+    return lambda: b"engine ready" in log.read_bytes()
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def verdict(value: float, target: float) -> str:
+    return f"{value:.2f}x ({'PASS' if value >= target else 'FAIL'}: target >= {target}x)"
+
+
+# A long function on purpose: the run's setup and teardown (schema, queue, API) in one place.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=2000)
-    parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument(
+        "--chunk-size", type=int, help="JVP_CELERY_CHUNK_SIZE (default: its default)"
+    )
     parser.add_argument("--workers", default="1,2", help="worker process counts to time")
+    parser.add_argument("--broker", choices=sorted(BROKERS), default="amqp")
     args = parser.parse_args()
 
     schema = f"jvp_bench_{uuid.uuid4().hex[:8]}"
@@ -127,48 +185,67 @@ def main() -> None:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     env = {
         **os.environ,
-        "JVP_JOBS_BACKEND": "celery",
         "JVP_DATABASE_URL": f"{PG}?options=-csearch_path%3D{schema}",
-        "JVP_BROKER_URL": REDIS,
+        "JVP_BROKER_URL": BROKERS[args.broker],
         "JVP_CELERY_QUEUE": queue,
-        "JVP_CELERY_CHUNK_SIZE": str(args.chunk_size),
         "JVP_NUM_THREADS": "1",
+        "JVP_DEVICE": "cpu",
     }
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    if args.chunk_size:
+        env["JVP_CELERY_CHUNK_SIZE"] = str(args.chunk_size)
     logdir = Path(tempfile.mkdtemp(prefix="jvp-celery-bench-"))
-    api_log = (logdir / "api.log").open("wb")
-    api = start(["serve", "--port", str(port), "--log-level", "warning"], env, api_log)
-    rows = []
+    body = job_body(args.tasks)
+    before = load()
+    rows: list[tuple[str, float]] = []
     try:
-
-        def ready() -> bool:
+        seconds = time_local(env, body, logdir)
+        rows.append(("local runner (in the API process)", seconds))
+        print(f"local runner: {args.tasks / seconds:.0f} tasks/s", file=sys.stderr)
+        with (logdir / "api.log").open("wb") as log:
+            api, url = serve({**env, "JVP_JOBS_BACKEND": "celery"}, log)
             try:
-                return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait(ready, 120, "the API")
-        for n in (int(w) for w in args.workers.split(",")):
-            seconds = run(env, url, n, args.tasks, logdir)
-            rows.append((n, args.tasks, args.chunk_size, seconds, args.tasks / seconds))
-            print(f"{n} worker(s): {args.tasks / seconds:.0f} tasks/s", file=sys.stderr)
+                for n in (int(w) for w in args.workers.split(",")):
+                    seconds = time_workers(url, env, n, body, logdir)
+                    rows.append((f"{n} Celery worker(s), {args.broker}", seconds))
+                    print(f"{n} worker(s): {args.tasks / seconds:.0f} tasks/s", file=sys.stderr)
+            finally:
+                stop(api)
     finally:
-        os.killpg(api.pid, signal.SIGTERM)
-        api.wait(timeout=30)
-        api_log.close()
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
-        client = redis.Redis.from_url(REDIS)
-        client.delete(queue, f"_kombu.binding.{queue}")
-        client.close()
+        drop_queue(args.broker, queue)
+    after = load()
 
-    print(f"\nJob throughput, `sin(x) * y + x**2` on 64 float32, {os.cpu_count()} CPUs:\n")
-    print("| worker processes | tasks | chunk size | seconds | tasks/s |")
-    print("| ---------------- | ----- | ---------- | ------- | ------- |")
-    for n, tasks, chunk, seconds, rate in rows:
-        print(f"| {n:16d} | {tasks:5d} | {chunk:10d} | {seconds:7.2f} | {rate:7.0f} |")
+    rates = [args.tasks / seconds for _, seconds in rows]
+    print(
+        f"\nJob throughput, {args.tasks} tasks of `sin(x) * y + x**2` on 64 float32, "
+        f"{os.cpu_count()} CPUs, load average {before} before, {after} after:\n"
+    )
+    print("| runner | seconds | tasks/s | ratio |")
+    print("| ------ | ------- | ------- | ----- |")
+    ratios = ["1.00x local", *(f"{r / rates[0]:.2f}x local" for r in rates[1:])]
+    for (name, seconds), rate, ratio in zip(rows, rates, ratios, strict=True):
+        print(f"| {name} | {seconds:.2f} | {rate:.0f} | {ratio} |")
+    print()
+    if len(rates) > 1:
+        print(f"one worker / local runner: {verdict(rates[1] / rates[0], ONE_WORKER_TARGET)}")
+    if len(rates) > 2:
+        print(f"two workers / one worker: {verdict(rates[2] / rates[1], TWO_WORKERS_TARGET)}")
+
+
+def drop_queue(broker: str, queue: str) -> None:
+    if broker == "amqp":
+        import kombu
+
+        with kombu.Connection(BROKERS["amqp"], connect_timeout=3) as conn:
+            conn.default_channel.queue_delete(queue)
+        return
+    import redis
+
+    client = redis.Redis.from_url(BROKERS["redis"])
+    client.delete(queue, f"_kombu.binding.{queue}")
+    client.close()
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@ task ids to the broker. No task is computed in the API process.
 
 `submit` hands the job id to a dispatcher thread (the route has answered 202 by then: the
 job is committed). The dispatcher reads the job's queued tasks (index and batch key),
-groups those that share a key (same function, options and shapes) into chunks of
-JVP_CELERY_CHUNK_SIZE in task order, sends one message per chunk, then marks the job
-dispatched. An API process that dies between storing a job and marking it leaves it
-undispatched: every API process sends such jobs at start, and looks for old ones now and
-then (so a job is never lost; a chunk sent twice is computed once, NOTE [celery delivery]).
+groups those that share a key (same function, options and shapes) into chunks (of
+JVP_CELERY_CHUNK_SIZE, or sized by the job: NOTE [chunk size]) in task order, sends one
+message per chunk, then marks the job dispatched. An API process that dies between
+storing a job and marking it leaves it undispatched: every API process sends such jobs at
+start, and looks for old ones now and then (so a job is never lost; a chunk sent twice is
+computed once, NOTE [celery delivery]).
 
 The same thread takes back, every quarter of JVP_CELERY_LEASE_S, the running tasks whose
 worker stopped renewing their lease, and sends them again (NOTE [task leases] in
@@ -44,6 +45,30 @@ SWEEP_INTERVAL_S = 5.0
 SWEEP_GRACE_S = 20.0
 
 _STOP = object()
+
+
+AUTO_CHUNKS = 16  # chunks per job with JVP_CELERY_CHUNK_SIZE=0, within the bounds below
+AUTO_MIN, AUTO_MAX = 16, 512
+AUTO_MAX_BYTES = 32 << 20  # inputs of one chunk (a worker holds a chunk's tensors at once)
+
+
+def chunk_size(setting: int, tasks: int, input_bytes: int) -> int:
+    """Tasks per chunk: `setting` when positive, else sized by the job.
+
+    # NOTE [chunk size]
+    A chunk costs a broker message and two store transactions (the start, the results)
+    whatever its size; measured here (bench/README.md "Where a worker's time goes") that
+    fixed cost is about 15-30 ms, against about 1 ms per small task computed, so chunks
+    of 16 spent more time in the store than in the engine. A 16th of the job keeps a
+    second (third, ...) worker busy until the last chunk and the tail of a job, where one
+    worker finishes its last chunk while the others idle, at a 16th; 512 bounds what a
+    lost worker takes with it, and 32 MiB what a chunk's tensors take of its memory."""
+    if setting > 0:
+        return setting
+    size = min(AUTO_MAX, max(AUTO_MIN, -(-tasks // AUTO_CHUNKS)))
+    if tasks and input_bytes:
+        size = min(size, max(1, AUTO_MAX_BYTES * tasks // input_bytes))
+    return size
 
 
 def chunks(plan: list[tuple[int, str | None]], size: int) -> list[list[int]]:
@@ -130,14 +155,19 @@ class CeleryBackend:
     def dispatch(self, job_id: str) -> int:
         """Send the job's queued tasks in chunks, then mark it dispatched. Returns chunks sent."""
         plan = self.store.dispatch_plan(job_id)
-        sent = self.send(job_id, plan)
+        size = chunk_size(
+            self.settings.celery_chunk_size, len(plan), self.store.input_bytes(job_id)
+        )
+        sent = self.send(job_id, plan, size)
         self.store.mark_dispatched(job_id)
         log.info("jobs: job %s sent to the broker: %d tasks in %d chunks", job_id, len(plan), sent)
         return sent
 
-    def send(self, job_id: str, plan: list[tuple[int, str | None]]) -> int:
-        """Send tasks (index, batch key) of a job in chunks. Returns how many chunks."""
-        parts = chunks(plan, self.settings.celery_chunk_size)
+    def send(self, job_id: str, plan: list[tuple[int, str | None]], size: int = 0) -> int:
+        """Send tasks (index, batch key) of a job in chunks of `size` (0: sized by the plan
+        alone, NOTE [chunk size]). Returns how many chunks."""
+        size = size or chunk_size(self.settings.celery_chunk_size, len(plan), 0)
+        parts = chunks(plan, size)
         with self.celery.producer_or_acquire() as producer:
             for part in parts:
                 self.celery.send_task(

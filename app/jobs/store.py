@@ -551,6 +551,16 @@ class JobStore:
             ).all()
         return [(r.idx, r.batch_key) for r in rows]
 
+    def input_bytes(self, job_id: str) -> int:
+        """Bytes of the inputs of the job's queued tasks (what its chunks will carry)."""
+        with self.reading() as s:
+            total = s.scalar(
+                select(func.coalesce(func.sum(func.length(TaskRow.inputs)), 0)).where(
+                    TaskRow.job_id == job_id, TaskRow.status == QUEUED
+                )
+            )
+        return int(total or 0)
+
     def mark_dispatched(self, job_id: str) -> None:
         with self.writing() as s:
             s.execute(update(JobRow).where(JobRow.id == job_id).values(dispatched_at=now()))
