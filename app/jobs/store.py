@@ -468,6 +468,12 @@ class JobStore:
         by_job: dict[str, list[Outcome]] = defaultdict(list)
         for o in outcomes:
             by_job[o.job_id].append(o)
+        if not self.is_sqlite:
+            from app.jobs import store_pg  # NOTE [bulk result writes]
+
+            with self.writing() as s:
+                at = now()
+                return sum(store_pg.write(s, j, g, worker, at) for j, g in by_job.items())
         rows: list[dict[str, Any]] = []
         tasks = TaskRow.__table__
         assert isinstance(tasks, Table)
