@@ -67,6 +67,7 @@ def renew(store: JobStore, job_id: str, idxs: Sequence[int], *, worker: str, lea
             update(TaskRow)
             .where(
                 TaskRow.job_id == job_id,
+                TaskRow.idx.between(min(idxs), max(idxs)),  # (as in JobStore.start_attempt)
                 TaskRow.idx.in_(list(idxs)),
                 TaskRow.status == RUNNING,
                 TaskRow.worker == worker,
@@ -102,7 +103,11 @@ def reclaim_lapsed(store: JobStore, send: Send) -> int:
         for job_id, plan in by_job.items():
             s.execute(
                 update(TaskRow)
-                .where(TaskRow.job_id == job_id, TaskRow.idx.in_([i for i, _ in plan]))
+                .where(
+                    TaskRow.job_id == job_id,
+                    TaskRow.idx.between(plan[0][0], plan[-1][0]),
+                    TaskRow.idx.in_([i for i, _ in plan]),
+                )
                 .values(status=QUEUED, lease_until=None)
             )
             send(job_id, plan)

@@ -606,6 +606,8 @@ class JobStore:
         lost: list[tuple[int, int]] = []
         cancelled: list[int] = []
         at = now()
+        if not idxs:
+            return Attempt(run, lost, cancelled)
         with self.writing() as s:
             job = s.scalars(select(JobRow).where(JobRow.id == job_id)).first()
             if job is None:  # purged, or another deployment's message
@@ -624,6 +626,10 @@ class JobStore:
                 .add_columns(TaskRow.inputs)
                 .where(
                     TaskRow.job_id == job_id,
+                    # The range besides the list: PostgreSQL reads only the chunk's span of
+                    # the key, not every task of the job, statistics or not (NOTE [bulk
+                    # result writes] in app/jobs/store_pg.py).
+                    TaskRow.idx.between(min(idxs), max(idxs)),
                     TaskRow.idx.in_(list(idxs)),
                     TaskRow.status.in_((QUEUED, RUNNING)),
                 )
@@ -657,7 +663,11 @@ class JobStore:
             if starting:
                 s.execute(
                     update(TaskRow)
-                    .where(TaskRow.job_id == job_id, TaskRow.idx.in_(starting))
+                    .where(
+                        TaskRow.job_id == job_id,
+                        TaskRow.idx.between(starting[0], starting[-1]),
+                        TaskRow.idx.in_(starting),
+                    )
                     .values(
                         status=RUNNING,
                         attempts=TaskRow.attempts + 1,
