@@ -30,6 +30,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -173,17 +174,20 @@ def verdict(value: float, target: float) -> str:
     return f"{value:.2f}x ({'PASS' if value >= target else 'FAIL'}: target >= {target}x)"
 
 
-# A long function on purpose: the run's setup and teardown (schema, queue, API) in one place.
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=2000)
-    parser.add_argument(
-        "--chunk-size", type=int, help="JVP_CELERY_CHUNK_SIZE (default: its default)"
-    )
-    parser.add_argument("--workers", default="1,2", help="worker process counts to time")
-    parser.add_argument("--broker", choices=sorted(BROKERS), default="amqp")
-    args = parser.parse_args()
+@dataclass
+class Run:
+    """One run of the benchmark: each runner's seconds and POST /jobs seconds."""
 
+    tasks: int
+    broker: str
+    rows: list[tuple[str, float, float]]  # (runner, seconds, of which the POST)
+    load_before: str
+    load_after: str
+
+
+# A long function on purpose: the run's setup and teardown (schema, queue, API) in one place.
+def measure(tasks: int, workers: list[int], broker: str = "amqp", chunk_size: int = 0) -> Run:
+    """Time the local runner, then each count of Celery workers, on one job of `tasks`."""
     schema = f"jvp_bench_{uuid.uuid4().hex[:8]}"
     queue = f"jvp-bench-{uuid.uuid4().hex[:8]}"
     admin = create_engine(PG)
@@ -192,54 +196,78 @@ def main() -> None:
     env = {
         **os.environ,
         "JVP_DATABASE_URL": f"{PG}?options=-csearch_path%3D{schema}",
-        "JVP_BROKER_URL": BROKERS[args.broker],
+        "JVP_BROKER_URL": BROKERS[broker],
         "JVP_CELERY_QUEUE": queue,
         "JVP_NUM_THREADS": "1",
         "JVP_DEVICE": "cpu",
     }
-    if args.chunk_size:
-        env["JVP_CELERY_CHUNK_SIZE"] = str(args.chunk_size)
+    if chunk_size:
+        env["JVP_CELERY_CHUNK_SIZE"] = str(chunk_size)
     logdir = Path(tempfile.mkdtemp(prefix="jvp-celery-bench-"))
-    body = job_body(args.tasks)
+    body = job_body(tasks)
     before = load()
-    rows: list[tuple[str, float]] = []
+    rows: list[tuple[str, float, float]] = []
     try:
         seconds = time_local(env, body, logdir)
-        rows.append(("local runner (in the API process)", seconds))
-        print(f"local runner: {args.tasks / seconds:.0f} tasks/s", file=sys.stderr)
+        rows.append(("local runner (in the API process)", seconds, POSTS[-1]))
+        print(f"local runner: {tasks / seconds:.0f} tasks/s", file=sys.stderr)
         with (logdir / "api.log").open("wb") as log:
             api, url = serve({**env, "JVP_JOBS_BACKEND": "celery"}, log)
             try:
-                for n in (int(w) for w in args.workers.split(",")):
+                for n in workers:
                     seconds = time_workers(url, env, n, body, logdir)
-                    rows.append((f"{n} Celery worker(s), {args.broker}", seconds))
-                    print(f"{n} worker(s): {args.tasks / seconds:.0f} tasks/s", file=sys.stderr)
+                    rows.append((f"{n} Celery worker(s), {broker}", seconds, POSTS[-1]))
+                    print(f"{n} worker(s): {tasks / seconds:.0f} tasks/s", file=sys.stderr)
             finally:
                 stop(api)
     finally:
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
-        drop_queue(args.broker, queue)
-    after = load()
+        drop_queue(broker, queue)
+    return Run(tasks, broker, rows, before, load())
 
-    rates = [args.tasks / seconds for _, seconds in rows]
-    print(
-        f"\nJob throughput, {args.tasks} tasks of `sin(x) * y + x**2` on 64 float32, "
-        f"{os.cpu_count()} CPUs, load average {before} before, {after} after:\n"
-    )
-    print("| runner | seconds | of which POST /jobs | tasks/s | ratio | tasks/s after the 202 |")
-    print("| ------ | ------- | ------------------- | ------- | ----- | --------------------- |")
-    ratios = ["1.00x local", *(f"{r / rates[0]:.2f}x local" for r in rates[1:])]
-    posts = POSTS[1::2]  # each runner's timed job (after its warm-up job)
-    for (name, seconds), post, rate, ratio in zip(rows, posts, rates, ratios, strict=True):
-        after = args.tasks / (seconds - post)
-        print(f"| {name} | {seconds:.2f} | {post:.2f} | {rate:.0f} | {ratio} | {after:.0f} |")
-    print()
+
+def markdown(run: Run) -> list[str]:
+    """The table, the ratios and PASS/FAIL, as markdown lines (bench/run.py's section 5)."""
+    rates = [run.tasks / seconds for _, seconds, _ in run.rows]
+    out = [
+        f"{run.tasks} tasks of `sin(x) * y + x**2` on 64 float32 (b64), from POST /jobs to "
+        f"`completed`, one torch thread per process, {os.cpu_count()} CPUs, load average "
+        f"{run.load_before} before, {run.load_after} after:",
+        "",
+        "| runner | seconds | of which POST /jobs | tasks/s | ratio | tasks/s after the 202 |",
+        "| ------ | ------- | ------------------- | ------- | ----- | --------------------- |",
+    ]
+    for i, ((name, seconds, post), rate) in enumerate(zip(run.rows, rates, strict=True)):
+        ratio = f"{rate / rates[0]:.2f}x local"
+        if i == 2:
+            ratio += f", {rate / rates[1]:.2f}x one"
+        after = run.tasks / (seconds - post)
+        out.append(f"| {name} | {seconds:.2f} | {post:.2f} | {rate:.0f} | {ratio} | {after:.0f} |")
+    out.append("")
     if len(rates) > 1:
-        print(f"one worker / local runner: {verdict(rates[1] / rates[0], ONE_WORKER_TARGET)}")
+        out.append(
+            f"- one worker / local runner: {verdict(rates[1] / rates[0], ONE_WORKER_TARGET)}"
+        )
     if len(rates) > 2:
-        print(f"two workers / one worker: {verdict(rates[2] / rates[1], TWO_WORKERS_TARGET)}")
+        out.append(
+            f"- two workers / one worker: {verdict(rates[2] / rates[1], TWO_WORKERS_TARGET)}"
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument(
+        "--chunk-size", type=int, default=0, help="JVP_CELERY_CHUNK_SIZE (default: its default)"
+    )
+    parser.add_argument("--workers", default="1,2", help="worker process counts to time")
+    parser.add_argument("--broker", choices=sorted(BROKERS), default="amqp")
+    args = parser.parse_args()
+    workers = [int(w) for w in args.workers.split(",")]
+    print("\n" + "\n".join(markdown(measure(args.tasks, workers, args.broker, args.chunk_size))))
 
 
 def drop_queue(broker: str, queue: str) -> None:
