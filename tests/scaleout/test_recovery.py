@@ -87,6 +87,7 @@ def lose_worker_mid_job(cluster: Cluster, how: str) -> None:
     job = wait_completed(api.url, job_id, RECOVERY_S)
 
     took = time.monotonic() - lost_at
+    print(f"{how}: job completed {took:.1f} s after the worker was lost")  # shown with -s
     assert took < RECOVERY_S
     assert (job["total"], job["done"], job["failed"]) == (96, 96, 0)
     check_once(cluster, api.url, job_id, tasks)
@@ -124,7 +125,9 @@ def test_complete_job_within_60s_of_api_killed_mid_dispatch(cluster: Cluster) ->
 
     job = wait_completed(second.url, job_id, RECOVERY_S)
 
-    assert time.monotonic() - killed_at < RECOVERY_S
+    took = time.monotonic() - killed_at
+    print(f"api killed mid-dispatch: job completed {took:.1f} s after")  # shown with -s
+    assert took < RECOVERY_S
     assert (job["total"], job["done"], job["failed"]) == (80, 80, 0)
     check_once(cluster, second.url, job_id, tasks)
     assert {r.attempts for r in cluster.tasks(job_id).values()} == {1}  # none computed twice
