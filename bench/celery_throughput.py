@@ -3,18 +3,20 @@
     .venv/bin/python bench/celery_throughput.py [--tasks 2000] [--workers 1,2] [--broker amqp]
 
 Needs this machine's PostgreSQL (127.0.0.1:5432, db test) and RabbitMQ (127.0.0.1:5672,
-the default broker; --broker redis: Redis 127.0.0.1:6379 db 15). Makes a fresh PostgreSQL
-schema and a queue of its own, then times one job of --tasks tasks (`sin(x) * y + x**2` on
-64 float32 elements, tangents for x and y, b64 tensors) from POST /jobs to `completed`:
-first on one `jvp-service serve` with the local runner (JVP_JOBS_BACKEND=local, the same
-PostgreSQL store), then on one `jvp-service serve` with JVP_JOBS_BACKEND=celery and, for
-each worker count, that many `jvp-service worker --device cpu` processes. Every process
-computes with one torch thread and the default settings otherwise (--chunk-size sets
-JVP_CELERY_CHUNK_SIZE). Prints the load average before and after, a table with the
-ratios, and PASS/FAIL against the targets of issue 20 (from POST /jobs to `completed`):
-one worker at least 0.8x the local runner, two workers at least 1.5x one. The table's last
-column leaves out the POST itself (decoding and storing the job in the API process, the
-same for every runner): the rate of the runners alone. Removes the schema and the queue at the end.
+the default broker; --broker redis: Redis 127.0.0.1:6379 db 15). Makes two fresh
+PostgreSQL schemas (one per backend) and a queue of its own, then times one job of
+--tasks tasks (`sin(x) * y + x**2` on 64 float32 elements, tangents for x and y, b64
+tensors) from POST /jobs to `completed`: on one `jvp-service serve` with the local
+runner (JVP_JOBS_BACKEND=local), and on one `jvp-service serve` with
+JVP_JOBS_BACKEND=celery with, for each worker count, that many `jvp-service worker
+--device cpu` processes. Every runner goes --rounds times (3), in turn, and the table
+shows each one's median. Every process computes with one torch thread and the default
+settings otherwise (--chunk-size sets JVP_CELERY_CHUNK_SIZE). Prints the load average
+before and after, a table with the ratios, and PASS/FAIL against the targets of issue 20
+(from POST /jobs to `completed`): one worker at least 0.8x the local runner, two workers
+at least 1.5x one. The table's last columns leave out the POST itself (decoding and
+storing the job in the API process, the same for every runner), and show every round.
+Removes the schemas and the queue at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import base64
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,7 +140,7 @@ def time_local(env: dict[str, str], body: dict[str, Any], logdir: Path) -> float
     with (logdir / "local.log").open("wb") as log:
         api, url = serve({**env, "JVP_JOBS_BACKEND": "local"}, log)
         try:
-            time_job(url, job_body(16))  # warm: the expression compiled, the engine's paths
+            time_job(url, job_body(256))  # warm: the expression compiled, the engine's paths
             return time_job(url, body)
         finally:
             stop(api)
@@ -152,7 +155,7 @@ def time_workers(
         for i in range(workers):
             path = logdir / f"worker-{workers}-{i}.log"
             wait(ready(path), 120, f"worker {i}")
-        time_job(url, job_body(16 * workers))  # warm every worker's engine
+        time_job(url, job_body(256 * workers))  # warm every worker (16 chunks: each gets some)
         return time_job(url, body)
     finally:
         for p in procs:
@@ -176,26 +179,34 @@ def verdict(value: float, target: float) -> str:
 
 @dataclass
 class Run:
-    """One run of the benchmark: each runner's seconds and POST /jobs seconds."""
+    """One run of the benchmark: for each runner, per round, (seconds, of which the POST)."""
 
     tasks: int
     broker: str
-    rows: list[tuple[str, float, float]]  # (runner, seconds, of which the POST)
+    rows: dict[str, list[tuple[float, float]]]
     load_before: str
     load_after: str
 
 
-# A long function on purpose: the run's setup and teardown (schema, queue, API) in one place.
-def measure(tasks: int, workers: list[int], broker: str = "amqp", chunk_size: int = 0) -> Run:
-    """Time the local runner, then each count of Celery workers, on one job of `tasks`."""
+def new_schema(admin: Any) -> str:
     schema = f"jvp_bench_{uuid.uuid4().hex[:8]}"
-    queue = f"jvp-bench-{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG)
     with admin.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    return schema
+
+
+# A long function on purpose: the run's setup and teardown (schemas, queue, API) in one place.
+def measure(
+    tasks: int, workers: list[int], broker: str = "amqp", chunk_size: int = 0, rounds: int = 3
+) -> Run:
+    """Time the local runner, then each count of Celery workers, on one job of `tasks`;
+    `rounds` times in turn (local, 1, 2, local, 1, 2, ...), so that a burst of other work
+    on the machine falls on one cell of one round rather than on one runner."""
+    admin = create_engine(PG)
+    schemas = [new_schema(admin), new_schema(admin)]  # the local runner's, the workers'
+    queue = f"jvp-bench-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
-        "JVP_DATABASE_URL": f"{PG}?options=-csearch_path%3D{schema}",
         "JVP_BROKER_URL": BROKERS[broker],
         "JVP_CELERY_QUEUE": queue,
         "JVP_NUM_THREADS": "1",
@@ -203,26 +214,32 @@ def measure(tasks: int, workers: list[int], broker: str = "amqp", chunk_size: in
     }
     if chunk_size:
         env["JVP_CELERY_CHUNK_SIZE"] = str(chunk_size)
+    local_env, celery_env = (
+        {**env, "JVP_DATABASE_URL": f"{PG}?options=-csearch_path%3D{schema}"} for schema in schemas
+    )
     logdir = Path(tempfile.mkdtemp(prefix="jvp-celery-bench-"))
     body = job_body(tasks)
     before = load()
-    rows: list[tuple[str, float, float]] = []
+    local = "local runner (in the API process)"
+    rows: dict[str, list[tuple[float, float]]] = {local: []}
     try:
-        seconds = time_local(env, body, logdir)
-        rows.append(("local runner (in the API process)", seconds, POSTS[-1]))
-        print(f"local runner: {tasks / seconds:.0f} tasks/s", file=sys.stderr)
         with (logdir / "api.log").open("wb") as log:
-            api, url = serve({**env, "JVP_JOBS_BACKEND": "celery"}, log)
+            api, url = serve({**celery_env, "JVP_JOBS_BACKEND": "celery"}, log)
             try:
-                for n in workers:
-                    seconds = time_workers(url, env, n, body, logdir)
-                    rows.append((f"{n} Celery worker(s), {broker}", seconds, POSTS[-1]))
-                    print(f"{n} worker(s): {tasks / seconds:.0f} tasks/s", file=sys.stderr)
+                for r in range(rounds):
+                    rows[local].append((time_local(local_env, body, logdir), POSTS[-1]))
+                    for n in workers:
+                        seconds = time_workers(url, celery_env, n, body, logdir)
+                        cell = rows.setdefault(f"{n} Celery worker(s), {broker}", [])
+                        cell.append((seconds, POSTS[-1]))
+                    done = ", ".join(f"{tasks / v[-1][0]:.0f}" for v in rows.values())
+                    print(f"round {r + 1}: tasks/s {done}", file=sys.stderr)
             finally:
                 stop(api)
     finally:
         with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+            for schema in schemas:
+                conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
         drop_queue(broker, queue)
     return Run(tasks, broker, rows, before, load())
@@ -230,21 +247,33 @@ def measure(tasks: int, workers: list[int], broker: str = "amqp", chunk_size: in
 
 def markdown(run: Run) -> list[str]:
     """The table, the ratios and PASS/FAIL, as markdown lines (bench/run.py's section 5)."""
-    rates = [run.tasks / seconds for _, seconds, _ in run.rows]
+    med = {
+        name: (statistics.median(s for s, _ in cells), statistics.median(p for _, p in cells))
+        for name, cells in run.rows.items()
+    }
+    rates = [run.tasks / seconds for seconds, _ in med.values()]
+    rounds = len(next(iter(run.rows.values())))
     out = [
         f"{run.tasks} tasks of `sin(x) * y + x**2` on 64 float32 (b64), from POST /jobs to "
-        f"`completed`, one torch thread per process, {os.cpu_count()} CPUs, load average "
-        f"{run.load_before} before, {run.load_after} after:",
+        f"`completed`, one torch thread per process, {os.cpu_count()} CPUs, the median of "
+        f"{rounds} rounds taken in turn, load average {run.load_before} before, "
+        f"{run.load_after} after:",
         "",
-        "| runner | seconds | of which POST /jobs | tasks/s | ratio | tasks/s after the 202 |",
-        "| ------ | ------- | ------------------- | ------- | ----- | --------------------- |",
+        "| runner | seconds | of which POST /jobs | tasks/s | ratio | tasks/s after the 202 "
+        "| tasks/s by round |",
+        "| ------ | ------- | ------------------- | ------- | ----- | --------------------- "
+        "| ---------------- |",
     ]
-    for i, ((name, seconds, post), rate) in enumerate(zip(run.rows, rates, strict=True)):
+    for i, ((name, (seconds, post)), rate) in enumerate(zip(med.items(), rates, strict=True)):
         ratio = f"{rate / rates[0]:.2f}x local"
         if i == 2:
             ratio += f", {rate / rates[1]:.2f}x one"
         after = run.tasks / (seconds - post)
-        out.append(f"| {name} | {seconds:.2f} | {post:.2f} | {rate:.0f} | {ratio} | {after:.0f} |")
+        by_round = ", ".join(f"{run.tasks / s:.0f}" for s, _ in run.rows[name])
+        out.append(
+            f"| {name} | {seconds:.2f} | {post:.2f} | {rate:.0f} | {ratio} | {after:.0f} "
+            f"| {by_round} |"
+        )
     out.append("")
     if len(rates) > 1:
         out.append(
@@ -265,9 +294,11 @@ def main() -> None:
     )
     parser.add_argument("--workers", default="1,2", help="worker process counts to time")
     parser.add_argument("--broker", choices=sorted(BROKERS), default="amqp")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every runner in turn")
     args = parser.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
-    print("\n" + "\n".join(markdown(measure(args.tasks, workers, args.broker, args.chunk_size))))
+    run = measure(args.tasks, workers, args.broker, args.chunk_size, args.rounds)
+    print("\n" + "\n".join(markdown(run)))
 
 
 def drop_queue(broker: str, queue: str) -> None:
