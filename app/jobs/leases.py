@@ -28,6 +28,10 @@ Why leases in the job store, on top of the broker's redelivery (NOTE [celery del
   task only while that worker holds it, so a stopped worker that resumes after its
   tasks were taken over (and renews nothing: renewals are fenced the same way) writes
   none of them.
+- Leases are stamped and compared with each host's clock (UTC): hosts must keep their
+  clocks within a few seconds of each other (NTP), or a skew near JVP_CELERY_LEASE_S makes
+  an API process take back tasks still computing (wasted work, never a double write: the
+  fence above).
 - What a lease cannot see: a chunk a worker received but had not started (the moments
   between delivery and the committed start). RabbitMQ requeues it when the connection
   goes (at once on a kill; after the heartbeat, JVP_CELERY_BROKER_HEARTBEAT_S, on a stop);
