@@ -164,7 +164,8 @@ class Settings(BaseSettings):
         268_435_456, ge=1, description="Bytes of one POST /jobs body (256 MiB; 413 past it)."
     )
 
-    # Scale-out: Celery workers on a Redis broker, PostgreSQL as the job store (app/jobs/celery_*).
+    # Scale-out: Celery workers on a RabbitMQ (or Redis) broker, PostgreSQL as the job store
+    # (app/jobs/celery_*, app/jobs/leases.py).
     jobs_backend: Literal["local", "celery"] = Field(
         "local",
         description="'local' runs job tasks in the API process (JVP_JOB_RUNNER); 'celery' "
@@ -172,14 +173,20 @@ class Settings(BaseSettings):
         "`jvp-service worker` processes (the API then runs no job runner).",
     )
     broker_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="The Celery broker (celery backend only)."
+        "amqp://guest:guest@127.0.0.1:5672//",
+        description="The Celery broker (celery backend only): RabbitMQ ('amqp://...', the "
+        "default: a chunk of a worker whose connection drops is requeued at once) or Redis "
+        "('redis://...': redelivered only after JVP_CELERY_VISIBILITY_TIMEOUT_S when a worker "
+        "vanishes before starting it; NOTE [task leases]).",
     )
     celery_queue: str = Field("jvp", min_length=1, description="The Celery queue of job tasks.")
     celery_chunk_size: int = Field(
-        16,
-        ge=1,
+        0,
+        ge=0,
         description="Tasks of one job that share a function, options and shapes go to the "
-        "broker in chunks of at most this many; a worker computes a chunk as one batch.",
+        "broker in chunks of at most this many; a worker computes a chunk as one batch. 0 "
+        "(the default) sizes them by the job: a 16th of its tasks, 16 to 512, and at most "
+        "32 MiB of inputs per chunk.",
     )
     max_task_attempts: int = Field(
         3,
@@ -198,6 +205,26 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds before Redis gives a chunk whose worker vanished (no ack) to "
         "another worker; longer than the longest chunk (JVP_CELERY_TASK_TIMEOUT_S).",
+    )
+    celery_lease_s: float = Field(
+        20.0,
+        ge=2,
+        description="Seconds a worker holds the tasks it computes; it renews them every "
+        "quarter of this while computing. Tasks of a worker that stops renewing (killed, "
+        "stopped, its machine gone) are sent again once their lease lapses.",
+    )
+    celery_broker_heartbeat_s: float = Field(
+        10.0,
+        ge=0,
+        description="AMQP heartbeat of a worker's broker connection (RabbitMQ): a worker "
+        "that stops answering loses its connection, and its unacknowledged chunk is "
+        "requeued, after about this long. 0 turns heartbeats off.",
+    )
+    celery_dispatch_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="Test and drill hook: seconds the API's dispatcher sleeps after each "
+        "chunk it sends (tests/scaleout kill an API process mid-dispatch). Keep 0.",
     )
     celery_task_delay_s: float = Field(
         0.0,

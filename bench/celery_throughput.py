@@ -1,14 +1,22 @@
-"""Job throughput with Celery workers: tasks/s with 1 and 2 worker processes on the CPU.
+"""Job throughput with Celery workers against the local runner, on the same job, in one run.
 
-    .venv/bin/python bench/celery_throughput.py [--tasks 2000] [--chunk-size 16] [--workers 1,2]
+    .venv/bin/python bench/celery_throughput.py [--tasks 2000] [--workers 1,2] [--broker amqp]
 
-Needs the Redis (127.0.0.1:6379, db 15) and PostgreSQL (127.0.0.1:5432, db test) of this
-machine. Makes a fresh PostgreSQL schema and a queue of its own, starts one
-`jvp-service serve` (JVP_JOBS_BACKEND=celery) and, for each worker count, that many
-`jvp-service worker --device cpu` processes (one torch thread each), waits until they are
-ready, submits one job of --tasks tasks (`sin(x) * y + x**2` on 64 float32 elements,
-tangents for x and y, b64 tensors) and times it from POST /jobs to `completed`. Prints a
-table; removes the schema and the queue at the end.
+Needs this machine's PostgreSQL (127.0.0.1:5432, db test) and RabbitMQ (127.0.0.1:5672,
+the default broker; --broker redis: Redis 127.0.0.1:6379 db 15). Makes two fresh
+PostgreSQL schemas (one per backend) and a queue of its own, then times one job of
+--tasks tasks (`sin(x) * y + x**2` on 64 float32 elements, tangents for x and y, b64
+tensors) from POST /jobs to `completed`: on one `jvp-service serve` with the local
+runner (JVP_JOBS_BACKEND=local), and on one `jvp-service serve` with
+JVP_JOBS_BACKEND=celery with, for each worker count, that many `jvp-service worker
+--device cpu` processes. Every runner goes --rounds times (3), in turn, and the table
+shows each one's median. Every process computes with one torch thread and the default
+settings otherwise (--chunk-size sets JVP_CELERY_CHUNK_SIZE). Prints the load average
+before and after, a table with the ratios, and PASS/FAIL against the targets of issue 20
+(from POST /jobs to `completed`): one worker at least 0.8x the local runner, two workers
+at least 1.5x one. The table's last columns leave out the POST itself (decoding and
+storing the job in the API process, the same for every runner), and show every round.
+Removes the schemas and the queue at the end.
 """
 
 from __future__ import annotations
@@ -18,22 +26,26 @@ import base64
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-import redis
 from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parents[1]
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-REDIS = "redis://127.0.0.1:6379/15"
+BROKERS = {"amqp": "amqp://guest:guest@127.0.0.1:5672//", "redis": "redis://127.0.0.1:6379/15"}
+ONE_WORKER_TARGET = 0.8  # one worker's tasks/s over the local runner's
+TWO_WORKERS_TARGET = 1.5  # two workers' over one's
 
 
 def free_port() -> int:
@@ -74,101 +86,233 @@ def start(args: list[str], env: dict[str, str], log: Any) -> subprocess.Popen[by
     )
 
 
-def wait(check: Any, timeout_s: float, what: str) -> None:
+def wait(check: Callable[[], object], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if check():
             return
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def run(env: dict[str, str], url: str, workers: int, tasks: int, logdir: Path) -> float:
+def serve(env: dict[str, str], log: Any) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    api = start(["serve", "--port", str(port), "--log-level", "warning"], env, log)
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait(ready, 120, "the API")
+    return api, url
+
+
+POSTS: list[float] = []  # seconds each timed POST /jobs took to answer 202
+
+
+def time_job(url: str, body: dict[str, Any]) -> float:
+    """Seconds from POST /jobs to `completed` (every task done, none failed)."""
+    t0 = time.perf_counter()
+    r = httpx.post(f"{url}/jobs", json=body, timeout=120)
+    r.raise_for_status()
+    POSTS.append(time.perf_counter() - t0)
+    job_id = r.json()["id"]
+
+    def completed() -> bool:
+        job = httpx.get(f"{url}/jobs/{job_id}", timeout=30).json()
+        if job["status"] == "completed" and job["failed"]:
+            raise SystemExit(f"{job['failed']} tasks failed")
+        return bool(job["status"] == "completed")
+
+    wait(completed, 1800, "the job")
+    return time.perf_counter() - t0
+
+
+def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    os.killpg(process.pid, sig)
+    process.wait(timeout=30)
+
+
+def time_local(env: dict[str, str], body: dict[str, Any], logdir: Path) -> float:
+    with (logdir / "local.log").open("wb") as log:
+        api, url = serve({**env, "JVP_JOBS_BACKEND": "local"}, log)
+        try:
+            time_job(url, job_body(256))  # warm: the expression compiled, the engine's paths
+            return time_job(url, body)
+        finally:
+            stop(api)
+
+
+def time_workers(
+    url: str, env: dict[str, str], workers: int, body: dict[str, Any], logdir: Path
+) -> float:
     logs = [(logdir / f"worker-{workers}-{i}.log").open("wb") for i in range(workers)]
     procs = [start(["worker", "--device", "cpu"], env, log) for log in logs]
     try:
         for i in range(workers):
             path = logdir / f"worker-{workers}-{i}.log"
-            wait(lambda p=path: b" ready." in p.read_bytes(), 120, f"worker {i}")
-        time.sleep(5)  # pool children build and warm up their engines
-        body = job_body(tasks)
-        t0 = time.perf_counter()
-        r = httpx.post(f"{url}/jobs", json=body, timeout=120)
-        r.raise_for_status()
-        job_id = r.json()["id"]
-
-        def completed() -> bool:
-            job = httpx.get(f"{url}/jobs/{job_id}", timeout=30).json()
-            if job["status"] == "completed" and job["failed"]:
-                raise SystemExit(f"{job['failed']} tasks failed")
-            return bool(job["status"] == "completed")
-
-        wait(completed, 1800, "the job")
-        return time.perf_counter() - t0
+            wait(ready(path), 120, f"worker {i}")
+        time_job(url, job_body(256 * workers))  # warm every worker (16 chunks: each gets some)
+        return time_job(url, body)
     finally:
         for p in procs:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+            stop(p, signal.SIGKILL)
         for log in logs:
             log.close()
+
+
+def ready(log: Path) -> Callable[[], bool]:
+    """Whether the worker writing `log` built its engine (its pool child warmed up)."""
+    return lambda: b"engine ready" in log.read_bytes()
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def verdict(value: float, target: float) -> str:
+    return f"{value:.2f}x ({'PASS' if value >= target else 'FAIL'}: target >= {target}x)"
+
+
+@dataclass
+class Run:
+    """One run of the benchmark: for each runner, per round, (seconds, of which the POST)."""
+
+    tasks: int
+    broker: str
+    rows: dict[str, list[tuple[float, float]]]
+    load_before: str
+    load_after: str
+
+
+def new_schema(admin: Any) -> str:
+    schema = f"jvp_bench_{uuid.uuid4().hex[:8]}"
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    return schema
+
+
+# A long function on purpose: the run's setup and teardown (schemas, queue, API) in one place.
+def measure(
+    tasks: int, workers: list[int], broker: str = "amqp", chunk_size: int = 0, rounds: int = 3
+) -> Run:
+    """Time the local runner, then each count of Celery workers, on one job of `tasks`;
+    `rounds` times in turn (local, 1, 2, local, 1, 2, ...), so that a burst of other work
+    on the machine falls on one cell of one round rather than on one runner."""
+    admin = create_engine(PG)
+    schemas = [new_schema(admin), new_schema(admin)]  # the local runner's, the workers'
+    queue = f"jvp-bench-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "JVP_BROKER_URL": BROKERS[broker],
+        "JVP_CELERY_QUEUE": queue,
+        "JVP_NUM_THREADS": "1",
+        "JVP_DEVICE": "cpu",
+    }
+    if chunk_size:
+        env["JVP_CELERY_CHUNK_SIZE"] = str(chunk_size)
+    local_env, celery_env = (
+        {**env, "JVP_DATABASE_URL": f"{PG}?options=-csearch_path%3D{schema}"} for schema in schemas
+    )
+    logdir = Path(tempfile.mkdtemp(prefix="jvp-celery-bench-"))
+    body = job_body(tasks)
+    before = load()
+    local = "local runner (in the API process)"
+    rows: dict[str, list[tuple[float, float]]] = {local: []}
+    try:
+        with (logdir / "api.log").open("wb") as log:
+            api, url = serve({**celery_env, "JVP_JOBS_BACKEND": "celery"}, log)
+            try:
+                for r in range(rounds):
+                    rows[local].append((time_local(local_env, body, logdir), POSTS[-1]))
+                    for n in workers:
+                        seconds = time_workers(url, celery_env, n, body, logdir)
+                        cell = rows.setdefault(f"{n} Celery worker(s), {broker}", [])
+                        cell.append((seconds, POSTS[-1]))
+                    done = ", ".join(f"{tasks / v[-1][0]:.0f}" for v in rows.values())
+                    print(f"round {r + 1}: tasks/s {done}", file=sys.stderr)
+            finally:
+                stop(api)
+    finally:
+        with admin.begin() as conn:
+            for schema in schemas:
+                conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+        drop_queue(broker, queue)
+    return Run(tasks, broker, rows, before, load())
+
+
+def markdown(run: Run) -> list[str]:
+    """The table, the ratios and PASS/FAIL, as markdown lines (bench/run.py's section 5)."""
+    med = {
+        name: (statistics.median(s for s, _ in cells), statistics.median(p for _, p in cells))
+        for name, cells in run.rows.items()
+    }
+    rates = [run.tasks / seconds for seconds, _ in med.values()]
+    rounds = len(next(iter(run.rows.values())))
+    out = [
+        f"{run.tasks} tasks of `sin(x) * y + x**2` on 64 float32 (b64), from POST /jobs to "
+        f"`completed`, one torch thread per process, {os.cpu_count()} CPUs, the median of "
+        f"{rounds} rounds taken in turn, load average {run.load_before} before, "
+        f"{run.load_after} after:",
+        "",
+        "| runner | seconds | of which POST /jobs | tasks/s | ratio | tasks/s after the 202 "
+        "| tasks/s by round |",
+        "| ------ | ------- | ------------------- | ------- | ----- | --------------------- "
+        "| ---------------- |",
+    ]
+    for i, ((name, (seconds, post)), rate) in enumerate(zip(med.items(), rates, strict=True)):
+        ratio = f"{rate / rates[0]:.2f}x local"
+        if i == 2:
+            ratio += f", {rate / rates[1]:.2f}x one"
+        after = run.tasks / (seconds - post)
+        by_round = ", ".join(f"{run.tasks / s:.0f}" for s, _ in run.rows[name])
+        out.append(
+            f"| {name} | {seconds:.2f} | {post:.2f} | {rate:.0f} | {ratio} | {after:.0f} "
+            f"| {by_round} |"
+        )
+    out.append("")
+    if len(rates) > 1:
+        out.append(
+            f"- one worker / local runner: {verdict(rates[1] / rates[0], ONE_WORKER_TARGET)}"
+        )
+    if len(rates) > 2:
+        out.append(
+            f"- two workers / one worker: {verdict(rates[2] / rates[1], TWO_WORKERS_TARGET)}"
+        )
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=2000)
-    parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument(
+        "--chunk-size", type=int, default=0, help="JVP_CELERY_CHUNK_SIZE (default: its default)"
+    )
     parser.add_argument("--workers", default="1,2", help="worker process counts to time")
+    parser.add_argument("--broker", choices=sorted(BROKERS), default="amqp")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every runner in turn")
     args = parser.parse_args()
+    workers = [int(w) for w in args.workers.split(",")]
+    run = measure(args.tasks, workers, args.broker, args.chunk_size, args.rounds)
+    print("\n" + "\n".join(markdown(run)))
 
-    schema = f"jvp_bench_{uuid.uuid4().hex[:8]}"
-    queue = f"jvp-bench-{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    env = {
-        **os.environ,
-        "JVP_JOBS_BACKEND": "celery",
-        "JVP_DATABASE_URL": f"{PG}?options=-csearch_path%3D{schema}",
-        "JVP_BROKER_URL": REDIS,
-        "JVP_CELERY_QUEUE": queue,
-        "JVP_CELERY_CHUNK_SIZE": str(args.chunk_size),
-        "JVP_NUM_THREADS": "1",
-    }
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    logdir = Path(tempfile.mkdtemp(prefix="jvp-celery-bench-"))
-    api_log = (logdir / "api.log").open("wb")
-    api = start(["serve", "--port", str(port), "--log-level", "warning"], env, api_log)
-    rows = []
-    try:
 
-        def ready() -> bool:
-            try:
-                return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
+def drop_queue(broker: str, queue: str) -> None:
+    if broker == "amqp":
+        import kombu
 
-        wait(ready, 120, "the API")
-        for n in (int(w) for w in args.workers.split(",")):
-            seconds = run(env, url, n, args.tasks, logdir)
-            rows.append((n, args.tasks, args.chunk_size, seconds, args.tasks / seconds))
-            print(f"{n} worker(s): {args.tasks / seconds:.0f} tasks/s", file=sys.stderr)
-    finally:
-        os.killpg(api.pid, signal.SIGTERM)
-        api.wait(timeout=30)
-        api_log.close()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-        client = redis.Redis.from_url(REDIS)
-        client.delete(queue, f"_kombu.binding.{queue}")
-        client.close()
+        with kombu.Connection(BROKERS["amqp"], connect_timeout=3) as conn:
+            conn.default_channel.queue_delete(queue)
+        return
+    import redis
 
-    print(f"\nJob throughput, `sin(x) * y + x**2` on 64 float32, {os.cpu_count()} CPUs:\n")
-    print("| worker processes | tasks | chunk size | seconds | tasks/s |")
-    print("| ---------------- | ----- | ---------- | ------- | ------- |")
-    for n, tasks, chunk, seconds, rate in rows:
-        print(f"| {n:16d} | {tasks:5d} | {chunk:10d} | {seconds:7.2f} | {rate:7.0f} |")
+    client = redis.Redis.from_url(BROKERS["redis"])
+    client.delete(queue, f"_kombu.binding.{queue}")
+    client.close()
 
 
 if __name__ == "__main__":

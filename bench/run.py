@@ -9,7 +9,9 @@ Sections (``--only 1,3`` picks some):
 3. one 4M-element JVP (2048x2048) through JSON lists, base64 and the binary
    (safetensors) body, against in-process `torch.func.jvp`, a raw-bytes echo
    and the Tesseract runtime;
-4. peak RSS of every server process.
+4. peak RSS of every server process;
+5. batch jobs: the local runner against one and two Celery workers on the same job
+   (bench/celery_throughput.py; needs this machine's PostgreSQL and RabbitMQ).
 
 It prints the tables as it goes and writes them, the targets with PASS/FAIL and
 the machine to docs/benchmarks.md. Everything listens on 127.0.0.1 and every run
@@ -79,6 +81,7 @@ class Results:
     mlp_inprocess: dict[str, float] = field(default_factory=dict)
     big: dict[str, list[float] | str] = field(default_factory=dict)
     rss: list[tuple[str, str, float | None]] = field(default_factory=list)
+    jobs: list[str] = field(default_factory=list)  # section 5's markdown lines
     notes: list[str] = field(default_factory=list)
 
 
@@ -337,6 +340,20 @@ def section_mlp(fleet: Fleet, config: Config, results: Results) -> None:
     results.mlp_inprocess = workloads.inprocess_mlp()
     sep, vm = results.mlp_inprocess["separate"], results.mlp_inprocess["vmap"]
     say(f"  in-process: 64 separate jvp {sep:.1f} ms, one vmap {vm:.1f} ms ({sep / vm:.1f}x)")
+
+
+def section_jobs(results: Results) -> None:
+    """Section 5: bench/celery_throughput.py's table (its own API and worker processes, after
+    the other sections' servers stopped); a note instead when a service is missing."""
+    from bench import celery_throughput
+
+    try:
+        run = celery_throughput.measure(2000, [1, 2])
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - PostgreSQL or RabbitMQ missing
+        results.notes.append(f"Section 5 (batch jobs) did not run: {type(e).__name__}: {e}")
+        return
+    results.jobs = celery_throughput.markdown(run)
+    say("\n".join(results.jobs))
 
 
 def merge_rounds(cells: list[WrkResult | str]) -> WrkResult | str:
@@ -732,6 +749,8 @@ def report(config: Config, results: Results) -> str:
         ["server", "sections", "peak RSS MiB"],
         [[k, used, f"{mib:.0f}" if mib is not None else "?"] for k, used, mib in results.rss],
     )
+    if results.jobs:
+        out += ["", "## 5. Batch jobs: the local runner and Celery workers", "", *results.jobs]
     out += ["", "## Targets", ""]
     rows = []
     for t in targets(results):
@@ -763,7 +782,7 @@ def report(config: Config, results: Results) -> str:
 def parse_args(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="Short cells (3 s, 2 runs).")
-    parser.add_argument("--only", default="1,2,3", help="Sections to run, e.g. '1,3'.")
+    parser.add_argument("--only", default="1,2,3,5", help="Sections to run, e.g. '1,3'.")
     parser.add_argument("--duration", type=float, help="Seconds per load cell (default 5).")
     parser.add_argument("--warmup", type=float, help="Warm-up seconds per load cell (default 1).")
     parser.add_argument("--runs", type=int, help="Timed runs per big request (default 5).")
@@ -789,8 +808,8 @@ def parse_args(argv: list[str] | None) -> Config:
     bad = [item for item in args.service_env if "=" not in item]
     if bad:
         parser.error(f"--service-env expects NAME=VALUE, got {bad[0]!r}")
-    if not sections <= {1, 2, 3, 4}:
-        parser.error(f"--only expects sections among 1, 2, 3 (4 always runs), got {args.only!r}")
+    if not sections <= {1, 2, 3, 4, 5}:
+        parser.error(f"--only expects sections among 1, 2, 3, 5 (4 always runs), got {args.only!r}")
     return Config(
         sections=sections,
         duration_s=args.duration or (3.0 if args.quick else 5.0),
@@ -831,6 +850,8 @@ def main(argv: list[str] | None = None) -> int:
                 fleet.stop_all_but(later)
         finally:
             fleet.stop_all_but(set())
+    if 5 in config.sections:
+        section_jobs(results)
     text = report(config, results)
     config.output.parent.mkdir(parents=True, exist_ok=True)
     config.output.write_text(text)

@@ -3,7 +3,7 @@
 The API stores a job (app/jobs/store.py) and then tells the backend; the backend takes
 tasks from the store, computes them, and writes their outcomes back. `LocalRunner`
 (app/jobs/runner.py) does it in the service process on its device workers. A backend
-for workers on other machines (Celery on Redis, with PostgreSQL as the store) implements
+for workers on other machines (Celery on RabbitMQ or Redis, with PostgreSQL as the store) implements
 the same four methods: `submit` would enqueue the job's task ids, `cancel` revoke them.
 """
 

@@ -1,4 +1,5 @@
-"""Celery on a Redis broker: the app, its delivery settings, and the task that computes a chunk.
+"""Celery on the broker (RabbitMQ, or Redis): the app, its delivery settings, and the task
+that computes a chunk.
 
 The broker carries ids only: a message is ``(job_id, [[start, stop], ...])``, index ranges
 of one job's tasks. Inputs and results live in the job store (PostgreSQL), so a message
@@ -9,17 +10,22 @@ is small and a result is written where every API replica reads it.
   worker that dies mid-chunk leaves it unacknowledged. ``task_reject_on_worker_lost``:
   when the pool child computing it dies (SIGKILL, the OOM killer, a segfault), the
   worker's parent puts the message back in the queue at once. When the whole worker
-  dies, Redis hands the message to another worker once ``visibility_timeout``
-  (JVP_CELERY_VISIBILITY_TIMEOUT_S) has passed; it must be longer than the longest
-  chunk (JVP_CELERY_TASK_TIMEOUT_S), or a healthy slow chunk would be handed out twice.
+  dies, RabbitMQ requeues the message as its connection closes; Redis only once
+  ``visibility_timeout`` (JVP_CELERY_VISIBILITY_TIMEOUT_S) has passed, which must be
+  longer than the longest chunk (JVP_CELERY_TASK_TIMEOUT_S), or a healthy slow chunk
+  would be handed out twice. Either way the chunk's tasks are held under a lease that
+  the worker renews while it computes; what the broker misses (a stopped worker, a lost
+  machine, an hour of visibility timeout), the lease catches within JVP_CELERY_LEASE_S
+  (NOTE [task leases] in app/jobs/leases.py).
 - ``worker_prefetch_multiplier=1``: a worker reserves one chunk per pool slot, so the
   other workers get the rest of the queue.
 - Each start of a task is counted in its row (`JobStore.start_attempt`) and committed
   before anything is computed. A task that already started JVP_MAX_TASK_ATTEMPTS times
   and never ended (it keeps taking its worker down) is recorded as failed, "Worker lost
   N times ...", and not computed again.
-- Results are written with `JobStore.record`, which writes a task only while it has not
-  ended: a chunk delivered twice writes and counts each task once.
+- Results are written with `JobStore.record(worker=...)`, which writes a task only while
+  it has not ended and this worker holds it: a chunk delivered twice writes and counts
+  each task once, and a worker that lost its tasks writes none of them.
 - The pool is prefork with one child per slot (--concurrency, 1 by default). The child
   owns the device workers (an `Engine`, built and warmed up as the child starts, before it
   takes a chunk; nothing touches CUDA before the fork): the task body
@@ -151,13 +157,22 @@ def runtime() -> WorkerRuntime:
 def run_chunk(self: Task, job_id: str, ranges: list[list[int]]) -> dict[str, int]:
     """Compute the tasks of `ranges` of job `job_id` that have not ended (NOTE [celery
     delivery]); returns counts for the worker log."""
+    from app.jobs.leases import LeaseKeeper, local_worker_dead
     from app.jobs.store import Outcome
     from app.jobs.tables import CANCELLED, FAILED
 
     rt = runtime()
     limit = rt.settings.max_task_attempts
+    lease_s = rt.settings.celery_lease_s
     idxs = [i for start, stop in ranges for i in range(start, stop)]
-    attempt = rt.store.start_attempt(job_id, idxs, worker=rt.worker_id, max_attempts=limit)
+    attempt = rt.store.start_attempt(
+        job_id,
+        idxs,
+        worker=rt.worker_id,
+        max_attempts=limit,
+        lease_s=lease_s,
+        is_dead=local_worker_dead,
+    )
     ended = [Outcome(job_id, i, FAILED, error=lost_error(n, limit)) for i, n in attempt.lost]
     ended += [Outcome(job_id, i, CANCELLED) for i in attempt.cancelled]
     if attempt.lost:
@@ -169,10 +184,12 @@ def run_chunk(self: Task, job_id: str, ranges: list[list[int]]) -> dict[str, int
         )
     rt.store.record(ended)
     if attempt.run:
-        if rt.settings.celery_task_delay_s:
-            time.sleep(rt.settings.celery_task_delay_s)  # test hook (JVP_CELERY_TASK_DELAY_S)
-        finished = rt.compute(attempt.run)
-        rt.store.record([f.outcome() for f in finished])
+        held = [spec.idx for spec in attempt.run]
+        with LeaseKeeper(rt.store, job_id, held, worker=rt.worker_id, lease_s=lease_s):
+            if rt.settings.celery_task_delay_s:
+                time.sleep(rt.settings.celery_task_delay_s)  # test hook (JVP_CELERY_TASK_DELAY_S)
+            finished = rt.compute(attempt.run)
+            rt.store.record([f.outcome() for f in finished], worker=rt.worker_id)
     counts = {
         "computed": len(attempt.run),
         "lost": len(attempt.lost),

@@ -1,6 +1,7 @@
-"""The Celery app on the Redis broker, shared by the API process that sends chunks
-(app/jobs/celery_backend.py) and the worker that computes them (app/jobs/celery_app.py,
-NOTE [celery delivery]): its delivery settings, the task's name, and the message's ranges.
+"""The Celery app on the broker (RabbitMQ by default, or Redis), shared by the API process
+that sends chunks (app/jobs/celery_backend.py) and the worker that computes them
+(app/jobs/celery_app.py, NOTE [celery delivery]): its delivery settings, the task's name,
+and the message's ranges.
 It imports neither side, so the web app and the worker import nothing of each other."""
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ from app.settings import Settings
 TASK_NAME = "jvp.run_chunk"
 
 
+def is_redis(settings: Settings) -> bool:
+    return settings.broker_url.split(":", 1)[0] in ("redis", "rediss")
+
+
 def transport_options(settings: Settings) -> dict[str, Any]:
     """Redis transport options: the visibility timeout, and a restore sweep frequent enough
-    to honour it (kombu's default sweeps about every 100 s)."""
+    to honour it (kombu's default sweeps about every 100 s). None on RabbitMQ."""
+    if not is_redis(settings):
+        return {}
     visibility = settings.celery_visibility_timeout_s
     return {
         "visibility_timeout": visibility,
@@ -30,7 +37,10 @@ def transport_options(settings: Settings) -> dict[str, Any]:
 def make_celery(settings: Settings, task: Callable[..., Any] | None = None) -> Celery:
     """The Celery app of these settings; ``task``: the chunk task to register (a worker's,
     app/jobs/celery_app.py `run_chunk`; an API process only sends it by name)."""
-    if settings.celery_visibility_timeout_s <= settings.celery_task_timeout_s:
+    if (
+        is_redis(settings)
+        and settings.celery_visibility_timeout_s <= settings.celery_task_timeout_s
+    ):
         raise ValueError(
             "JVP_CELERY_VISIBILITY_TIMEOUT_S "
             f"({settings.celery_visibility_timeout_s:g}) must be longer than "
@@ -44,6 +54,9 @@ def make_celery(settings: Settings, task: Callable[..., Any] | None = None) -> C
         worker_prefetch_multiplier=1,
         broker_transport_options=transport_options(settings),
         broker_connection_retry_on_startup=True,
+        # AMQP heartbeats only where something answers them: the worker's event loop does;
+        # an API process's producer connection has no loop to (NOTE [task leases]).
+        broker_heartbeat=settings.celery_broker_heartbeat_s if task is not None else 0,
         task_default_queue=settings.celery_queue,
         task_serializer="json",
         accept_content=["json"],  # ids only; never pickle

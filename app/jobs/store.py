@@ -26,7 +26,7 @@ import json
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -272,9 +272,13 @@ class JobStore:
                         finished_at=at if failed == total else None,
                     )
                 )
+                # The Core table, not the ORM class: the ORM's bulk insert checks every
+                # row's keys against the mapper (a quarter of a 2,000-task POST /jobs).
+                tasks = TaskRow.__table__
+                assert isinstance(tasks, Table)
                 for start in range(0, total, 5000):
                     s.execute(
-                        insert(TaskRow),
+                        insert(tasks),
                         [_task_row(job.id, t) for t in job.tasks[start : start + 5000]],
                     )
         except IntegrityError:
@@ -457,15 +461,23 @@ class JobStore:
 
     # A long method on purpose: one transaction whose steps must stay together (the
     # not-ended guard, the counters, the job's completion; NOTE [durable jobs]).
-    def record(self, outcomes: Sequence[Outcome]) -> int:
+    def record(self, outcomes: Sequence[Outcome], *, worker: str | None = None) -> int:
         """Write outcomes in one transaction, each only if its task has not ended yet
-        (NOTE [durable jobs]). Returns how many were written."""
+        (NOTE [durable jobs]) and, with `worker`, only while that worker holds the task (a
+        worker that was presumed lost and resumed writes nothing: NOTE [task leases]).
+        Returns how many were written."""
         if not outcomes:
             return 0
         counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         by_job: dict[str, list[Outcome]] = defaultdict(list)
         for o in outcomes:
             by_job[o.job_id].append(o)
+        if not self.is_sqlite:
+            from app.jobs import store_pg  # NOTE [bulk result writes]
+
+            with self.writing() as s:
+                at = now()
+                return sum(store_pg.write(s, j, g, worker, at) for j, g in by_job.items())
         rows: list[dict[str, Any]] = []
         tasks = TaskRow.__table__
         assert isinstance(tasks, Table)
@@ -473,12 +485,15 @@ class JobStore:
             for job_id, group in by_job.items():
                 # Read the statuses inside the write transaction (SQLite: BEGIN IMMEDIATE;
                 # PostgreSQL: the rows locked), so none can change before the update.
-                query = select(TaskRow.idx, TaskRow.status).where(
+                query = select(TaskRow.idx, TaskRow.status, TaskRow.worker).where(
                     TaskRow.job_id == job_id, TaskRow.idx.in_({o.idx for o in group})
                 )
                 if not self.is_sqlite:
                     query = query.with_for_update()
-                status: dict[int, str] = {r.idx: r.status for r in s.execute(query)}
+                found = s.execute(query).all()
+                status: dict[int, str] = {r.idx: r.status for r in found}
+                if worker is not None:  # only the tasks this worker holds
+                    status = {r.idx: r.status for r in found if r.worker == worker}
                 for o in group:
                     allowed = (RUNNING,) if o.kind == QUEUED else (QUEUED, RUNNING)
                     if status.get(o.idx) not in allowed:
@@ -546,6 +561,16 @@ class JobStore:
             ).all()
         return [(r.idx, r.batch_key) for r in rows]
 
+    def input_bytes(self, job_id: str) -> int:
+        """Bytes of the inputs of the job's queued tasks (what its chunks will carry)."""
+        with self.reading() as s:
+            total = s.scalar(
+                select(func.coalesce(func.sum(func.length(TaskRow.inputs)), 0)).where(
+                    TaskRow.job_id == job_id, TaskRow.status == QUEUED
+                )
+            )
+        return int(total or 0)
+
     def mark_dispatched(self, job_id: str) -> None:
         with self.writing() as s:
             s.execute(update(JobRow).where(JobRow.id == job_id).values(dispatched_at=now()))
@@ -566,15 +591,27 @@ class JobStore:
     # A long method on purpose: one transaction (NOTE [celery delivery]): count the start,
     # fail the tasks that lost their worker too often, skip the cancelled ones.
     def start_attempt(
-        self, job_id: str, idxs: Sequence[int], *, worker: str, max_attempts: int
+        self,
+        job_id: str,
+        idxs: Sequence[int],
+        *,
+        worker: str,
+        max_attempts: int,
+        lease_s: float,
+        is_dead: Callable[[str | None], bool] = lambda _: False,
     ) -> Attempt:
         """Start a chunk on a worker, committed before anything is computed: each task still
-        queued or running (a delivery after its worker was lost) gets attempts + 1 and this
-        worker, unless it already started `max_attempts` times. Tasks that ended are left
-        alone (a redelivered chunk computes only what is missing)."""
+        queued, or running on a worker that no longer holds it (its lease lapsed, or
+        `is_dead(worker)`: NOTE [task leases] in app/jobs/leases.py), gets attempts + 1, this
+        worker and a lease of `lease_s`, unless it already started `max_attempts` times.
+        Tasks that ended, and tasks another live worker holds, are left alone (a chunk
+        delivered twice computes only what is missing, once)."""
         run: list[TaskSpec] = []
         lost: list[tuple[int, int]] = []
         cancelled: list[int] = []
+        at = now()
+        if not idxs:
+            return Attempt(run, lost, cancelled)
         with self.writing() as s:
             job = s.scalars(select(JobRow).where(JobRow.id == job_id)).first()
             if job is None:  # purged, or another deployment's message
@@ -584,6 +621,8 @@ class JobStore:
                     TaskRow.idx,
                     TaskRow.status,
                     TaskRow.attempts,
+                    TaskRow.worker,
+                    TaskRow.lease_until,
                     TaskRow.expression,
                     TaskRow.model,
                     TaskRow.options,
@@ -591,6 +630,10 @@ class JobStore:
                 .add_columns(TaskRow.inputs)
                 .where(
                     TaskRow.job_id == job_id,
+                    # The range besides the list: PostgreSQL reads only the chunk's span of
+                    # the key, not every task of the job, statistics or not (NOTE [bulk
+                    # result writes] in app/jobs/store_pg.py).
+                    TaskRow.idx.between(min(idxs), max(idxs)),
                     TaskRow.idx.in_(list(idxs)),
                     TaskRow.status.in_((QUEUED, RUNNING)),
                 )
@@ -604,6 +647,8 @@ class JobStore:
             starting = []
             defaults = json.loads(job.options)
             for r in rows:
+                if r.status == RUNNING and held(r.lease_until, at) and not is_dead(r.worker):
+                    continue  # another worker computes it now
                 if r.attempts >= max_attempts:
                     lost.append((r.idx, r.attempts))
                     continue
@@ -622,8 +667,17 @@ class JobStore:
             if starting:
                 s.execute(
                     update(TaskRow)
-                    .where(TaskRow.job_id == job_id, TaskRow.idx.in_(starting))
-                    .values(status=RUNNING, attempts=TaskRow.attempts + 1, worker=worker)
+                    .where(
+                        TaskRow.job_id == job_id,
+                        TaskRow.idx.between(starting[0], starting[-1]),
+                        TaskRow.idx.in_(starting),
+                    )
+                    .values(
+                        status=RUNNING,
+                        attempts=TaskRow.attempts + 1,
+                        worker=worker,
+                        lease_until=at + timedelta(seconds=lease_s),
+                    )
                 )
                 _started(job)
         return Attempt(run, lost, cancelled)
@@ -663,6 +717,12 @@ class JobStore:
                 .group_by(TaskRow.status)
             ).all()
         return {status: int(n) for status, n in rows}
+
+
+def held(lease_until: datetime | None, at: datetime) -> bool:
+    """Whether a running task's lease still holds at `at` (none: a start before leases)."""
+    lease = _aware(lease_until)
+    return lease is not None and lease > at
 
 
 def _started(job: JobRow) -> None:

@@ -93,6 +93,8 @@ class TaskRow(Base):
     error_param: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # starts on a worker
     worker: Mapped[str | None] = mapped_column(String(255))  # "host:pid" of the last start
+    # Celery backend: a running task's worker holds it until then (NOTE [task leases]).
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Tasks of a job with the same key (function, options, shapes) are chunked together.
     batch_key: Mapped[str | None] = mapped_column(String(64))
 

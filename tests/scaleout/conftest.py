@@ -1,8 +1,9 @@
-"""Scale-out fixtures: the real Redis (127.0.0.1:6379, db 15, a queue of its own per test)
-and the real PostgreSQL (127.0.0.1:5432, db test, a schema of its own per test), real
-`jvp-service worker` and `jvp-service serve` subprocesses.
+"""Scale-out fixtures: the real RabbitMQ (127.0.0.1:5672, guest/guest, the default broker)
+or Redis (127.0.0.1:6379, db 15), a queue of its own per test on either; the real
+PostgreSQL (127.0.0.1:5432, db test, a schema of its own per test); real `jvp-service
+worker` and `jvp-service serve` subprocesses, with the default timeouts.
 
-Without Redis or PostgreSQL these tests skip with the reason; with CI set they fail.
+Without a broker or PostgreSQL these tests skip with the reason; with CI set they fail.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import kombu
 import pytest
 import redis
 from sqlalchemy import select
@@ -28,6 +30,7 @@ from tests.conftest import ROOT, LiveServer
 from tests.jobs.conftest import postgresql_url  # noqa: F401 - the fixture, reused
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 
 def need(reason: str) -> None:
@@ -47,6 +50,16 @@ def redis_url() -> Iterator[str]:
     finally:
         client.close()
     yield REDIS_URL
+
+
+@pytest.fixture
+def amqp_url() -> Iterator[str]:
+    try:
+        with kombu.Connection(AMQP_URL, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as e:  # noqa: BLE001 - the reason goes in the skip message
+        need(f"RabbitMQ at 127.0.0.1:5672 is not reachable: {type(e).__name__}")
+    yield AMQP_URL
 
 
 def wait_for(check: Callable[[], object], timeout_s: float, what: str) -> object:
@@ -97,6 +110,11 @@ class Worker:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
+    def stop(self) -> None:
+        """SIGSTOP the whole worker: it keeps its connections open and never answers again
+        (until `kill`)."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 
@@ -113,12 +131,9 @@ class Cluster:
             "JVP_BROKER_URL": broker_url,
             "JVP_CELERY_QUEUE": self.queue,
             "JVP_NUM_THREADS": "1",
-            # Small, so a chunk of a SIGKILLed worker comes back within seconds (the tests'
-            # chunks last well under it).
-            "JVP_CELERY_VISIBILITY_TIMEOUT_S": "8",
-            "JVP_CELERY_TASK_TIMEOUT_S": "6",
             "JVP_LOG_LEVEL": "info",
         }
+        self.broker_url = broker_url
         self.store = JobStore(database_url)
         self.workers: list[Worker] = []
         self.apis: list[LiveServer] = []
@@ -145,6 +160,10 @@ class Cluster:
         for api in self.apis:
             api.stop()
         self.store.close()
+        if self.broker_url.startswith("amqp"):
+            with kombu.Connection(self.broker_url, connect_timeout=3) as conn:
+                conn.default_channel.queue_delete(self.queue)
+            return
         client = redis.Redis.from_url(REDIS_URL)
         try:
             client.delete(self.queue, f"_kombu.binding.{self.queue}")
@@ -163,13 +182,21 @@ class Cluster:
         )
 
 
+@pytest.fixture(params=["amqp"])
+def broker(request: pytest.FixtureRequest) -> str:
+    """The broker URL of a test: RabbitMQ (the default broker); a test that holds for both
+    parametrizes it indirectly with ["amqp", "redis"]."""
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url
+
+
 @pytest.fixture
 def cluster(
     postgresql_url: str,  # noqa: F811 - the fixture imported above
-    redis_url: str,
+    broker: str,
     request: pytest.FixtureRequest,
 ) -> Iterator[Cluster]:
-    c = Cluster(postgresql_url, redis_url)
+    c = Cluster(postgresql_url, broker)
     try:
         yield c
     finally:

@@ -19,16 +19,16 @@ def load(name: str) -> dict[str, Any]:
     return data
 
 
-def test_compose_runs_api_worker_redis_and_postgres_with_healthchecks() -> None:
+def test_compose_runs_api_worker_rabbitmq_and_postgres_with_healthchecks() -> None:
     services = load("docker-compose.yml")["services"]
-    assert set(services) == {"api", "worker", "redis", "postgres"}
+    assert set(services) == {"api", "worker", "rabbitmq", "postgres"}
     for name, service in services.items():
         assert service["healthcheck"]["test"][0] == "CMD", name
     for role in ("api", "worker"):
         depends = services[role]["depends_on"]
         assert depends == {
             "postgres": {"condition": "service_healthy"},
-            "redis": {"condition": "service_healthy"},
+            "rabbitmq": {"condition": "service_healthy"},
         }
         assert "/models" in [v.split(":")[1] for v in services[role]["volumes"]]
     assert services["api"]["image"] == services["worker"]["image"]  # one image, two roles
@@ -54,7 +54,12 @@ def test_compose_environment_names_real_settings() -> None:
         assert set(env) <= fields, set(env) - fields
         assert env["JVP_JOBS_BACKEND"] == "celery"
         assert env["JVP_DATABASE_URL"].startswith("postgresql+psycopg://")
-        assert env["JVP_BROKER_URL"].startswith("redis://redis:")
+        assert env["JVP_BROKER_URL"].startswith("amqp://jvp:jvp@rabbitmq:5672/")
+    rabbitmq = compose["services"]["rabbitmq"]["environment"]
+    assert (rabbitmq["RABBITMQ_DEFAULT_USER"], rabbitmq["RABBITMQ_DEFAULT_PASS"]) == ("jvp", "jvp")
+    # The ack timeout outlasts the longest chunk (JVP_CELERY_TASK_TIMEOUT_S, in ms here).
+    timeout_ms = int(rabbitmq["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"].split()[-1])
+    assert timeout_ms > Settings().celery_task_timeout_s * 1000
 
 
 def test_compose_gpu_override_reserves_nvidia_gpus_for_workers_only() -> None:
