@@ -16,7 +16,7 @@ import collections
 import re
 import threading
 import weakref
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -158,18 +158,25 @@ def find_gap(
     inputs: Tensors,
     input_indices: Sequence[int],
     parameter_names: Sequence[str],
-    selected: Sequence[int],
+    selected: Sequence[int] | None,
+    *,
+    copies: bool = False,
 ) -> NotCovered | None:
     """One forward pass under `CoverageMode` with the ``wrt`` arguments live: the first
-    operator on the gradient's path without a backward formula, or None."""
+    operator on the gradient's path without a backward formula, or None. ``selected``: the
+    outputs that count (None: every one). ``copies``: the live arguments are copies (not
+    leaves), so a function that writes into an argument runs and leaves the caller's as
+    they were (forward mode, whose dual inputs may be written to)."""
     f, primals = partial_function(target, inputs, input_indices, parameter_names)
     mode = CoverageMode()
     args = tuple(p.detach().requires_grad_(p.is_floating_point()) for p in primals)
+    if copies:
+        args = tuple(a.clone() for a in args)
     with torch.enable_grad(), mode:
         for a in args:
             mode.mark(a)
         outputs = f(*args)
-        for i in selected:
+        for i in range(len(outputs)) if selected is None else selected:
             gap = mode.dead(outputs[i])
             if gap is not None and mode.gap is None:
                 mode.gap = gap
@@ -177,10 +184,29 @@ def find_gap(
     return mode.gap
 
 
-class CoverageCache:
-    """`find_gap` once per (target, dtype, device, shapes, wrt, selected outputs)."""
+def reverse_refusal(gap: NotCovered) -> EngineError:
+    """The 501 of reverse mode for an operator that would drop the gradient."""
+    return ReverseADUnsupported(
+        f"Operator {gap.operator} has no backward (reverse-mode) formula for what the "
+        f"gradient carries into it ({gap.reason}) in PyTorch {torch.__version__}; "
+        "the VJP would silently drop it, so it is refused. Leave the argument that "
+        "reaches it out of 'wrt'"
+    )
 
-    def __init__(self, max_entries: int = 1024) -> None:
+
+class CoverageCache:
+    """`find_gap` once per (target, dtype, device, shapes, wrt, selected outputs);
+    ``refusal`` makes the error of a gap (one cache per mode: reverse, forward)."""
+
+    def __init__(
+        self,
+        refusal: Callable[[NotCovered], EngineError] = reverse_refusal,
+        max_entries: int = 1024,
+        *,
+        copies: bool = False,
+    ) -> None:
+        self.refusal = refusal
+        self.copies = copies  # `find_gap`'s
         self.max_entries = max_entries
         self._verdicts: collections.OrderedDict[Hashable, NotCovered | None]
         self._verdicts = collections.OrderedDict()
@@ -193,9 +219,9 @@ class CoverageCache:
         inputs: Tensors,
         input_indices: tuple[int, ...],
         parameter_names: tuple[str, ...],
-        selected: tuple[int, ...],
+        selected: tuple[int, ...] | None,
     ) -> None:
-        """Raise `ReverseADUnsupported` (501) naming the operator that would drop the
+        """Raise ``refusal(gap)`` (a 501) naming the operator that would drop the
         gradient; cached when ``source`` is given (a Target is hashed by identity)."""
         key = None
         if source is not None and inputs:
@@ -205,19 +231,16 @@ class CoverageCache:
         if key is not None and key in self._verdicts:
             gap = self._verdicts[key]
         else:
-            gap = find_gap(target, inputs, input_indices, parameter_names, selected)
+            gap = find_gap(
+                target, inputs, input_indices, parameter_names, selected, copies=self.copies
+            )
             if key is not None:
                 with self._lock:
                     self._verdicts[key] = gap
                     if len(self._verdicts) > self.max_entries:
                         self._verdicts.popitem(last=False)
         if gap is not None:
-            raise ReverseADUnsupported(
-                f"Operator {gap.operator} has no backward (reverse-mode) formula for what the "
-                f"gradient carries into it ({gap.reason}) in PyTorch {torch.__version__}; "
-                "the VJP would silently drop it, so it is refused. Leave the argument that "
-                "reaches it out of 'wrt'"
-            )
+            raise self.refusal(gap)
 
 
 COVERAGE = CoverageCache()
