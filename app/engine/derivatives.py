@@ -70,7 +70,48 @@ _EXACT_WITHOUT_ENTRY: dict[str, str] = {
     # A stop-gradient by definition: the program says "treat this as a constant",
     # and plain forward AD on the same program drops the tangent there too.
     "detach": "a stop-gradient, as in plain forward AD",
+    # Writes ``src`` into ``self``: the derivative is ``src``'s tangent (broadcast and
+    # cast), ``self``'s old value is overwritten. Both modes are hand-written for it
+    # (``copy_`` in VariableTypeManual.cpp sets the forward grad; CopyBackwards).
+    "copy_": "the tangent of what it copies, as written by hand in PyTorch",
 }
+
+# Operators whose result is a Python number, not a tensor: a value that reaches one
+# with a tangent leaves autograd there (``x * x[0].item()`` differentiates only the
+# first ``x``; ``torch.tensor(x.tolist())`` is a constant). Nothing marks that as
+# meant, as ``detach`` does, so it is refused.
+_ESCAPES = frozenset({"_local_scalar_dense", "item"})
+_ESCAPE_REASON = (
+    "its value leaves the tensor as a Python number (item(), tolist(), float()), which "
+    "carries no derivative; detach() first where a constant is meant"
+)
+
+
+# Forward-AD formulas that return no tangent where the derivative is not zero, though
+# derivatives.yaml lists one (found by comparing forward AD with float64 central
+# differences over PyTorch's OpInfo samples; /work/notes/fix-custom-op.md): operator ->
+# (the arguments that select the broken case, why). Reverse mode is right for them.
+_FORWARD_DROPS: dict[str, tuple[dict[str, object], str]] = {
+    # scatter_reduce_jvp has no branch for "prod": no tangent comes out at all.
+    "scatter_reduce": ({"reduce": "prod"}, "its forward-AD formula gives no tangent for 'prod'"),
+}
+
+
+def forward_drop(target: Any, arguments: dict[str, Any]) -> NotCovered | None:
+    """The gap of an operator whose forward-AD formula drops the tangent for these
+    ``arguments`` (by name) though derivatives.yaml lists one, else None."""
+    found = _FORWARD_DROPS.get((_base_name(target) or "").removesuffix("_"))  # and in place
+    if found is None or any(arguments.get(k) != v for k, v in found[0].items()):
+        return None
+    return NotCovered(_name(target), found[1])
+
+
+def escapes(target: Any) -> NotCovered | None:
+    """The gap of an operator that turns a live float tensor into a Python number, else
+    None (the caller knows the tensor is live and a float)."""
+    if _base_name(target) in _ESCAPES:
+        return NotCovered(_name(target), _ESCAPE_REASON)
+    return None
 
 
 # Operators whose result depends on their tensor argument's shape, dtype and
@@ -81,6 +122,9 @@ _VALUE_INDEPENDENT = frozenset(
         "randint_like", "new_ones", "new_zeros", "new_empty", "new_full", "new_empty_strided",
     }
 )  # fmt: skip
+# What carries no tangent out, whatever comes in: the value-independent operators, and
+# the stop-gradient (`_EXACT_WITHOUT_ENTRY`), whose result the program means as a constant.
+NO_TANGENT_OUT = _VALUE_INDEPENDENT | {"detach"}
 
 
 @dataclass(frozen=True)
@@ -170,11 +214,14 @@ def _arguments(node: fx.Node, op: torch._ops.OpOverload) -> Iterator[tuple[str, 
             yield arg.name, node.kwargs[arg.name]
 
 
-def first_uncovered(graph: fx.Graph, carrying: Iterable[int]) -> NotCovered | None:
+def first_uncovered(
+    graph: fx.Graph, carrying: Iterable[int], *, forward: bool = False
+) -> NotCovered | None:
     """The first node that receives a tangent in an argument it has no derivative for.
 
     ``carrying``: the positions of the placeholders that carry a tangent. Nodes
     need ``meta["val"]`` (as `make_fx` records), to know which outputs are floats.
+    ``forward``: forward AD will run the graph (`forward_drop` applies too).
     """
     start = set(carrying)
     live: set[fx.Node] = set()  # nodes whose value carries a tangent
@@ -204,12 +251,16 @@ def first_uncovered(graph: fx.Graph, carrying: Iterable[int]) -> NotCovered | No
             if parent in live and isinstance(index, int) and _is_float(node.meta.get("val")):
                 live.add(node)
             continue
+        if any(n in live and _is_float(n.meta.get("val")) for n in inputs):
+            gap = escapes(node.target)
+            if gap is not None:
+                return gap
         outputs = _outputs(node)
         if not any(_is_float(v) for v in outputs):
             continue  # integer or boolean results carry no tangent in any mode
-        if _base_name(node.target) in _VALUE_INDEPENDENT:
+        if _base_name(node.target) in NO_TANGENT_OUT:
             continue
-        problem = _check_node(node, live)
+        problem = _check_node(node, live, forward)
         if problem is not None:
             return problem
         entry = coverage(node.target) if isinstance(node.target, torch._ops.OpOverload) else None
@@ -228,7 +279,7 @@ def first_uncovered(graph: fx.Graph, carrying: Iterable[int]) -> NotCovered | No
     return None
 
 
-def _check_node(node: fx.Node, live: set[fx.Node]) -> NotCovered | None:
+def _check_node(node: fx.Node, live: set[fx.Node], forward: bool) -> NotCovered | None:
     target = node.target
     name = _name(target)
     if not isinstance(target, torch._ops.OpOverload):
@@ -245,7 +296,7 @@ def _check_node(node: fx.Node, live: set[fx.Node]) -> NotCovered | None:
         carries = any(n in live for n in _nodes_in(value))
         if carries and not entry.arguments.get(arg, False):
             return NotCovered(name, f"no derivative for its argument {arg!r}")
-    return None
+    return forward_drop(target, dict(_arguments(node, target))) if forward else None
 
 
 def _base_name(target: Any) -> str | None:

@@ -54,7 +54,7 @@ def forward_refusal(gap: NotCovered) -> EngineError:
     )
 
 
-FORWARD_COVERAGE = CoverageCache(refusal=forward_refusal, copies=True)
+FORWARD_COVERAGE = CoverageCache(refusal=forward_refusal, forward=True)
 
 
 def check_forward(
@@ -68,4 +68,3 @@ def check_forward(
     if wrt is None or not (wrt[0] or wrt[1]):
         return  # nothing carries a tangent: every JVP is an exact zero
     FORWARD_COVERAGE.check(source, args.target, args.inputs, wrt[0], wrt[1], None)
-

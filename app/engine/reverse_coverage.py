@@ -71,22 +71,31 @@ def reverse_ad_error(error: BaseException) -> ReverseADUnsupported | None:
 # The coverage check.
 
 
+def _is_float(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and (t.dtype.is_floating_point or t.dtype.is_complex)
+
+
 class CoverageMode(TorchDispatchMode):
     """Follows the gradient's path through a forward pass and records the first operator
     that would drop it (`NotCovered`), per PyTorch's derivatives.yaml."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, forward: bool = False) -> None:
         super().__init__()
+        self.forward = forward  # also refuse forward AD's own drops (`forward_drop`)
         self._live: dict[int, weakref.ref[torch.Tensor]] = {}
         self._dead: dict[int, tuple[weakref.ref[torch.Tensor], NotCovered]] = {}
+        # Storages written in place with a live value (`_mark_storage`): data_ptr -> writer.
+        self._written: dict[int, weakref.ref[torch.Tensor]] = {}
         self.gap: NotCovered | None = None
 
     def mark(self, t: torch.Tensor) -> None:
         self._live[id(t)] = weakref.ref(t)
 
     def is_live(self, t: Any) -> bool:
+        if not isinstance(t, torch.Tensor):
+            return False
         ref = self._live.get(id(t))
-        return isinstance(t, torch.Tensor) and ref is not None and ref() is t
+        return (ref is not None and ref() is t) or self._shares_written(t)
 
     def dead(self, t: Any) -> NotCovered | None:
         found = self._dead.get(id(t))
@@ -107,12 +116,16 @@ class CoverageMode(TorchDispatchMode):
                 return out
         if not any(self.is_live(a) for a in given):
             return out
+        if any(self.is_live(a) and _is_float(a) for a in given):
+            self.gap = coverage_table.escapes(func)
+            if self.gap is not None:
+                return out
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         floats = [t for t in outputs if t.dtype.is_floating_point or t.dtype.is_complex]
         if not floats:
             return out  # integer or boolean results carry no gradient in any mode
         base = coverage_table._base_name(func)
-        if base in coverage_table._VALUE_INDEPENDENT:
+        if base in coverage_table.NO_TANGENT_OUT:
             return out
         gap = self._check(func, args, kwargs)
         if gap is not None:
@@ -129,7 +142,29 @@ class CoverageMode(TorchDispatchMode):
                 self._dead[id(t)] = (weakref.ref(t), why)
             else:
                 self.mark(t)
+                if func._schema.is_mutable:
+                    self._mark_storage(t)
         return out
+
+    def _mark_storage(self, t: torch.Tensor) -> None:
+        """``t`` was written to in place with a live value: every alias of it (its base,
+        views made before or after) now carries the tangent too."""
+        try:
+            key = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return  # no storage of its own (sparse and other layouts): identity only
+        self._written[key] = weakref.ref(t)
+
+    def _shares_written(self, t: torch.Tensor) -> bool:
+        if not self._written:
+            return False
+        try:
+            key = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return False
+        ref = self._written.get(key)
+        held = None if ref is None else ref()  # alive: its storage is, so no reuse of it
+        return held is not None and held.untyped_storage().data_ptr() == key
 
     def _check(
         self, func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
@@ -145,12 +180,14 @@ class CoverageMode(TorchDispatchMode):
             if namespace != "aten":
                 return NotCovered(name, f"a {namespace} operator, with no derivative formula")
             return NotCovered(name, "PyTorch lists no derivative formula for it")
+        bound = {}
         for i, arg in enumerate(func._schema.arguments):
-            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            value = args[i] if i < len(args) else kwargs.get(arg.name, arg.default_value)
+            bound[arg.name] = value
             leaves = tree_leaves(value)
             if any(self.is_live(v) for v in leaves) and not entry.arguments.get(arg.name, False):
                 return NotCovered(name, f"no derivative for its argument {arg.name!r}")
-        return None
+        return coverage_table.forward_drop(func, bound) if self.forward else None
 
 
 def find_gap(
@@ -160,19 +197,25 @@ def find_gap(
     parameter_names: Sequence[str],
     selected: Sequence[int] | None,
     *,
-    copies: bool = False,
+    forward: bool = False,
 ) -> NotCovered | None:
     """One forward pass under `CoverageMode` with the ``wrt`` arguments live: the first
     operator on the gradient's path without a backward formula, or None. ``selected``: the
-    outputs that count (None: every one). ``copies``: the live arguments are copies (not
-    leaves), so a function that writes into an argument runs and leaves the caller's as
-    they were (forward mode, whose dual inputs may be written to)."""
+    outputs that count (None: every one). ``forward``: for forward mode, whose formulas
+    drop a few tangents the table does not show (`derivatives.forward_drop`). Its pass
+    runs as forward AD does, on tensors that do not require grad in the caller's grad
+    mode (no autograd graph is kept, so it needs no more memory than a plain forward),
+    and on copies of the live arguments, which a function may write to, as it may to
+    dual ones, so the caller's tensors stay as they were."""
     f, primals = partial_function(target, inputs, input_indices, parameter_names)
-    mode = CoverageMode()
-    args = tuple(p.detach().requires_grad_(p.is_floating_point()) for p in primals)
-    if copies:
-        args = tuple(a.clone() for a in args)
-    with torch.enable_grad(), mode:
+    mode = CoverageMode(forward=forward)
+    if forward:
+        args = tuple(p.detach().clone() for p in primals)
+        grad_mode = torch.is_grad_enabled()
+    else:
+        args = tuple(p.detach().requires_grad_(p.is_floating_point()) for p in primals)
+        grad_mode = True
+    with torch.set_grad_enabled(grad_mode), mode:
         for a in args:
             mode.mark(a)
         outputs = f(*args)
@@ -203,10 +246,10 @@ class CoverageCache:
         refusal: Callable[[NotCovered], EngineError] = reverse_refusal,
         max_entries: int = 1024,
         *,
-        copies: bool = False,
+        forward: bool = False,
     ) -> None:
         self.refusal = refusal
-        self.copies = copies  # `find_gap`'s
+        self.forward = forward  # `find_gap`'s
         self.max_entries = max_entries
         self._verdicts: collections.OrderedDict[Hashable, NotCovered | None]
         self._verdicts = collections.OrderedDict()
@@ -232,7 +275,7 @@ class CoverageCache:
             gap = self._verdicts[key]
         else:
             gap = find_gap(
-                target, inputs, input_indices, parameter_names, selected, copies=self.copies
+                target, inputs, input_indices, parameter_names, selected, forward=self.forward
             )
             if key is not None:
                 with self._lock:
