@@ -203,19 +203,17 @@ def find_gap(
     operator on the gradient's path without a backward formula, or None. ``selected``: the
     outputs that count (None: every one). ``forward``: for forward mode, whose formulas
     drop a few tangents the table does not show (`derivatives.forward_drop`). Its pass
-    runs as forward AD does, on tensors that do not require grad in the caller's grad
-    mode (no autograd graph is kept, so it needs no more memory than a plain forward),
-    and on copies of the live arguments, which a function may write to, as it may to
-    dual ones, so the caller's tensors stay as they were."""
+    runs under no_grad, so no autograd graph is kept (no more memory than a plain
+    forward), on copies of the live arguments, which a function may write to as it may
+    to dual ones (the caller's tensors stay as they were). They still require grad:
+    PyTorch's composite operators choose their kernel by that as by a dual tensor's
+    tangent (``embedding_bag`` takes ``_embedding_bag``, not ``_forward_only``), and
+    by grad mode and requires_grad together as forward AD, where that is False."""
     f, primals = partial_function(target, inputs, input_indices, parameter_names)
     mode = CoverageMode(forward=forward)
-    if forward:
-        args = tuple(p.detach().clone() for p in primals)
-        grad_mode = torch.is_grad_enabled()
-    else:
-        args = tuple(p.detach().requires_grad_(p.is_floating_point()) for p in primals)
-        grad_mode = True
-    with torch.set_grad_enabled(grad_mode), mode:
+    copy = (lambda p: p.detach().clone()) if forward else (lambda p: p.detach())
+    args = tuple(copy(p).requires_grad_(p.is_floating_point()) for p in primals)
+    with torch.set_grad_enabled(not forward), mode:
         for a in args:
             mode.mark(a)
         outputs = f(*args)
