@@ -106,6 +106,27 @@ def forward_drop(target: Any, arguments: dict[str, Any]) -> NotCovered | None:
     return NotCovered(_name(target), found[1])
 
 
+def output_flags(
+    op: torch._ops.OpOverload, entry: ArgumentCoverage | None, forward: bool
+) -> tuple[bool, ...] | None:
+    """Which outputs of ``op`` carry a derivative (None: all). In forward mode also: where
+    derivatives.yaml gives some outputs a forward formula (``result0: layer_norm_jvp``)
+    and none for the others (``native_layer_norm``'s mean and rstd), forward AD gives
+    those no tangent (an entry naming its outputs, ``U, S, Vh: ...``, covers them all)."""
+    if entry is None:
+        return None
+    flags = entry.differentiable_outputs
+    given = entry.forward_outputs
+    returns = op._schema.returns
+    if not forward or given is None or len(returns) < 2:
+        return flags
+    if any(r.name and r.name in entry.arguments for r in returns):
+        return flags
+    return tuple(
+        i in given and (flags is None or i >= len(flags) or flags[i]) for i in range(len(returns))
+    )
+
+
 def escapes(target: Any) -> NotCovered | None:
     """The gap of an operator that turns a live float tensor into a Python number, else
     None (the caller knows the tensor is live and a float)."""
@@ -144,6 +165,8 @@ class ArgumentCoverage:
 
     arguments: dict[str, bool]
     differentiable_outputs: tuple[bool, ...] | None  # None: all
+    # Outputs with a forward-AD formula of their own (``result1: ...``); None: none listed.
+    forward_outputs: frozenset[int] | None = None
 
 
 def _formula_is_real(formula: str) -> bool:
@@ -160,7 +183,10 @@ def _table() -> dict[tuple[str, str], ArgumentCoverage]:
         base, _, overload = name.partition(".")
         body = entry.get("dispatch", {}).get("Default", entry)
         arguments: dict[str, bool] = {}
+        results: set[int] = set()
         for key, formula in body.items():
+            if _RESULT.match(key):
+                results.add(int(key[len("result") :] or 0))
             if key in _NOT_ARGUMENTS or _RESULT.match(key):
                 continue
             for arg in key.split(","):
@@ -169,7 +195,7 @@ def _table() -> dict[tuple[str, str], ArgumentCoverage]:
         flags = None
         if outputs is not None:
             flags = tuple(o is not False and o != "False" for o in outputs)
-        table[(base, overload)] = ArgumentCoverage(arguments, flags)
+        table[(base, overload)] = ArgumentCoverage(arguments, flags, frozenset(results) or None)
     return table
 
 
@@ -264,7 +290,7 @@ def first_uncovered(
         if problem is not None:
             return problem
         entry = coverage(node.target) if isinstance(node.target, torch._ops.OpOverload) else None
-        flags = entry.differentiable_outputs if entry is not None else None
+        flags = output_flags(node.target, entry, forward)  # type: ignore[arg-type]
         if flags is not None and len(outputs) > 1:
             for i, (flag, value) in enumerate(zip(flags, outputs, strict=False)):
                 if not flag and _is_float(value):

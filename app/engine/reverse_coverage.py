@@ -132,7 +132,7 @@ class CoverageMode(TorchDispatchMode):
             self.gap = gap
             return out
         entry = coverage_table.coverage(func) if isinstance(func, torch._ops.OpOverload) else None
-        flags = entry.differentiable_outputs if entry is not None else None
+        flags = coverage_table.output_flags(func, entry, self.forward)
         name = coverage_table._name(func)
         for i, t in enumerate(outputs):
             if not (t.dtype.is_floating_point or t.dtype.is_complex):
