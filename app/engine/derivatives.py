@@ -290,7 +290,7 @@ def first_uncovered(
         if problem is not None:
             return problem
         entry = coverage(node.target) if isinstance(node.target, torch._ops.OpOverload) else None
-        flags = output_flags(node.target, entry, forward)  # type: ignore[arg-type]
+        flags = output_flags(node.target, entry, forward)
         if flags is not None and len(outputs) > 1:
             for i, (flag, value) in enumerate(zip(flags, outputs, strict=False)):
                 if not flag and _is_float(value):
