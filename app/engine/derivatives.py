@@ -89,7 +89,7 @@ _ESCAPE_REASON = (
 
 # Forward-AD formulas that return no tangent where the derivative is not zero, though
 # derivatives.yaml lists one (found by comparing forward AD with float64 central
-# differences over PyTorch's OpInfo samples; /work/notes/fix-custom-op.md): operator ->
+# differences over the samples of PyTorch 2.13's OpInfo database): operator ->
 # (the arguments that select the broken case, why). Reverse mode is right for them.
 _FORWARD_DROPS: dict[str, tuple[dict[str, object], str]] = {
     # scatter_reduce_jvp has no branch for "prod": no tangent comes out at all.

@@ -21,12 +21,21 @@ as reverse mode does before its first VJP (NOTE [reverse mode: exact or refused]
 app/engine/vjp.py). The table lists backward formulas; forward AD's formulas are those or
 derived from them (an operator with a backward formula but no forward one raises, it does
 not drop). The verdict is cached (`CoverageCache`), so a small request that was seen before
-pays one dictionary look-up (about 2 µs; /work/notes/fix-custom-op.md has the timing).
+pays one dictionary look-up (2-3 µs; bench/forward_coverage.py, bench/README.md).
 Operators that only take the value-independent path (``zeros_like``, ``detach``) are
 accepted, so constant outputs keep their exact zero JVP. The check is conservative: an
 operator that receives a tangent must carry a formula for it even when its result never
 reaches an output, and operators outside ``aten`` are refused (a custom operator's
-derivative is unknown here).
+derivative is unknown here). Forward mode adds three things the table alone does not
+say (`derivatives.forward_drop`, `derivatives.output_flags`, `derivatives.escapes`,
+the last for both modes): ``scatter_reduce`` with "prod" (its forward formula gives no
+tangent), outputs with no forward formula of their own (``native_layer_norm``'s mean),
+and values leaving as Python numbers (``.item()``). A write in place with a tangent
+makes every alias of the written tensor carry it (`CoverageMode._mark_storage`).
+What the check cannot see: Python code reading a tensor's data without a dispatched
+operator (``.numpy()``, ``.tolist()`` in an eager function); no repository model has
+such code (``torch.export`` refuses ``.numpy()`` and turns ``.tolist()`` into ``item``
+nodes, refused), and the built-in models and expressions do not.
 
 Where it runs: `app.engine.compute` (every single task and every operation: tangent
 batches, checks, Jacobians, HVPs, linearize), `app.engine.batching.compute_batch` (a

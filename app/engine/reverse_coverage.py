@@ -1,4 +1,6 @@
-"""What reverse mode refuses (NOTE [reverse mode: exact or refused] in app/engine/vjp.py):
+"""What reverse mode refuses (NOTE [reverse mode: exact or refused] in app/engine/vjp.py;
+forward mode uses the same check: NOTE [forward mode: exact or refused] in
+app/engine/forward_coverage.py):
 the 501 of an autograd error that names an operator without a backward formula, and the
 coverage check that finds, before the first VJP of a kind, an operator that would drop the
 gradient without raising.
