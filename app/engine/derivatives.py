@@ -240,6 +240,9 @@ def _arguments(node: fx.Node, op: torch._ops.OpOverload) -> Iterator[tuple[str, 
             yield arg.name, node.kwargs[arg.name]
 
 
+# A long function on purpose (61 lines): one walk over the graph, whose state (live and
+# dead nodes) the per-node rules share; the rules are helpers (`_check_node`, `escapes`,
+# `output_flags`).
 def first_uncovered(
     graph: fx.Graph, carrying: Iterable[int], *, forward: bool = False
 ) -> NotCovered | None:
@@ -277,10 +280,8 @@ def first_uncovered(
             if parent in live and isinstance(index, int) and _is_float(node.meta.get("val")):
                 live.add(node)
             continue
-        if any(n in live and _is_float(n.meta.get("val")) for n in inputs):
-            gap = escapes(node.target)
-            if gap is not None:
-                return gap
+        if any(n in live and _is_float(n.meta.get("val")) for n in inputs) and escapes(node.target):
+            return escapes(node.target)
         outputs = _outputs(node)
         if not any(_is_float(v) for v in outputs):
             continue  # integer or boolean results carry no tangent in any mode
