@@ -50,6 +50,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 from torch.func import vmap
 
+from app.engine.forward_coverage import check_forward
 from app.engine.jvp import functional, gives_zero_tangents, no_tangents, verified
 from app.engine.protocol import Arguments, Operation
 from app.engine.target import Materialized
@@ -225,6 +226,12 @@ def compute_batch(tasks: Sequence[JVPTask]) -> list[tuple[Tensors, Tensors]]:
         name: _stack([t.parameter_tangents[name] for t in tasks], dtype, device)
         for name in first.parameter_tangents
     }
+    # NOTE [forward mode: exact or refused], on one item's shapes (its verdict is a task's).
+    check_forward(
+        first.target,
+        None,
+        Arguments(target, tuple(x[0] for x in inputs), first.tangents, first.parameter_tangents),
+    )
     outputs, jvps = vmap_jvp(target, inputs, tangents, parameter_tangents)
     # One device-to-host copy per batched tensor; each item gets views of its own slice.
     host_outputs = [o.cpu().unbind(0) for o in outputs]

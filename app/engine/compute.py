@@ -18,7 +18,9 @@ from app.engine.errors import (
     first_line,
 )
 from app.engine.fallback import jvp_with_fallback, unsupported_operator
+from app.engine.forward_coverage import check_forward
 from app.engine.jvp import ENGINES
+from app.engine.protocol import Arguments
 from app.engine.task import JVPTask
 
 # What a failed CPU allocation raises (c10's DefaultCPUAllocator), a RuntimeError.
@@ -61,6 +63,10 @@ def _compute(task: JVPTask) -> Computed:
         inputs = tuple(move(x) for x in task.inputs)
         tangents = tuple(None if t is None else move(t) for t in task.tangents)
         param_tangents = {k: move(t) for k, t in task.parameter_tangents.items()}
+        # NOTE [forward mode: exact or refused]: a tangent no operator drops silently.
+        check_forward(
+            task.target, task.operation, Arguments(target, inputs, tangents, param_tangents)
+        )
         watch = DeadlineWatch(task.deadline) if task.watch and task.deadline else None
         if watch is not None:
             watch.__enter__()

@@ -70,7 +70,69 @@ _EXACT_WITHOUT_ENTRY: dict[str, str] = {
     # A stop-gradient by definition: the program says "treat this as a constant",
     # and plain forward AD on the same program drops the tangent there too.
     "detach": "a stop-gradient, as in plain forward AD",
+    # Writes ``src`` into ``self``: the derivative is ``src``'s tangent (broadcast and
+    # cast), ``self``'s old value is overwritten. Both modes are hand-written for it
+    # (``copy_`` in VariableTypeManual.cpp sets the forward grad; CopyBackwards).
+    "copy_": "the tangent of what it copies, as written by hand in PyTorch",
 }
+
+# Operators whose result is a Python number, not a tensor: a value that reaches one
+# with a tangent leaves autograd there (``x * x[0].item()`` differentiates only the
+# first ``x``; ``torch.tensor(x.tolist())`` is a constant). Nothing marks that as
+# meant, as ``detach`` does, so it is refused.
+_ESCAPES = frozenset({"_local_scalar_dense", "item"})
+_ESCAPE_REASON = (
+    "its value leaves the tensor as a Python number (item(), tolist(), float()), which "
+    "carries no derivative; detach() first where a constant is meant"
+)
+
+
+# Forward-AD formulas that return no tangent where the derivative is not zero, though
+# derivatives.yaml lists one (found by comparing forward AD with float64 central
+# differences over the samples of PyTorch 2.13's OpInfo database): operator ->
+# (the arguments that select the broken case, why). Reverse mode is right for them.
+_FORWARD_DROPS: dict[str, tuple[dict[str, object], str]] = {
+    # scatter_reduce_jvp has no branch for "prod": no tangent comes out at all.
+    "scatter_reduce": ({"reduce": "prod"}, "its forward-AD formula gives no tangent for 'prod'"),
+}
+
+
+def forward_drop(target: Any, arguments: dict[str, Any]) -> NotCovered | None:
+    """The gap of an operator whose forward-AD formula drops the tangent for these
+    ``arguments`` (by name) though derivatives.yaml lists one, else None."""
+    found = _FORWARD_DROPS.get((_base_name(target) or "").removesuffix("_"))  # and in place
+    if found is None or any(arguments.get(k) != v for k, v in found[0].items()):
+        return None
+    return NotCovered(_name(target), found[1])
+
+
+def output_flags(
+    op: torch._ops.OpOverload, entry: ArgumentCoverage | None, forward: bool
+) -> tuple[bool, ...] | None:
+    """Which outputs of ``op`` carry a derivative (None: all). In forward mode also: where
+    derivatives.yaml gives some outputs a forward formula (``result0: layer_norm_jvp``)
+    and none for the others (``native_layer_norm``'s mean and rstd), forward AD gives
+    those no tangent (an entry naming its outputs, ``U, S, Vh: ...``, covers them all)."""
+    if entry is None:
+        return None
+    flags = entry.differentiable_outputs
+    given = entry.forward_outputs
+    returns = op._schema.returns
+    if not forward or given is None or len(returns) < 2:
+        return flags
+    if any(r.name and r.name in entry.arguments for r in returns):
+        return flags
+    return tuple(
+        i in given and (flags is None or i >= len(flags) or flags[i]) for i in range(len(returns))
+    )
+
+
+def escapes(target: Any) -> NotCovered | None:
+    """The gap of an operator that turns a live float tensor into a Python number, else
+    None (the caller knows the tensor is live and a float)."""
+    if _base_name(target) in _ESCAPES:
+        return NotCovered(_name(target), _ESCAPE_REASON)
+    return None
 
 
 # Operators whose result depends on their tensor argument's shape, dtype and
@@ -81,6 +143,9 @@ _VALUE_INDEPENDENT = frozenset(
         "randint_like", "new_ones", "new_zeros", "new_empty", "new_full", "new_empty_strided",
     }
 )  # fmt: skip
+# What carries no tangent out, whatever comes in: the value-independent operators, and
+# the stop-gradient (`_EXACT_WITHOUT_ENTRY`), whose result the program means as a constant.
+NO_TANGENT_OUT = _VALUE_INDEPENDENT | {"detach"}
 
 
 @dataclass(frozen=True)
@@ -100,6 +165,8 @@ class ArgumentCoverage:
 
     arguments: dict[str, bool]
     differentiable_outputs: tuple[bool, ...] | None  # None: all
+    # Outputs with a forward-AD formula of their own (``result1: ...``); None: none listed.
+    forward_outputs: frozenset[int] | None = None
 
 
 def _formula_is_real(formula: str) -> bool:
@@ -116,7 +183,10 @@ def _table() -> dict[tuple[str, str], ArgumentCoverage]:
         base, _, overload = name.partition(".")
         body = entry.get("dispatch", {}).get("Default", entry)
         arguments: dict[str, bool] = {}
+        results: set[int] = set()
         for key, formula in body.items():
+            if _RESULT.match(key):
+                results.add(int(key[len("result") :] or 0))
             if key in _NOT_ARGUMENTS or _RESULT.match(key):
                 continue
             for arg in key.split(","):
@@ -125,7 +195,7 @@ def _table() -> dict[tuple[str, str], ArgumentCoverage]:
         flags = None
         if outputs is not None:
             flags = tuple(o is not False and o != "False" for o in outputs)
-        table[(base, overload)] = ArgumentCoverage(arguments, flags)
+        table[(base, overload)] = ArgumentCoverage(arguments, flags, frozenset(results) or None)
     return table
 
 
@@ -170,11 +240,17 @@ def _arguments(node: fx.Node, op: torch._ops.OpOverload) -> Iterator[tuple[str, 
             yield arg.name, node.kwargs[arg.name]
 
 
-def first_uncovered(graph: fx.Graph, carrying: Iterable[int]) -> NotCovered | None:
+# A long function on purpose (61 lines): one walk over the graph, whose state (live and
+# dead nodes) the per-node rules share; the rules are helpers (`_check_node`, `escapes`,
+# `output_flags`).
+def first_uncovered(
+    graph: fx.Graph, carrying: Iterable[int], *, forward: bool = False
+) -> NotCovered | None:
     """The first node that receives a tangent in an argument it has no derivative for.
 
     ``carrying``: the positions of the placeholders that carry a tangent. Nodes
     need ``meta["val"]`` (as `make_fx` records), to know which outputs are floats.
+    ``forward``: forward AD will run the graph (`forward_drop` applies too).
     """
     start = set(carrying)
     live: set[fx.Node] = set()  # nodes whose value carries a tangent
@@ -204,16 +280,18 @@ def first_uncovered(graph: fx.Graph, carrying: Iterable[int]) -> NotCovered | No
             if parent in live and isinstance(index, int) and _is_float(node.meta.get("val")):
                 live.add(node)
             continue
+        if any(n in live and _is_float(n.meta.get("val")) for n in inputs) and escapes(node.target):
+            return escapes(node.target)
         outputs = _outputs(node)
         if not any(_is_float(v) for v in outputs):
             continue  # integer or boolean results carry no tangent in any mode
-        if _base_name(node.target) in _VALUE_INDEPENDENT:
+        if _base_name(node.target) in NO_TANGENT_OUT:
             continue
-        problem = _check_node(node, live)
+        problem = _check_node(node, live, forward)
         if problem is not None:
             return problem
         entry = coverage(node.target) if isinstance(node.target, torch._ops.OpOverload) else None
-        flags = entry.differentiable_outputs if entry is not None else None
+        flags = output_flags(node.target, entry, forward)
         if flags is not None and len(outputs) > 1:
             for i, (flag, value) in enumerate(zip(flags, outputs, strict=False)):
                 if not flag and _is_float(value):
@@ -228,7 +306,7 @@ def first_uncovered(graph: fx.Graph, carrying: Iterable[int]) -> NotCovered | No
     return None
 
 
-def _check_node(node: fx.Node, live: set[fx.Node]) -> NotCovered | None:
+def _check_node(node: fx.Node, live: set[fx.Node], forward: bool) -> NotCovered | None:
     target = node.target
     name = _name(target)
     if not isinstance(target, torch._ops.OpOverload):
@@ -245,7 +323,7 @@ def _check_node(node: fx.Node, live: set[fx.Node]) -> NotCovered | None:
         carries = any(n in live for n in _nodes_in(value))
         if carries and not entry.arguments.get(arg, False):
             return NotCovered(name, f"no derivative for its argument {arg!r}")
-    return None
+    return forward_drop(target, dict(_arguments(node, target))) if forward else None
 
 
 def _base_name(target: Any) -> str | None:

@@ -291,9 +291,12 @@ def decompose(
     return Materialized(fn=fn, parameters=target.parameters, buffers=target.buffers), graph
 
 
-def _refuse_uncovered(graph: torch.fx.GraphModule, carrying: list[int], what: str) -> None:
-    """Raise `_Uncovered` when the graph drops a tangent (NOTE [derivative coverage check])."""
-    gap = first_uncovered(graph.graph, carrying)
+def _refuse_uncovered(
+    graph: torch.fx.GraphModule, carrying: list[int], what: str, *, forward: bool = False
+) -> None:
+    """Raise `_Uncovered` when the graph drops a tangent (NOTE [derivative coverage check]);
+    ``forward``: forward AD runs it."""
+    gap = first_uncovered(graph.graph, carrying, forward=forward)
     if gap is not None:
         raise _Uncovered(gap, what)
 
@@ -475,9 +478,8 @@ def jvp_with_fallback(
         names.add(missing)
         try:
             traced, graph = decompose(target, inputs, names)
-            _refuse_uncovered(
-                graph, _carrying(target, tangents, parameter_tangents), "the decomposition"
-            )
+            carrying = _carrying(target, tangents, parameter_tangents)
+            _refuse_uncovered(graph, carrying, "the decomposition", forward=True)
             result = engine(traced, inputs, tangents, parameter_tangents)
             _refuse_other_values(target, inputs, result[0])
         except torch.OutOfMemoryError:

@@ -49,6 +49,7 @@ from app.engine.protocol import (
     Operation,
     OptionalTensors,
     Tensors,
+    Wrt,
 )
 from app.engine.target import Target
 from app.engine.vjp import make_transpose
@@ -164,6 +165,9 @@ class JacobianOperation(Operation):
     parameter_names: tuple[str, ...]
     max_elements: int
     kind: str = "jacobian"
+
+    def forward_wrt(self, a: Arguments) -> Wrt:
+        return self.input_indices, self.parameter_names
 
     def run(self, a: Arguments) -> tuple[Tensors, Tensors]:
         f, primals = a.partial(self.input_indices, self.parameter_names)
@@ -317,6 +321,9 @@ class LinearizeOperation(Operation):
     kind: str = "linearize"
     session: LinearizeSession | None = field(default=None, init=False)
 
+    def forward_wrt(self, a: Arguments) -> Wrt:
+        return self.input_indices, self.parameter_names
+
     def run(self, a: Arguments) -> tuple[Tensors, Tensors]:
         f, primals = a.partial(self.input_indices, self.parameter_names)
         warnings.filterwarnings("ignore", message=_FOLD_WARNING, category=UserWarning)
@@ -360,6 +367,9 @@ class LinearizedJVPOperation(Operation):
     parameter_names: tuple[str, ...]
     tangent_batch: bool = False
     kind: str = "linearized_jvp"
+
+    def forward_wrt(self, a: Arguments) -> None:
+        return None  # the session's function was checked when it was made (LinearizeOperation)
 
     def run(self, a: Arguments) -> tuple[Tensors, Tensors]:
         given: list[torch.Tensor | None] = [a.tangents[i] for i in self.input_indices]

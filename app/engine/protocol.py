@@ -22,6 +22,8 @@ from app.engine.target import Materialized
 
 Tensors = tuple[torch.Tensor, ...]
 OptionalTensors = tuple[torch.Tensor | None, ...]
+# Differentiated arguments: inputs by position, parameters by name.
+Wrt = tuple[tuple[int, ...], tuple[str, ...]]
 
 
 def partial_function(
@@ -64,6 +66,11 @@ class Arguments(NamedTuple):
         """`partial_function` of these arguments."""
         return partial_function(self.target, self.inputs, input_indices, parameter_names)
 
+    def carrying(self) -> Wrt:
+        """The inputs (by position) and parameters (by name) that carry a tangent."""
+        which = tuple(i for i, t in enumerate(self.tangents) if t is not None)
+        return which, tuple(self.parameter_tangents)
+
     def with_tangents(self) -> tuple[Callable[..., Tensors], Tensors, Tensors]:
         """``(f, primals, directions)`` over the arguments that have a tangent (inputs in
         input order, then parameters in the order given), the rest held fixed."""
@@ -91,6 +98,12 @@ class Operation:
 
     def run(self, a: Arguments) -> tuple[Tensors, Tensors]:
         raise NotImplementedError
+
+    def forward_wrt(self, a: Arguments) -> Wrt | None:
+        """The arguments forward mode carries a tangent from, for the coverage check (NOTE
+        [forward mode: exact or refused] in app/engine/forward_coverage.py): by default
+        those with a tangent; None where the operation checks its own."""
+        return a.carrying()
 
     def report(self) -> dict[str, Any]:
         """JSON fields the operation adds to the response (after it ran)."""

@@ -46,7 +46,7 @@ from app.engine.errors import DeadlineExceeded, InvalidRequest
 from app.engine.fallback import jvp_with_fallback
 from app.engine.jvp import ENGINES
 from app.engine.krylov import METHODS, KrylovResult, NonFinite, lsmr
-from app.engine.protocol import Arguments, Operation, partial_function
+from app.engine.protocol import Arguments, Operation, Wrt, partial_function
 from app.engine.target import Materialized, Target
 from app.engine.vjp import COVERAGE
 
@@ -179,6 +179,11 @@ class SolveOperation(Operation):
     kind: str = "solve"
     method: str = "forward"
     result: dict[str, Any] = field(default_factory=dict, init=False)
+
+    def forward_wrt(self, a: Arguments) -> Wrt:
+        """Every J·v of the solve carries tangents from the unknowns: the coverage check
+        (NOTE [forward mode: exact or refused]) runs on them before the first product."""
+        return self.unknown_indices, ()
 
     def plan_for(self, target: Target, inputs: Sequence[torch.Tensor]) -> Plan:
         """One J·v's plan: the service multiplies its estimate by the iteration caps."""

@@ -174,6 +174,9 @@ class VJPOperation(CheckedOperation):
     check: dict[str, Any] | None = field(default=None, init=False)
     method: str = field(default=REVERSE, init=False)
 
+    def forward_wrt(self, a: Arguments) -> None:
+        return None  # reverse mode: its own check (NOTE [reverse mode: exact or refused])
+
     def plan_for(self, target: Target, inputs: Sequence[torch.Tensor]) -> Plan:
         """Its `Plan` for the abstract evaluation (NOTE [abstract evaluation])."""
         shapes = [tuple(inputs[i].shape) for i in self.input_indices]
@@ -310,6 +313,9 @@ class LinearizedVJPOperation(Operation):
     cotangent_batch: bool = False
     single_output: bool = True
     kind: str = "linearized_vjp"
+
+    def forward_wrt(self, a: Arguments) -> None:
+        return None  # reverse mode: checked when its session was made
 
     def run(self, a: Arguments) -> tuple[Tensors, Tensors]:
         cotangents = on_device(self.cotangents, self.transpose.outputs[0])

@@ -17,7 +17,9 @@ import torch
 
 from app.engine.devices import parse_dtype
 from app.engine.fallback import jvp_with_fallback
+from app.engine.forward_coverage import check_forward
 from app.engine.jvp import jvp_dual
+from app.engine.protocol import Arguments
 from app.models.registry import ServedModel
 from app.models.repository import load_repository
 
@@ -45,6 +47,8 @@ def check_model(model: ServedModel, *, seed: int = 0) -> CheckResult:
         inputs = tuple(torch.rand(shape, generator=generator, dtype=dtype) for shape in shapes)
         tangents = tuple(torch.rand(x.shape, generator=generator, dtype=dtype) for x in inputs)
         target = model.target.materialize(dtype, torch.device("cpu"))
+        # NOTE [forward mode: exact or refused]: a dropped tangent fails the check.
+        check_forward(None, None, Arguments(target, inputs, tangents, {}))
         outputs, jvps, method = jvp_with_fallback(jvp_dual, target, inputs, tangents, {})
     except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the check
         message = getattr(e, "message", None) or str(e).strip().splitlines()[0]

@@ -214,7 +214,9 @@ def test_target_vmap_cannot_run_is_computed_alone_and_not_batched_again(
     engine: Engine, sizes: list[int]
 ) -> None:
     def scalar(args: tuple[torch.Tensor, ...], state: dict[str, torch.Tensor]) -> tuple:
-        return (args[0] * args[0].sum().item(),)  # .item() has no batching rule
+        # A branch on a value has no batching rule (an .item() of the float sum would be
+        # refused: NOTE [forward mode: exact or refused]).
+        return (args[0] * 2.0 if bool(args[0].sum() >= 0) else args[0],)
 
     target = Target("item", ("x",), True, lambda d, dev: Materialized(scalar, {}, {}))
     tasks = [
@@ -223,7 +225,8 @@ def test_target_vmap_cannot_run_is_computed_alone_and_not_batched_again(
     ]
     first = queued(engine, tasks)
     for i, result in enumerate(first):
-        torch.testing.assert_close(result.outputs[0], torch.full((2,), 2.0 * i * i))
+        torch.testing.assert_close(result.outputs[0], torch.full((2,), 2.0 * i))
+        torch.testing.assert_close(result.jvps[0], torch.full((2,), 2.0))
     sizes.clear()
     again = queued(engine, tasks)
     assert [r.batch_size for r in again] == [1, 1, 1, 1]

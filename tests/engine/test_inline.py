@@ -16,6 +16,7 @@ from app.engine.engine import Engine
 from app.engine.target import Materialized, Target
 from app.engine.task import JVPTask
 from app.engine.worker import FIRST_INLINE_MAX_ELEMENTS
+from tests.engine.evaluations import jvp_evaluation
 
 CPU = torch.device("cpu")
 
@@ -27,11 +28,14 @@ def recording_target(
     operations: int | None,
     key: str = "t",
 ) -> Target:
-    """A one-input target that records the thread each evaluation ran on."""
+    """A one-input target that records the thread each JVP evaluation ran on (not the
+    forward-coverage check's pass, which runs under a dispatch mode on the same thread:
+    NOTE [forward mode: exact or refused])."""
 
     def build(dtype: torch.dtype, device: torch.device) -> Materialized:
         def call(args: tuple[torch.Tensor, ...], state: object) -> tuple[torch.Tensor]:
-            threads.append(threading.current_thread().name)
+            if jvp_evaluation():
+                threads.append(threading.current_thread().name)
             return (fn(args[0]),)
 
         return Materialized(fn=call, parameters={}, buffers={})
@@ -182,6 +186,8 @@ def test_inline_errors_reach_the_caller_and_the_engine_keeps_serving() -> None:
         threads: list[str] = []
 
         def fails(x: torch.Tensor) -> torch.Tensor:
+            # Its first evaluation, the coverage check's, raises: recorded here.
+            threads.append(threading.current_thread().name)
             raise ValueError("bad value")
 
         with pytest.raises(InvalidRequest, match="bad value"):

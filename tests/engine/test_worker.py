@@ -20,6 +20,7 @@ from app.engine.errors import (
 )
 from app.engine.target import Materialized, Target
 from app.engine.task import BATCH, INTERACTIVE, JVPTask
+from tests.engine.evaluations import jvp_evaluation
 
 CPU = torch.device("cpu")
 
@@ -125,7 +126,7 @@ def test_interactive_items_run_before_batch_items() -> None:
         order: list[str] = []
 
         def record(name: str) -> Target:
-            return target_of(lambda x: (order.append(name), x)[1], name)
+            return target_of(lambda x: (jvp_evaluation() and order.append(name), x)[1], name)
 
         first = engine.submit(task(blocker))
         started.wait(10)
