@@ -229,7 +229,7 @@ def load_model(path: Path) -> ServedModel:
     ]
     module = ep.module()
     if _serve_in_eval(module):
-        log.info("model %s: rewritten for serving (eval mode, any dtype)", name)
+        log.info("model %s: rewritten for serving (eval mode, any dtype, literal operands)", name)
     select = None if config.outputs is None else tuple(config.outputs)
     served_outputs = outputs if select is None else len(select)
     return ServedModel(
