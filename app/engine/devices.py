@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -39,17 +41,24 @@ def available_devices() -> list[torch.device]:
     return devices
 
 
-def parse_device(name: object, available: list[torch.device]) -> torch.device:
+def parse_device(name: object, available: Sequence[torch.device]) -> torch.device:
     """Resolve an API device name (auto | cpu | cuda | cuda:N) against the devices present."""
-    names = ", ".join(str(d) for d in available)
     if not isinstance(name, str):
         raise InvalidRequest(
             f"Expected device as a string (auto, cpu, cuda, cuda:N), got {name!r}",
             param="options.device",
         )
+    return _resolve(name, tuple(available))
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve(name: str, available: tuple[torch.device, ...]) -> torch.device:
+    # Cached: every task of a batch job names its device (a quarter of a worker's time
+    # preparing tiny tasks went to building torch.device objects and their names).
     if name == "auto":
         gpus = [d for d in available if d.type == "cuda"]
         return gpus[0] if gpus else torch.device("cpu")
+    names = ", ".join(str(d) for d in available)
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 import torch
@@ -14,7 +14,7 @@ from app.engine.abstract import Rate, measure_rate
 from app.engine.batching import VmapWarmUp, work_key
 from app.engine.errors import DeadlineExceeded, Overloaded
 from app.engine.jvp import ENGINES
-from app.engine.stacking import Stacker
+from app.engine.stacking import Stacker, compute_together
 from app.engine.target import Materialized, Target
 from app.engine.task import INTERACTIVE, JVPResult, JVPTask
 from app.engine.worker import DeviceWorker
@@ -112,6 +112,20 @@ class Engine:
     def submit(self, task: JVPTask, *, priority: int = INTERACTIVE) -> Future[JVPResult]:
         """Queue ``task`` on its device's worker, no deadline (`run` sets one)."""
         return self.worker_for(task).submit(task, priority=priority)
+
+    def run_together(self, tasks: Sequence[JVPTask]) -> list[JVPResult] | None:
+        """Tasks known together (a batch job's chunk) that compute the same tiny work on
+        other numbers, as one stacked JVP on this thread (NOTE [stacking tiny expressions]),
+        each its own result; None when they are not such tasks: submit each then."""
+        if len(tasks) < 2:
+            return None
+        key = work_key(tasks[0])
+        if key is None or any(work_key(t) != key for t in tasks[1:]):
+            return None
+        worker = self.worker_for(tasks[0])
+        if not worker.may_inline(tasks[0], key):
+            return None
+        return compute_together(worker, tasks)
 
     async def run(
         self, task: JVPTask, *, timeout_s: float, priority: int = INTERACTIVE

@@ -107,27 +107,38 @@ class Stacker:
     @staticmethod
     def _together(worker: DeviceWorker, group: Pending) -> bool:
         """Compute the group as one stacked JVP; whether every request got its result."""
-        try:
-            stacked = stack_tasks([task for task, _ in group])
-            if stacked is None:
-                return False
-            result = worker.run_inline(stacked, items=len(group))
-            if result is None:
-                return False
-            parts = split(result.outputs, result.jvps, len(group))
-        except Exception:  # noqa: BLE001 - each request then runs alone, for its own error
+        results = compute_together(worker, [task for task, _ in group])
+        if results is None:
             return False
-        if parts is None:
-            return False
-        for (_, future), (outputs, jvps) in zip(group, parts, strict=True):
-            future.set_result(
-                JVPResult(
-                    outputs=outputs,
-                    jvps=jvps,
-                    queue_ms=0.0,
-                    compute_ms=result.compute_ms,
-                    method=result.method,
-                    batch_size=len(group),
-                )
-            )
+        for (_, future), result in zip(group, results, strict=True):
+            future.set_result(result)
         return True
+
+
+def compute_together(worker: DeviceWorker, tasks: Sequence[JVPTask]) -> list[JVPResult] | None:
+    """Tasks of one `work_key` computed as one stacked JVP on this thread, each its own
+    result; None when they do not stack, the worker is in a step that is not tiny, or the
+    stacked call fails (then each computes alone, for its own result or its own error)."""
+    try:
+        stacked = stack_tasks(tasks)
+        if stacked is None:
+            return None
+        result = worker.run_inline(stacked, items=len(tasks))
+        if result is None:
+            return None
+        parts = split(result.outputs, result.jvps, len(tasks))
+    except Exception:  # noqa: BLE001 - each task then runs alone, for its own error
+        return None
+    if parts is None:
+        return None
+    return [
+        JVPResult(
+            outputs=outputs,
+            jvps=jvps,
+            queue_ms=0.0,
+            compute_ms=result.compute_ms,
+            method=result.method,
+            batch_size=len(tasks),
+        )
+        for outputs, jvps in parts
+    ]

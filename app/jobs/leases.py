@@ -53,7 +53,7 @@ from types import TracebackType
 from sqlalchemy import select, update
 
 from app.jobs.store import ACTIVE, JobStore, now
-from app.jobs.tables import QUEUED, RUNNING, JobRow, TaskRow
+from app.jobs.tables import QUEUED, RUNNING, JobRow, TaskRow, among
 
 log = logging.getLogger("app.jobs.celery")
 
@@ -71,8 +71,7 @@ def renew(store: JobStore, job_id: str, idxs: Sequence[int], *, worker: str, lea
             update(TaskRow)
             .where(
                 TaskRow.job_id == job_id,
-                TaskRow.idx.between(min(idxs), max(idxs)),  # (as in JobStore.start_attempt)
-                TaskRow.idx.in_(list(idxs)),
+                *among(idxs),  # NOTE [runs of indices]
                 TaskRow.status == RUNNING,
                 TaskRow.worker == worker,
             )
@@ -109,8 +108,7 @@ def reclaim_lapsed(store: JobStore, send: Send) -> int:
                 update(TaskRow)
                 .where(
                     TaskRow.job_id == job_id,
-                    TaskRow.idx.between(plan[0][0], plan[-1][0]),
-                    TaskRow.idx.in_([i for i, _ in plan]),
+                    *among([i for i, _ in plan]),
                 )
                 .values(status=QUEUED, lease_until=None)
             )

@@ -62,6 +62,7 @@ from app.jobs.tables import (
     JobRow,
     JobStatus,
     TaskRow,
+    among,
 )
 
 log = logging.getLogger(__name__)
@@ -438,7 +439,7 @@ class JobStore:
                     update(TaskRow)
                     .where(
                         TaskRow.job_id == job.id,
-                        TaskRow.idx.in_([r.idx for r in rows]),
+                        *among([r.idx for r in rows]),  # NOTE [runs of indices]
                         TaskRow.status == QUEUED,
                     )
                     .values(status=RUNNING, attempts=TaskRow.attempts + 1)
@@ -486,7 +487,7 @@ class JobStore:
                 # Read the statuses inside the write transaction (SQLite: BEGIN IMMEDIATE;
                 # PostgreSQL: the rows locked), so none can change before the update.
                 query = select(TaskRow.idx, TaskRow.status, TaskRow.worker).where(
-                    TaskRow.job_id == job_id, TaskRow.idx.in_({o.idx for o in group})
+                    TaskRow.job_id == job_id, *among([o.idx for o in group])
                 )
                 if not self.is_sqlite:
                     query = query.with_for_update()
@@ -630,11 +631,7 @@ class JobStore:
                 .add_columns(TaskRow.inputs)
                 .where(
                     TaskRow.job_id == job_id,
-                    # The range besides the list: PostgreSQL reads only the chunk's span of
-                    # the key, not every task of the job, statistics or not (NOTE [bulk
-                    # result writes] in app/jobs/store_pg.py).
-                    TaskRow.idx.between(min(idxs), max(idxs)),
-                    TaskRow.idx.in_(list(idxs)),
+                    *among(idxs),  # NOTE [runs of indices]
                     TaskRow.status.in_((QUEUED, RUNNING)),
                 )
                 .order_by(TaskRow.idx)
@@ -669,8 +666,7 @@ class JobStore:
                     update(TaskRow)
                     .where(
                         TaskRow.job_id == job_id,
-                        TaskRow.idx.between(starting[0], starting[-1]),
-                        TaskRow.idx.in_(starting),
+                        *among(starting),
                     )
                     .values(
                         status=RUNNING,

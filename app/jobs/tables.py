@@ -8,6 +8,7 @@ task that runs twice (a crash between compute and commit) is counted once.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from enum import StrEnum
 
@@ -21,6 +22,7 @@ from sqlalchemy import (
     Text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
 
 
 class TaskStatus(StrEnum):
@@ -99,3 +101,20 @@ class TaskRow(Base):
     batch_key: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (Index("ix_jvp_job_tasks_job_status_idx", "job_id", "status", "idx"),)
+
+
+def among(idxs: Collection[int]) -> list[ColumnElement[bool]]:
+    """WHERE terms for the tasks of a chunk: ``idx BETWEEN lo AND hi`` (the span PostgreSQL
+    reads, NOTE [bulk result writes] in app/jobs/store_pg.py) and, only where the indices
+    leave gaps in it, ``idx IN (...)``.
+
+    NOTE [runs of indices]: a chunk is almost always a run of consecutive tasks (one batch
+    key, cut in task order), and there the IN list says nothing the range does not. It cost
+    most of a chunk's store time: a statement with over 50 parameters is one psycopg
+    neither caches the parsing of nor prepares (`MAX_CACHED_STATEMENT_PARAMS`), and
+    SQLAlchemy renders its expanding IN anew each time."""
+    lo, hi = min(idxs), max(idxs)
+    terms: list[ColumnElement[bool]] = [TaskRow.idx.between(lo, hi)]
+    if len(set(idxs)) != hi - lo + 1:
+        terms.append(TaskRow.idx.in_(sorted(set(idxs))))
+    return terms

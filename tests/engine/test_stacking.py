@@ -214,3 +214,30 @@ def test_a_stacked_step_that_fails_runs_each_alone(engine: Engine) -> None:
         assert isinstance(result, JVPResult)
         assert result.batch_size == 1
         torch.testing.assert_close(result.outputs[0], task.inputs[0] + task.inputs[1])
+
+
+def test_a_chunk_of_tiny_tasks_runs_together_each_with_its_own_numbers(engine: Engine) -> None:
+    """`Engine.run_together`: a batch job's chunk of one tiny elementwise work."""
+    source = "sin(x) * y - exp(-x) / 3"
+    tasks = random_tasks(source, [(3, 4), (4,)], n=7, seed=11)
+    results = engine.run_together(tasks)
+    assert results is not None and len(results) == len(tasks)
+    for task, result in zip(tasks, results, strict=True):
+        assert result.batch_size == len(tasks)
+        x, y = task.inputs
+        want_out, want_jvp = torch.func.jvp(
+            lambda a, y=y: REFERENCES[source](a, y), (x,), (task.tangents[0],)
+        )
+        torch.testing.assert_close(result.outputs[0], want_out, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(result.jvps[0], want_jvp, rtol=1e-13, atol=1e-13)
+
+
+def test_a_chunk_that_cannot_stack_is_left_to_the_queue(engine: Engine) -> None:
+    mixed = [expr_task("sum(x) * y", (torch.ones(3), torch.ones(3)), (torch.ones(3), None))] * 3
+    assert engine.run_together(mixed) is None  # not elementwise
+    shapes = random_tasks("x**2 + y**2", [(2,), (2,)], 2, 1)
+    shapes += random_tasks("x**2 + y**2", [(3,), (3,)], 2, 2)
+    assert engine.run_together(shapes) is None  # two works, not one
+    assert engine.run_together(random_tasks("x**2 + y**2", [(2,), (2,)], 1, 3)) is None
+    big = random_tasks("x**2 + y**2", [(400, 400), (400, 400)], 2, 4)
+    assert engine.run_together(big) is None  # never timed and not small: not tiny
