@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
+from collections.abc import Hashable
 from concurrent.futures import Future
 from typing import Any
 
+from app.engine.batching import work_key
 from app.engine.errors import EngineError, Overloaded
 from app.engine.task import BATCH, JVPResult, JVPTask
 from app.jobs.execute import Finished, prepare, task_error
@@ -26,6 +29,17 @@ from app.jobs.tables import CANCELLED, DONE, FAILED, QUEUED
 from app.services.jvp import JVPService
 
 log = logging.getLogger(__name__)
+
+Prepared = tuple[TaskSpec, JVPTask | None, tuple[str, str, str | None] | None]
+# A claimed task prepared (or its error), and its result when computed at the claim.
+Claimed = tuple[TaskSpec, JVPTask | None, tuple[str, str, str | None] | None, JVPResult | None]
+
+
+def _work(claimed: Prepared) -> tuple[str, Hashable | None] | None:
+    """Claimed tasks with one key may compute together: same job, same work (`work_key`)."""
+    spec, task, _ = claimed
+    return None if task is None else (spec.job_id, work_key(task))
+
 
 FLUSH_INTERVAL_S = 0.1  # outcomes wait at most this long before their transaction
 FLUSH_BATCH = 256
@@ -141,11 +155,13 @@ class LocalRunner:
                 # Refill once half the slots are free: one claim transaction per many tasks.
                 if free * 2 >= self.concurrency:
                     prepared = await asyncio.to_thread(self._claim, free, tuple(self._cancelled))
-                    for spec, _, _ in prepared:
+                    for spec, _, _, _ in prepared:
                         self._inflight[(spec.job_id, spec.idx)] = None
-                    for spec, prepared_task, error in prepared:
+                    for spec, prepared_task, error, result in prepared:
                         if prepared_task is None:
                             self._end(spec, FAILED, error=error)
+                        elif result is not None:
+                            self._end(spec, DONE, task=prepared_task, result=result)
                         else:
                             self._enqueue(spec, prepared_task)
                     if prepared:
@@ -156,13 +172,21 @@ class LocalRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
 
-    def _claim(
-        self, limit: int, skip: tuple[str, ...]
-    ) -> list[tuple[TaskSpec, JVPTask | None, tuple[str, str, str | None] | None]]:
-        """Claim tasks and prepare each exactly as /jvp would (worker thread)."""
-        out: list[tuple[TaskSpec, JVPTask | None, tuple[str, str, str | None] | None]] = []
-        for spec in self.store.claim(limit, skip_jobs=skip):
-            out.append((spec, *prepare(self.service, spec)))
+    def _claim(self, limit: int, skip: tuple[str, ...]) -> list[Claimed]:
+        """Claim tasks and prepare each exactly as /jvp would (worker thread); tiny tasks of
+        one work claimed together are computed here, as one stacked JVP
+        (`Engine.run_together`, as a Celery worker does with a chunk)."""
+        specs = self.store.claim(limit, skip_jobs=skip)
+        claimed = [(spec, *prepare(self.service, spec)) for spec in specs]
+        out: list[Claimed] = []
+        for _, group in itertools.groupby(claimed, key=_work):
+            run = list(group)
+            tasks = [task for _, task, _ in run if task is not None]
+            results: list[JVPResult | None] = [None] * len(run)
+            if len(tasks) == len(run):
+                with contextlib.suppress(EngineError):  # the engine not ready: queue them
+                    results = list(self.service.engine.run_together(tasks) or results)
+            out += [(*c, result) for c, result in zip(run, results, strict=True)]
         return out
 
     def _enqueue(self, spec: TaskSpec, task: JVPTask) -> None:
