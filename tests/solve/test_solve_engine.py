@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from app.engine.errors import DeadlineExceeded
-from app.engine.solve import EW_ALPHA, EW_ETA_MAX, EW_GAMMA, SolveOperation, SolveOptions
+from app.engine.solve import (
+    EW_ALPHA,
+    EW_ETA_MAX,
+    EW_FINISH,
+    EW_GAMMA,
+    SolveOperation,
+    SolveOptions,
+)
 from app.engine.target import Materialized
 
 F64 = torch.float64
@@ -45,7 +52,7 @@ def test_a_solve_within_its_deadline_is_not_stopped() -> None:
 
 @pytest.mark.parametrize(
     ("eta", "norm", "previous"),
-    [(0.5, 1.0, 2.0), (0.9, 0.9, 1.0), (0.01, 1e-3, 1.0), (0.5, 1e-9, 1e-6)],
+    [(0.5, 1.0, 2.0), (0.9, 0.9, 1.0), (0.01, 1e-3, 1.0), (0.5, 1e-9, 1e-6), (0.003, 3e-3, 1.3)],
 )
 def test_forcing_term_is_eisenstat_walker_choice_2(
     eta: float, norm: float, previous: float
@@ -55,6 +62,18 @@ def test_forcing_term_is_eisenstat_walker_choice_2(
     want = EW_GAMMA * (norm / previous) ** EW_ALPHA
     if EW_GAMMA * eta**EW_ALPHA > 0.1:
         want = max(want, EW_GAMMA * eta**EW_ALPHA)
-    want = max(min(want, EW_ETA_MAX), min(0.5 * tol / norm, EW_ETA_MAX))
+    want, finish = min(want, EW_ETA_MAX), min(0.5 * tol / norm, EW_ETA_MAX)
+    want = finish if want * norm <= EW_FINISH * tol else max(want, finish)
     assert got == pytest.approx(want)
     assert 0 < got <= EW_ETA_MAX
+
+
+def test_the_last_newton_step_solves_to_half_the_tolerance() -> None:
+    """Bratu's fifth step: EW's η = 4.8e-6 would leave ||F|| at about 1.5e-8 (> tol), and a
+    sixth step would be needed; the step aims at 0.5 tol instead."""
+    tol, norm, previous = 1e-8, 3.06e-3, 1.27
+    ew = EW_GAMMA * (norm / previous) ** EW_ALPHA
+    assert ew * norm > tol  # EW alone stops short of the tolerance
+    assert SolveOperation._forcing(0.0027, norm, previous, tol) == 0.5 * tol / norm
+    # Far from the tolerance the rule leaves EW's choice alone.
+    assert SolveOperation._forcing(0.5, 1.0, 2.0, tol) == pytest.approx(EW_GAMMA * 0.25)
