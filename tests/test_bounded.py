@@ -123,11 +123,17 @@ def test_eval_shape_gives_the_413_its_operation_gets(server: LiveServer) -> None
 def test_create_jvp_that_cannot_fit_its_deadline_is_504_at_once_and_frees_the_worker(
     server: LiveServer,
 ) -> None:
-    # Three 4096x4096x4096 matmuls (and their tangents): minutes on a CPU, 50 KB of body.
+    # 31 matmuls of 4096x4096 by 4096x4096 (a balanced tree of 32 outer products x @ y, each
+    # within the tensor limit) and their tangents, 8.5 TFLOP: a minute on a fast 2-core CPU,
+    # seconds past the 5 s deadline even at 1 TFLOP/s; 50 KB of body.
     n = 4096
+
+    def tree(depth: int) -> str:
+        return "(x @ y)" if depth == 0 else f"({tree(depth - 1)} @ {tree(depth - 1)})"
+
     rng = np.random.default_rng(0)
     body = {
-        "expression": "(x @ y) @ (x @ y) @ (x @ y)",
+        "expression": tree(5),
         "primals": {"x": b64(rng.standard_normal((n, 1))), "y": b64(rng.standard_normal((1, n)))},
         "tangents": {"x": b64(rng.standard_normal((n, 1)))},
     }
