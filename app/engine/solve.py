@@ -45,7 +45,7 @@ from app.engine.devices import api_float
 from app.engine.errors import DeadlineExceeded, InvalidRequest
 from app.engine.fallback import jvp_with_fallback
 from app.engine.jvp import ENGINES
-from app.engine.krylov import METHODS, KrylovResult, NonFinite, lsmr
+from app.engine.krylov import KrylovResult, NonFinite, krylov, lsmr
 from app.engine.protocol import Arguments, Operation, Wrt, partial_function
 from app.engine.target import Materialized, Target
 from app.engine.vjp import COVERAGE
@@ -232,11 +232,14 @@ class SolveOperation(Operation):
         self, problem: Problem, z: torch.Tensor, b: torch.Tensor, rtol: float
     ) -> KrylovResult:
         o = self.options
-        solver = METHODS[o.krylov]
-        kw: dict[str, Any] = {"rtol": rtol, "maxiter": o.max_krylov}
-        if o.krylov == "gmres":
-            kw["restart"] = o.restart
-        return solver(lambda v: problem.jvp(z, v), b, **kw)
+        return krylov(
+            o.krylov,
+            lambda v: problem.jvp(z, v),
+            b,
+            rtol=rtol,
+            maxiter=o.max_krylov,
+            restart=o.restart,
+        )
 
     # NOTE [Newton-Krylov]
     # Inexact Newton (Dembo, Eisenstat and Steihaug 1982): each step solves J δ = -F to
