@@ -72,12 +72,8 @@ class SolveOptions:
     line_search: bool = True
 
 
-class Stopped(Exception):
-    """The solve met a NaN or an infinity; ``reason`` says where."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+class Stopped(NonFinite):
+    """The solve met a NaN or an infinity; ``what`` is the whole reason, where included."""
 
 
 @dataclass
@@ -203,9 +199,9 @@ class SolveOperation(Operation):
         state = _State(z=z0)
         try:
             run(problem, state)
-        except (Stopped, NonFinite) as e:
-            reason = e.reason if isinstance(e, Stopped) else f"{e.what} is NaN or infinite"
-            state.reason = reason if isinstance(e, Stopped) else f"{reason} at {state.where()}"
+        except NonFinite as e:
+            stopped = isinstance(e, Stopped)
+            state.reason = e.what if stopped else f"{e.what} is NaN or infinite at {state.where()}"
             state.converged = False
         outputs = problem.outputs(state.z)
         self.result = {
