@@ -33,6 +33,9 @@ Tensor = Annotated[
     ),
 ]
 
+# The ``output`` of a response: f at the primals.
+Outputs = Annotated[Any, Field(description="A tensor, or a list of tensors for several outputs.")]
+
 
 def flag(description: str) -> Any:
     """An option that is off unless the request sets it."""
@@ -136,7 +139,7 @@ class GradientCheck(BaseModel):
 
 
 class JVPResponse(BaseModel):
-    output: Any = Field(description="A tensor, or a list of tensors for several outputs.")
+    output: Outputs
     jvp: Any = Field(description="J·v, shaped like output.")
     dtype: str
     device: str
@@ -217,7 +220,7 @@ class JacobianRequest(PointRequest):
 
 
 class JacobianResponse(BaseModel):
-    output: Any = Field(description="A tensor, or a list of tensors for several outputs.")
+    output: Outputs
     jacobian: Any = Field(
         description='{"<name>": T} of shape output shape + that input\'s shape; a list of '
         "such maps for several outputs."

@@ -6,7 +6,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.schemas import ComputeOptions, PointRequest, Strict, TimingMs, encoding_option, flag
+from app.schemas import (
+    ComputeOptions,
+    Outputs,
+    PointRequest,
+    Strict,
+    TimingMs,
+    encoding_option,
+    flag,
+)
 
 COTANGENTS = (
     "One tensor shaped like the output; for a function with several outputs a list, one "
@@ -62,7 +70,7 @@ class VJPCheck(BaseModel):
 
 
 class VJPResponse(BaseModel):
-    output: Any = Field(description="A tensor, or a list of tensors for several outputs.")
+    output: Outputs
     vjp: dict[str, Any] = Field(description='{"<name>": Jᵀu}, shaped like that input or parameter.')
     dtype: str
     device: str
