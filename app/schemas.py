@@ -33,6 +33,19 @@ Tensor = Annotated[
     ),
 ]
 
+# The ``output`` of a response: f at the primals.
+Outputs = Annotated[Any, Field(description="A tensor, or a list of tensors for several outputs.")]
+
+
+def flag(description: str) -> Any:
+    """An option that is off unless the request sets it."""
+    return Field(False, description=description)
+
+
+def encoding_option() -> Any:
+    """The ``encoding`` option of a route that answers tensors."""
+    return Field("json", description="Response tensors as data or b64.")
+
 
 def _by_name(description: str) -> Any:
     """A field of tensors by name, empty unless given."""
@@ -48,19 +61,22 @@ def _dtype(unset: str) -> Any:
     )
 
 
-class ComputeOptions(BaseModel):
-    """The options every derivative of a target shares: where and in which dtype."""
+class Strict(BaseModel):
+    """A request body or options object: an unknown field is a 422 (a misspelt option is
+    refused, never ignored)."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class ComputeOptions(Strict):
+    """The options every derivative of a target shares: where and in which dtype."""
 
     dtype: str | None = _dtype("the model's default dtype (config.json)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
 
 
-class PointRequest(BaseModel):
+class PointRequest(Strict):
     """What every derivative of a target is taken at: the target and the primals."""
-
-    model_config = ConfigDict(extra="forbid")
 
     expression: str | None = Field(None, description="An expression such as 'x**2 + y**2'.")
     model: str | None = Field(None, description="A registered model's name (GET /models).")
@@ -71,18 +87,16 @@ class JVPOptions(ComputeOptions):
     engine: Literal["dual", "functional"] = Field(
         "dual", description="dual: make_dual/unpack_dual; functional: torch.func.jvp."
     )
-    encoding: Literal["json", "b64"] = Field("json", description="Response tensors as data or b64.")
+    encoding: Literal["json", "b64"] = encoding_option()
     fallback: Literal["auto", "none"] = Field(
         "auto", description="Whether anything but forward AD may compute the JVP."
     )
-    tangent_batch: bool = Field(
-        False,
-        description="Every tangent has a leading dimension K (the same for all); jvp then "
+    tangent_batch: bool = flag(
+        "Every tangent has a leading dimension K (the same for all); jvp then "
         "has that leading K: J·V for K directions in one call.",
     )
-    check: bool = Field(
-        False,
-        description="Also estimate J·v by central finite differences in float64 and "
+    check: bool = flag(
+        "Also estimate J·v by central finite differences in float64 and "
         "report the difference ('check').",
     )
 
@@ -125,7 +139,7 @@ class GradientCheck(BaseModel):
 
 
 class JVPResponse(BaseModel):
-    output: Any = Field(description="A tensor, or a list of tensors for several outputs.")
+    output: Outputs
     jvp: Any = Field(description="J·v, shaped like output.")
     dtype: str
     device: str
@@ -191,13 +205,11 @@ class Status(BaseModel):
 
 class DerivativeOptions(ComputeOptions):
     dtype: str | None = _dtype("the model's default dtype")
-    encoding: Literal["json", "b64"] = Field("json", description="Response tensors as data or b64.")
+    encoding: Literal["json", "b64"] = encoding_option()
 
 
 class HVPOptions(DerivativeOptions):
-    tangent_batch: bool = Field(
-        False, description="Every tangent has a leading K; each hvp then has that leading K."
-    )
+    tangent_batch: bool = flag("Every tangent has a leading K; each hvp then has that leading K.")
 
 
 class JacobianRequest(PointRequest):
@@ -208,7 +220,7 @@ class JacobianRequest(PointRequest):
 
 
 class JacobianResponse(BaseModel):
-    output: Any = Field(description="A tensor, or a list of tensors for several outputs.")
+    output: Outputs
     jacobian: Any = Field(
         description='{"<name>": T} of shape output shape + that input\'s shape; a list of '
         "such maps for several outputs."
@@ -239,9 +251,8 @@ class HVPResponse(BaseModel):
 
 
 class LinearizeOptions(DerivativeOptions):
-    transpose: bool = Field(
-        False,
-        description="Also keep what the reverse pass needs, for POST /linearize/{id}/vjp "
+    transpose: bool = flag(
+        "Also keep what the reverse pass needs, for POST /linearize/{id}/vjp "
         "(counted in the session's bytes).",
     )
 
@@ -261,16 +272,12 @@ class LinearizeResponse(BaseModel):
     timing_ms: TimingMs
 
 
-class LinearizedJVPOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    tangent_batch: bool = Field(False, description="Tangents have a leading K.")
-    encoding: Literal["json", "b64"] = Field("json", description="Response tensors as data or b64.")
+class LinearizedJVPOptions(Strict):
+    tangent_batch: bool = flag("Tangents have a leading K.")
+    encoding: Literal["json", "b64"] = encoding_option()
 
 
-class LinearizedJVPRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LinearizedJVPRequest(Strict):
     tangents: dict[str, Tensor] = _by_name("Per input in the session's wrt; a missing one is zero.")
     parameter_tangents: dict[str, Tensor] = _by_name("Per parameter in the session's wrt.")
     options: LinearizedJVPOptions = Field(default_factory=LinearizedJVPOptions)

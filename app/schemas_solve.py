@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
-from app.schemas import Tensor, TimingMs
+from app.schemas import Strict, Tensor, TimingMs, encoding_option
 
 
-class SolveOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SolveOptions(Strict):
     tol: float = Field(
         1e-8,
         gt=0,
@@ -50,12 +48,10 @@ class SolveOptions(BaseModel):
         "(a tolerance of 1e-8 needs it).",
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    encoding: Literal["json", "b64"] = Field("json", description="Response tensors as data or b64.")
+    encoding: Literal["json", "b64"] = encoding_option()
 
 
-class SolveRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SolveRequest(Strict):
     expression: str | None = Field(None, description="An expression such as 'u**3 - a'.")
     model: str | None = Field(None, description="A registered model's name (GET /models).")
     primals: dict[str, Tensor] = Field(

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from app.schemas import ComputeOptions, PointRequest, TimingMs
+from app.schemas import (
+    ComputeOptions,
+    Outputs,
+    PointRequest,
+    Strict,
+    TimingMs,
+    encoding_option,
+    flag,
+)
 
 COTANGENTS = (
     "One tensor shaped like the output; for a function with several outputs a list, one "
@@ -15,15 +23,13 @@ COTANGENTS = (
 
 
 class VJPOptions(ComputeOptions):
-    encoding: Literal["json", "b64"] = Field("json", description="Response tensors as data or b64.")
-    cotangent_batch: bool = Field(
-        False,
-        description="Every cotangent has a leading dimension K (the same for all); every vjp "
+    encoding: Literal["json", "b64"] = encoding_option()
+    cotangent_batch: bool = flag(
+        "Every cotangent has a leading dimension K (the same for all); every vjp "
         "entry then has that leading K: Jᵀ·U for K cotangents in one call.",
     )
-    check: bool = Field(
-        False,
-        description="Also check <Jᵀu, v> against float64 central differences of J·v and the "
+    check: bool = flag(
+        "Also check <Jᵀu, v> against float64 central differences of J·v and the "
         "identity <u, J v> = <Jᵀu, v> for a random v, and report it ('check').",
     )
 
@@ -64,7 +70,7 @@ class VJPCheck(BaseModel):
 
 
 class VJPResponse(BaseModel):
-    output: Any = Field(description="A tensor, or a list of tensors for several outputs.")
+    output: Outputs
     vjp: dict[str, Any] = Field(description='{"<name>": Jᵀu}, shaped like that input or parameter.')
     dtype: str
     device: str
@@ -73,16 +79,12 @@ class VJPResponse(BaseModel):
     check: VJPCheck | None = Field(None, description="With options.check only.")
 
 
-class LinearizedVJPOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    cotangent_batch: bool = Field(False, description="Cotangents have a leading K.")
-    encoding: Literal["json", "b64"] = Field("json", description="Response tensors as data or b64.")
+class LinearizedVJPOptions(Strict):
+    cotangent_batch: bool = flag("Cotangents have a leading K.")
+    encoding: Literal["json", "b64"] = encoding_option()
 
 
-class LinearizedVJPRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LinearizedVJPRequest(Strict):
     cotangents: Any = Field(description=COTANGENTS)
     options: LinearizedVJPOptions = Field(default_factory=LinearizedVJPOptions)
 

@@ -32,6 +32,7 @@ import torch
 
 from app.engine import jvp
 from app.engine.batching import vmap_jvp
+from app.engine.protocol import Arguments
 from app.engine.target import Materialized
 from app.models.builtin import mlp
 from app.services.jvp import expression_target
@@ -54,26 +55,21 @@ def _cases() -> dict[str, dict[str, Call]]:
     def ways(
         target: Materialized, inputs: jvp.Tensors, tangents: jvp.OptionalTensors
     ) -> dict[str, Call]:
+        a = Arguments(target, inputs, tangents, {})
         return {
-            "dual, zero tangents, unchecked": lambda: jvp._dual(target, inputs, tangents, {}, True),
-            "dual, plain operands": lambda: jvp._dual(target, inputs, tangents, {}, False),
-            "dual, zero tangents, verified": lambda: jvp.jvp_dual(target, inputs, tangents, {}),
-            "functional, zero tangents, unchecked": lambda: jvp.functional(
-                target, inputs, tangents, {}, True
-            ),
-            "functional, plain operands": lambda: jvp.functional(
-                target, inputs, tangents, {}, False
-            ),
-            "functional, zero tangents, verified": lambda: jvp.jvp_functional(
-                target, inputs, tangents, {}
-            ),
+            "dual, zero tangents, unchecked": lambda: jvp._dual(a, True),
+            "dual, plain operands": lambda: jvp._dual(a, False),
+            "dual, zero tangents, verified": lambda: jvp.jvp_dual(*a),
+            "functional, zero tangents, unchecked": lambda: jvp.functional(a, True),
+            "functional, plain operands": lambda: jvp.functional(a, False),
+            "functional, zero tangents, verified": lambda: jvp.jvp_functional(*a),
         }
 
     def batch(zeros: bool | None) -> Call:
         if zeros is None:
-            return lambda: vmap_jvp(model, xb, t_xb, {})
+            return lambda: vmap_jvp(Arguments(model, xb, t_xb, {}))
         return lambda: torch.func.vmap(
-            lambda xs, ts: jvp.functional(model, (xs,), (ts,), {}, zeros)
+            lambda xs, ts: jvp.functional(Arguments(model, (xs,), (ts,), {}), zeros)
         )(xb[0], t_xb[0])
 
     return {

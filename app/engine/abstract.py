@@ -425,12 +425,14 @@ def check_bounds(estimate: Estimate, bounds: Bounds) -> None:
         )
 
 
-def evaluate(
-    target: Target, shapes: Sequence[Shape], dtype: torch.dtype, plan: Plan, max_elements: int
+def estimate(
+    target: Target, shapes: Sequence[Shape], dtype: torch.dtype, plan: Plan, bounds: Bounds
 ) -> Estimate:
     """The request's estimate, uncached (see `Estimator`): 413 when a dimension, an input
-    or any tensor the computation makes passes ``max_elements``; 422 when the shapes do
-    not fit the target (or an HVP's output is no scalar)."""
+    or any tensor the computation makes passes ``bounds.max_tensor_elements``, or the
+    estimate another bound of ``bounds``; 422 when the shapes do not fit the target (or an
+    HVP's output is no scalar)."""
+    max_elements = bounds.max_tensor_elements
     for i, shape in enumerate(shapes):
         if any(d > max_elements for d in shape):
             name = target.input_names[i] if i < len(target.input_names) else str(i)
@@ -443,7 +445,7 @@ def evaluate(
     if plan.kind == "hvp":
         check_scalar([o.shape for o in forward.outputs], plan.output_index, plan.reduction)
     result = _derive(forward, plan, dtype)
-    check_bounds(result, Bounds(max_elements, math.inf, math.inf))  # type: ignore[arg-type]
+    check_bounds(result, bounds)
     return result
 
 
@@ -466,22 +468,16 @@ def check_scalar(shapes: Sequence[Sequence[int]], output_index: int, reduction: 
         )
 
 
-def estimate(
-    target: Target, shapes: Sequence[Shape], dtype: torch.dtype, plan: Plan, bounds: Bounds
-) -> Estimate:
-    """`evaluate`, then every bound of ``bounds`` (uncached)."""
-    result = evaluate(target, shapes, dtype, plan, bounds.max_tensor_elements)
-    check_bounds(result, bounds)
-    return result
-
-
 class Estimator:
-    """`evaluate` cached per (target, shapes, dtype, plan), so a repeated request pays one
-    dictionary look-up, then the bytes and FLOPs bounds of the request's device. Refusals
-    are cached too (a fresh error is raised each time)."""
+    """`estimate` within the element bound, cached per (target, shapes, dtype, plan), so a
+    repeated request pays one dictionary look-up, then the bytes and FLOPs bounds of the
+    request's device. Refusals are cached too (a fresh error is raised each time)."""
 
     def __init__(self, max_tensor_elements: int, *, max_entries: int = 4096) -> None:
         self.max_tensor_elements = max_tensor_elements
+        # What is cached is checked against the element bound only; each call checks the
+        # bytes and FLOPs of its own device.
+        self._elements = Bounds(max_tensor_elements, math.inf, math.inf)  # type: ignore[arg-type]
         self.max_entries = max_entries
         self._cache: collections.OrderedDict[Hashable, Estimate | tuple[type, str, str | None]]
         self._cache = collections.OrderedDict()
@@ -509,7 +505,7 @@ class Estimator:
         found = self._cache.get(key)
         if found is None:
             try:
-                found = evaluate(target, shapes, dtype, plan, self.max_tensor_elements)
+                found = estimate(target, shapes, dtype, plan, self._elements)
             except (TooLarge, InvalidRequest) as e:
                 found = (type(e), e.message, e.param)
             with self._lock:

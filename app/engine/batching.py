@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import heapq
 import threading
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
@@ -53,7 +53,6 @@ from torch.func import vmap
 from app.engine.forward_coverage import check_forward
 from app.engine.jvp import functional, gives_zero_tangents, no_tangents, verified
 from app.engine.protocol import Arguments, Operation
-from app.engine.target import Materialized
 from app.engine.task import JVPTask
 
 Tensors = tuple[torch.Tensor, ...]
@@ -176,15 +175,11 @@ def _stack(xs: Sequence[torch.Tensor], dtype: torch.dtype, device: torch.device)
     return torch.stack(list(xs)).to(dtype=dtype)
 
 
-def vmap_jvp(
-    target: Materialized,
-    inputs: Tensors,
-    tangents: tuple[torch.Tensor | None, ...],
-    parameter_tangents: Mapping[str, torch.Tensor],
-) -> tuple[Tensors, Tensors]:
+def vmap_jvp(a: Arguments) -> tuple[Tensors, Tensors]:
     """`jvp_functional` over a leading batch dimension of every tensor given: first with
     zero tangents for small plain operands, kept only if provably exact (NOTE [mixed dual
     and plain operands] in app/engine/jvp.py; the check runs outside vmap)."""
+    target, inputs, tangents, parameter_tangents = a
 
     which = [i for i, t in enumerate(tangents) if t is not None]
     if not which and not parameter_tangents:
@@ -196,7 +191,7 @@ def vmap_jvp(
             full: list[torch.Tensor | None] = [None] * len(xs)
             for i, t in zip(which, ts, strict=True):
                 full[i] = t
-            return functional(target, xs, tuple(full), ps, zeros)
+            return functional(Arguments(target, xs, tuple(full), ps), zeros)
 
         # vmap maps tensors only: the inputs without a tangent are rebuilt inside.
         present = tuple(t for t in tangents if t is not None)
@@ -232,7 +227,7 @@ def compute_batch(tasks: Sequence[JVPTask]) -> list[tuple[Tensors, Tensors]]:
         None,
         Arguments(target, tuple(x[0] for x in inputs), first.tangents, first.parameter_tangents),
     )
-    outputs, jvps = vmap_jvp(target, inputs, tangents, parameter_tangents)
+    outputs, jvps = vmap_jvp(Arguments(target, inputs, tangents, parameter_tangents))
     # One device-to-host copy per batched tensor; each item gets views of its own slice.
     host_outputs = [o.cpu().unbind(0) for o in outputs]
     host_jvps = [j.cpu().unbind(0) for j in jvps]
@@ -253,9 +248,11 @@ class VmapWarmUp(Operation):
             return torch.stack([x, x])
 
         outputs, jvps = vmap_jvp(
-            a.target,
-            tuple(two(x) for x in a.inputs),
-            tuple(None if t is None else two(t) for t in a.tangents),
-            {k: two(t) for k, t in a.parameter_tangents.items()},
+            Arguments(
+                a.target,
+                tuple(two(x) for x in a.inputs),
+                tuple(None if t is None else two(t) for t in a.tangents),
+                {k: two(t) for k, t in a.parameter_tangents.items()},
+            )
         )
         return tuple(o[0] for o in outputs), tuple(j[0] for j in jvps)

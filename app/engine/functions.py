@@ -3,7 +3,8 @@
 Each class defines ``forward``/``setup_context`` (the style that
 ``torch.func`` needs), a forward-mode ``jvp`` and a reverse-mode ``backward``,
 and sets ``generate_vmap_rule = True`` so it also works under ``torch.func.vmap``
-(the dynamic batcher vmaps over the JVP).
+(the dynamic batcher vmaps over the JVP); `_SavesInputs` gives both of the latter to
+those whose derivatives need only their inputs.
 
 ``jvp`` and ``backward`` are written with ordinary torch ops on the saved
 tensors, so they are themselves differentiable (higher-order derivatives work).
@@ -34,7 +35,18 @@ __all__ = [
 ]
 
 
-class Softplus(torch.autograd.Function):
+class _SavesInputs(torch.autograd.Function):
+    """vmap by the generated rule, and every input saved for ``jvp`` and ``backward``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+
+class Softplus(_SavesInputs):
     """softplus(x) = log(1 + exp(x)), computed as relu(x) + log1p(exp(-|x|)).
 
     Why not ``torch.nn.functional.softplus``: it returns ``x`` itself once
@@ -46,17 +58,9 @@ class Softplus(torch.autograd.Function):
     so the JVP is ``sigmoid(x) * t``.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(x: Tensor) -> Tensor:
         return torch.relu(x) + torch.log1p(torch.exp(-torch.abs(x)))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        (x,) = inputs
-        ctx.save_for_backward(x)
-        ctx.save_for_forward(x)
 
     @staticmethod
     def jvp(ctx: Any, x_t: Tensor) -> Tensor:
@@ -268,11 +272,6 @@ def _elementwise(
     def forward(x: Tensor) -> Tensor:
         return value(x)
 
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        (x,) = inputs
-        ctx.save_for_backward(x)
-        ctx.save_for_forward(x)
-
     def jvp(ctx: Any, x_t: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         return derivative(x) * x_t
@@ -283,11 +282,9 @@ def _elementwise(
 
     function: Any = type(
         name,
-        (torch.autograd.Function,),
+        (_SavesInputs,),
         {
-            "generate_vmap_rule": True,
             "forward": staticmethod(forward),
-            "setup_context": staticmethod(setup_context),
             "jvp": staticmethod(jvp),
             "backward": staticmethod(backward),
             "__doc__": f"{name.lower()}: NOTE [accurate elementwise functions]",
@@ -329,21 +326,13 @@ def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
     return grad if grad.shape == shape else grad.sum_to_size(shape)
 
 
-class Atan2(torch.autograd.Function):
+class Atan2(_SavesInputs):
     """atan2(y, x) with derivatives scaled by hypot(y, x): no overflow or underflow
     of ``y**2 + x**2`` (NOTE [accurate elementwise functions])."""
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(y: Tensor, x: Tensor) -> Tensor:
         return torch.atan2(y, x)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        y, x = inputs
-        ctx.save_for_backward(y, x)
-        ctx.save_for_forward(y, x)
 
     @staticmethod
     def _partials(y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,6 +21,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.func import jvp as func_jvp
 
+from app.engine.protocol import Arguments
 from app.engine.target import Materialized
 
 Tensors = tuple[torch.Tensor, ...]
@@ -118,7 +119,7 @@ def verified(
     return run(False)
 
 
-def _exact(compute: Callable[..., tuple[Tensors, Tensors]]) -> JVPEngine:
+def _exact(compute: Callable[[Arguments, bool], tuple[Tensors, Tensors]]) -> JVPEngine:
     """The engine that runs ``compute`` with zero tangents where that is exact, else with
     plain operands (NOTE [mixed dual and plain operands]); no JVP at all without any
     tangent."""
@@ -131,21 +132,15 @@ def _exact(compute: Callable[..., tuple[Tensors, Tensors]]) -> JVPEngine:
     ) -> tuple[Tensors, Tensors]:
         if all(t is None for t in tangents) and not parameter_tangents:
             return no_tangents(target, inputs)
-        return verified(
-            lambda zeros: compute(target, inputs, tangents, parameter_tangents, zeros),
-            gives_zero_tangents(target, inputs, tangents, parameter_tangents),
-        )
+        a = Arguments(target, inputs, tangents, parameter_tangents)
+        return verified(lambda zeros: compute(a, zeros), gives_zero_tangents(*a))
 
     return engine
 
 
-def _dual(
-    target: Materialized,
-    inputs: Tensors,
-    tangents: OptionalTensors,
-    parameter_tangents: Mapping[str, torch.Tensor],
-    zeros: bool,
-) -> tuple[Tensors, Tensors]:
+def _dual(a: Arguments, zeros: bool) -> tuple[Tensors, Tensors]:
+    target, inputs, tangents, parameter_tangents = a
+
     def plain(x: torch.Tensor) -> torch.Tensor:
         return fwAD.make_dual(x, torch.zeros_like(x)) if zeros and _small(x) else x
 
@@ -168,15 +163,10 @@ def _dual(
     return tuple(primals_out), tuple(tangents_out)
 
 
-def functional(
-    target: Materialized,
-    inputs: Tensors,
-    tangents: OptionalTensors,
-    parameter_tangents: Mapping[str, torch.Tensor],
-    zeros: bool,
-) -> tuple[Tensors, Tensors]:
+def functional(a: Arguments, zeros: bool) -> tuple[Tensors, Tensors]:
     """One `torch.func.jvp`; ``zeros``: small operands without a tangent get a zero one.
     No data-dependent control flow, so it runs under `torch.func.vmap` too."""
+    target, inputs, tangents, parameter_tangents = a
     which = [i for i, t in enumerate(tangents) if t is not None or (zeros and _small(inputs[i]))]
     fixed_state: dict[str, torch.Tensor] = dict(target.buffers)  # plain, as in jvp_dual
     diff_state: dict[str, torch.Tensor] = {}

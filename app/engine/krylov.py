@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -78,16 +79,28 @@ class _Start(NamedTuple):
     products: int  # products spent so far (one for a given x0)
 
 
-def _start(
-    matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None, rtol: float, atol: float
-) -> _Start:
-    """What GMRES, BiCGSTAB and CG begin with: x0 (zero when not given) and its residual."""
+def krylov(
+    method: str,
+    matvec: Matvec,
+    b: torch.Tensor,
+    x0: torch.Tensor | None = None,
+    *,
+    rtol: float = 1e-8,
+    atol: float = 0.0,
+    maxiter: int = 200,
+    restart: int = 50,
+) -> KrylovResult:
+    """x with ||b - A x|| <= max(rtol ||b||, atol) by ``method`` (a key of `METHODS`), in at
+    most ``maxiter`` products; ``restart``: GMRES's products between restarts (the other
+    methods have none). Each begins at x0 (zero when not given) and its residual."""
     a = _checked(matvec, "J·v")
     target = max(rtol * _norm(b), atol)
     if x0 is None:
-        return _Start(a, torch.zeros_like(b), b, target, 0)
-    x = x0.clone()
-    return _Start(a, x, b - a(x), target, 1)
+        start = _Start(a, torch.zeros_like(b), b, target, 0)
+    else:
+        x = x0.clone()
+        start = _Start(a, x, b - a(x), target, 1)
+    return METHODS[method](start, b, maxiter, restart)
 
 
 # NOTE [GMRES]
@@ -101,18 +114,9 @@ def _start(
 # A long function on purpose: GMRES's Arnoldi step, Givens rotations and restart test are
 # one loop whose state (H, the rotations, the residual estimate) the steps share; split,
 # they would pass that state back and forth and read less like the published algorithm.
-def gmres(
-    matvec: Matvec,
-    b: torch.Tensor,
-    x0: torch.Tensor | None = None,
-    *,
-    rtol: float = 1e-8,
-    atol: float = 0.0,
-    restart: int = 50,
-    maxiter: int = 200,
-) -> KrylovResult:
-    """x with ||b - A x|| <= max(rtol ||b||, atol), in at most ``maxiter`` products."""
-    a, x, r, target, products = _start(matvec, b, x0, rtol, atol)
+def _gmres(start: _Start, b: torch.Tensor, maxiter: int, restart: int) -> KrylovResult:
+    """Restarted GMRES from ``start`` (NOTE [GMRES])."""
+    a, x, r, target, products = start
     n = b.numel()
     beta = _norm(r)
     tiny = torch.finfo(b.dtype).tiny
@@ -173,17 +177,9 @@ def gmres(
     return KrylovResult(x, products, converged, beta, reason=reason)
 
 
-def bicgstab(
-    matvec: Matvec,
-    b: torch.Tensor,
-    x0: torch.Tensor | None = None,
-    *,
-    rtol: float = 1e-8,
-    atol: float = 0.0,
-    maxiter: int = 200,
-) -> KrylovResult:
+def _bicgstab(start: _Start, b: torch.Tensor, maxiter: int, restart: int) -> KrylovResult:
     """BiCGSTAB (van der Vorst 1992; Saad, Algorithm 7.7): two products per iteration."""
-    a, x, r, target, products = _start(matvec, b, x0, rtol, atol)
+    a, x, r, target, products = start
     shadow = r.clone()
     rho = alpha = omega = 1.0
     v = p = torch.zeros_like(b)
@@ -220,18 +216,10 @@ def bicgstab(
     return KrylovResult(x, products, norm_r <= target, norm_r, reason=reason)
 
 
-def cg(
-    matvec: Matvec,
-    b: torch.Tensor,
-    x0: torch.Tensor | None = None,
-    *,
-    rtol: float = 1e-8,
-    atol: float = 0.0,
-    maxiter: int = 200,
-) -> KrylovResult:
+def _cg(start: _Start, b: torch.Tensor, maxiter: int, restart: int) -> KrylovResult:
     """Conjugate gradients (Hestenes and Stiefel 1952) for a symmetric positive definite
     J; stops with a reason where p·Jp <= 0 shows J is not."""
-    a, x, r, target, products = _start(matvec, b, x0, rtol, atol)
+    a, x, r, target, products = start
     p = r.clone()
     rr = float(r @ r)
     reason = None
@@ -375,4 +363,13 @@ def lsmr(
     return KrylovResult(x, products, stop in (1, 2), normr, rmatvecs=rproducts)
 
 
-METHODS = {"gmres": gmres, "bicgstab": bicgstab, "cg": cg}
+#: How each method iterates from its start; `krylov` begins every one the same way.
+METHODS: dict[str, Callable[[_Start, torch.Tensor, int, int], KrylovResult]] = {
+    "gmres": _gmres,
+    "bicgstab": _bicgstab,
+    "cg": _cg,
+}
+# The methods by name, with `krylov`'s arguments (``restart`` is GMRES's alone).
+gmres = partial(krylov, "gmres")
+bicgstab = partial(krylov, "bicgstab")
+cg = partial(krylov, "cg")

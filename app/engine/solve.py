@@ -45,7 +45,7 @@ from app.engine.devices import api_float
 from app.engine.errors import DeadlineExceeded, InvalidRequest
 from app.engine.fallback import jvp_with_fallback
 from app.engine.jvp import ENGINES
-from app.engine.krylov import METHODS, KrylovResult, NonFinite, lsmr
+from app.engine.krylov import KrylovResult, NonFinite, krylov, lsmr
 from app.engine.protocol import Arguments, Operation, Wrt, partial_function
 from app.engine.target import Materialized, Target
 from app.engine.vjp import COVERAGE
@@ -74,12 +74,8 @@ class SolveOptions:
     line_search: bool = True
 
 
-class Stopped(Exception):
-    """The solve met a NaN or an infinity; ``reason`` says where."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+class Stopped(NonFinite):
+    """The solve met a NaN or an infinity; ``what`` is the whole reason, where included."""
 
 
 @dataclass
@@ -205,9 +201,9 @@ class SolveOperation(Operation):
         state = _State(z=z0)
         try:
             run(problem, state)
-        except (Stopped, NonFinite) as e:
-            reason = e.reason if isinstance(e, Stopped) else f"{e.what} is NaN or infinite"
-            state.reason = reason if isinstance(e, Stopped) else f"{reason} at {state.where()}"
+        except NonFinite as e:
+            stopped = isinstance(e, Stopped)
+            state.reason = e.what if stopped else f"{e.what} is NaN or infinite at {state.where()}"
             state.converged = False
         outputs = problem.outputs(state.z)
         self.result = {
@@ -234,11 +230,14 @@ class SolveOperation(Operation):
         self, problem: Problem, z: torch.Tensor, b: torch.Tensor, rtol: float
     ) -> KrylovResult:
         o = self.options
-        solver = METHODS[o.krylov]
-        kw: dict[str, Any] = {"rtol": rtol, "maxiter": o.max_krylov}
-        if o.krylov == "gmres":
-            kw["restart"] = o.restart
-        return solver(lambda v: problem.jvp(z, v), b, **kw)
+        return krylov(
+            o.krylov,
+            lambda v: problem.jvp(z, v),
+            b,
+            rtol=rtol,
+            maxiter=o.max_krylov,
+            restart=o.restart,
+        )
 
     # NOTE [Newton-Krylov]
     # Inexact Newton (Dembo, Eisenstat and Steihaug 1982): each step solves J δ = -F to

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import Response
 
 from app.api.auth import KeyDep
-from app.api.body import JSONBodyRoute
 from app.api.deps import ArrivedDep, DerivativeServiceDep
 from app.api.errors import error_responses
 from app.api.responses import ORJSONResponse
+from app.api.routes.computing import ERRORS, derivatives_router
 from app.schemas import (
     HVPRequest,
     HVPResponse,
@@ -20,9 +20,7 @@ from app.schemas import (
     LinearizeResponse,
 )
 
-router = APIRouter(tags=["derivatives"], route_class=JSONBodyRoute)
-
-ERRORS = error_responses(400, 401, 404, 408, 413, 422, 501, 503, 504, 507)
+router = derivatives_router()
 
 
 @router.post("/jacobian", response_model=JacobianResponse, responses=ERRORS)

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter
 from fastapi.exceptions import RequestValidationError
 
 from app.api.auth import KeyDep
-from app.api.body import JSONBodyRoute
 from app.api.deps import ShapeServiceDep
 from app.api.errors import error_responses
 from app.api.responses import ORJSONResponse
+from app.api.routes.computing import derivatives_router
 from app.schemas import EvalShapeRequest, EvalShapeResponse
 from app.services.shapes import InvalidBody
 
-router = APIRouter(tags=["derivatives"], route_class=JSONBodyRoute)
+router = derivatives_router()
 
 ERRORS = error_responses(400, 401, 404, 408, 413, 422)
 

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-
 from app.api.auth import KeyDep
-from app.api.body import JSONBodyRoute
 from app.api.deps import ArrivedDep, SolveServiceDep
-from app.api.errors import error_responses
 from app.api.responses import ORJSONResponse
+from app.api.routes.computing import ERRORS, derivatives_router
 from app.schemas_solve import SolveRequest, SolveResponse
 
-router = APIRouter(tags=["derivatives"], route_class=JSONBodyRoute)
-
-ERRORS = error_responses(400, 401, 404, 408, 413, 422, 501, 503, 504, 507)
+router = derivatives_router()
 
 
 @router.post("/solve", response_model=SolveResponse, responses=ERRORS)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-
 from app.api.auth import KeyDep
-from app.api.body import JSONBodyRoute
 from app.api.deps import ArrivedDep, VJPServiceDep
-from app.api.errors import error_responses
 from app.api.responses import ORJSONResponse
+from app.api.routes.computing import ERRORS, derivatives_router
 from app.schemas_vjp import (
     LinearizedVJPRequest,
     LinearizedVJPResponse,
@@ -16,9 +13,7 @@ from app.schemas_vjp import (
     VJPResponse,
 )
 
-router = APIRouter(tags=["derivatives"], route_class=JSONBodyRoute)
-
-ERRORS = error_responses(400, 401, 404, 408, 413, 422, 501, 503, 504, 507)
+router = derivatives_router()
 
 
 @router.post("/vjp", response_model=VJPResponse, responses=ERRORS)

@@ -39,7 +39,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
@@ -47,6 +47,7 @@ import httpx
 
 from ._exceptions import APIConnectionError, APITimeoutError, make_status_error
 from ._tensors import B64_MIN_ELEMENTS, is_torch_tensor
+from ._types import JobInfo, LinearizationInfo
 from ._version import __version__
 
 __all__ = [
@@ -141,15 +142,21 @@ def _base_url(base_url: str | httpx.URL | None) -> httpx.URL:
     return url.copy_with(path=url.path.rstrip("/") + "/")
 
 
-Self = TypeVar("Self", bound="BaseClient[Any]")
+Self = TypeVar("Self", bound="BaseClient[Any, Any, Any]")
 H = TypeVar("H", httpx.Client, httpx.AsyncClient)
+L = TypeVar("L")
+J = TypeVar("J")
 
 
-class BaseClient(Generic[H]):
+class BaseClient(Generic[H, L, J]):
     """Configuration shared by :class:`JVPClient` and :class:`AsyncJVPClient` (whose
-    ``http_client`` is an ``httpx.Client`` and an ``httpx.AsyncClient``: ``_http_type``)."""
+    ``http_client`` is an ``httpx.Client`` and an ``httpx.AsyncClient``: ``_http_type``),
+    and the handles the plans ask them for (``_operations.Handles``): a linearization and
+    a job of the client's own kind, sync or async (``_linearization_type``, ``_job_type``)."""
 
     _http_type: type[H]
+    _linearization_type: Callable[..., L]
+    _job_type: Callable[..., J]
     base_url: httpx.URL
     api_key: str | None
     timeout: TimeoutTypes
@@ -221,6 +228,12 @@ class BaseClient(Generic[H]):
             _check_count("binary_min_elements", binary_min_elements, optional=True)
             other.binary_min_elements = binary_min_elements
         return other
+
+    def _linearization(self, info: LinearizationInfo, kind: OutputKind) -> L:
+        return self._linearization_type(self, info, kind=kind)
+
+    def _job(self, info: JobInfo, kind: OutputKind, idempotency_key: str | None) -> J:
+        return self._job_type(self, info, kind=kind, idempotency_key=idempotency_key)
 
     def _url(self, path: str) -> httpx.URL:
         return self.base_url.join(path.lstrip("/"))

@@ -20,7 +20,6 @@ from . import _vjp as vjp_ops
 from ._base import (
     NOT_GIVEN,
     BaseClient,
-    OutputKind,
     Retrying,
 )
 from ._jobs import AsyncJob, Job
@@ -36,12 +35,14 @@ from ._plans import (
     iterate,
     sync_method,
 )
-from ._types import JobInfo, LinearizationInfo
+from ._types import JobInfo
 
 __all__ = ["AsyncJVPClient", "JVPClient"]
 
 
-def _build(client: BaseClient[Any], http: httpx.Client | httpx.AsyncClient, call: Call) -> Any:
+def _build(
+    client: BaseClient[Any, Any, Any], http: httpx.Client | httpx.AsyncClient, call: Call
+) -> Any:
     """The httpx request of ``call`` (sync and async alike)."""
     headers = client._headers(call.headers)
     content = call.content
@@ -60,7 +61,7 @@ def _build(client: BaseClient[Any], http: httpx.Client | httpx.AsyncClient, call
     )
 
 
-def _retrying(client: BaseClient[Any], request: httpx.Request, call: Call) -> Retrying:
+def _retrying(client: BaseClient[Any, Any, Any], request: httpx.Request, call: Call) -> Retrying:
     retries = client.max_retries if call.max_retries is None else call.max_retries
     return Retrying(request, retries, call.ok_statuses)
 
@@ -88,7 +89,7 @@ async def _send(
         await awaited(client._sleep(delay))
 
 
-class JVPClient(ClosesOnExit, BaseClient[httpx.Client]):
+class JVPClient(ClosesOnExit, BaseClient[httpx.Client, Linearization, Job]):
     """A synchronous client of the JVP service.
 
     Args:
@@ -119,6 +120,8 @@ class JVPClient(ClosesOnExit, BaseClient[httpx.Client]):
     """
 
     _http_type = httpx.Client
+    _linearization_type = Linearization
+    _job_type = Job
 
     def close(self) -> None:
         """Close the underlying connection pool (unless it was passed in as ``http_client``)."""
@@ -136,12 +139,6 @@ class JVPClient(ClosesOnExit, BaseClient[httpx.Client]):
     def _send(self, call: Call) -> httpx.Response:
         """Send one request, retrying as NOTE [retries] says; raise for error statuses."""
         return complete(_send(self, self._client, call))
-
-    def _linearization(self, info: LinearizationInfo, kind: OutputKind) -> Linearization:
-        return Linearization(self, info, kind=kind)
-
-    def _job(self, info: JobInfo, kind: OutputKind, idempotency_key: str | None) -> Job:
-        return Job(self, info, kind=kind, idempotency_key=idempotency_key)
 
     jvp = sync_method(ops.jvp)
     jacobian = sync_method(ops.jacobian)
@@ -179,7 +176,9 @@ class JVPClient(ClosesOnExit, BaseClient[httpx.Client]):
         return least_squares_jac(self, **kwargs)
 
 
-class AsyncJVPClient(AsyncClosesOnExit, BaseClient[httpx.AsyncClient]):
+class AsyncJVPClient(
+    AsyncClosesOnExit, BaseClient[httpx.AsyncClient, AsyncLinearization, AsyncJob]
+):
     """The asyncio twin of :class:`JVPClient`: the same arguments, methods awaited.
 
     ``http_client`` is an ``httpx.AsyncClient`` (``httpx.ASGITransport`` serves an app
@@ -187,6 +186,8 @@ class AsyncJVPClient(AsyncClosesOnExit, BaseClient[httpx.AsyncClient]):
     """
 
     _http_type = httpx.AsyncClient
+    _linearization_type = AsyncLinearization
+    _job_type = AsyncJob
 
     async def close(self) -> None:
         """Close the underlying connection pool (unless it was passed in as ``http_client``)."""
@@ -204,12 +205,6 @@ class AsyncJVPClient(AsyncClosesOnExit, BaseClient[httpx.AsyncClient]):
     async def _send(self, call: Call) -> httpx.Response:
         """Send one request, retrying as NOTE [retries] says; raise for error statuses."""
         return await _send(self, self._client, call)
-
-    def _linearization(self, info: LinearizationInfo, kind: OutputKind) -> AsyncLinearization:
-        return AsyncLinearization(self, info, kind=kind)
-
-    def _job(self, info: JobInfo, kind: OutputKind, idempotency_key: str | None) -> AsyncJob:
-        return AsyncJob(self, info, kind=kind, idempotency_key=idempotency_key)
 
     jvp = async_method(ops.jvp)
     jacobian = async_method(ops.jacobian)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from . import _parsing as parsing
@@ -24,10 +24,10 @@ from ._plans import (
     Plan,
     Sleep,
     SyncRunner,
-    aiterate,
+    async_iterator,
     async_method,
     gather,
-    iterate,
+    sync_iterator,
     sync_method,
 )
 from ._stacking import JobArrays, OnError, stack_results
@@ -153,7 +153,9 @@ def wait(
         bar.close()
 
 
-def pages(job: _JobHandle[Any], offset: int, page_size: int, *, each: bool = False) -> Plan[None]:
+def _result_pages(
+    job: _JobHandle[Any], offset: int, page_size: int, *, each: bool = False
+) -> Plan[None]:
     """``GET /jobs/{id}/results`` page after page, following ``next_offset``; emits the
     pages, or (``each``) the results they hold, in task order."""
     _check_page_args(offset, page_size)
@@ -169,6 +171,20 @@ def pages(job: _JobHandle[Any], offset: int, page_size: int, *, each: bool = Fal
         next_offset = page.next_offset
 
 
+def pages(
+    job: _JobHandle[Any], *, offset: int = 0, page_size: int = DEFAULT_PAGE_SIZE
+) -> Plan[None]:
+    """``GET /jobs/{id}/results`` page after page, following ``next_offset``."""
+    return _result_pages(job, offset, page_size)
+
+
+def results(
+    job: _JobHandle[Any], *, offset: int = 0, page_size: int = DEFAULT_PAGE_SIZE
+) -> Plan[None]:
+    """Every task's result in task order (fetched a page at a time)."""
+    return _result_pages(job, offset, page_size, each=True)
+
+
 def results_array(
     job: _JobHandle[Any], *, on_error: OnError = "raise", page_size: int = DEFAULT_PAGE_SIZE
 ) -> Plan[JobArrays]:
@@ -180,7 +196,7 @@ def results_array(
             ``"skip"``: the failed tasks are left out (``errors`` holds them).
         page_size: results per request.
     """
-    collected = yield from gather(pages(job, 0, page_size, each=True))
+    collected = yield from gather(_result_pages(job, 0, page_size, each=True))
     return stack_results(collected, on_error=on_error)
 
 
@@ -291,18 +307,8 @@ class Job(_JobHandle[SyncRunner]):
     wait = sync_method(wait)
     results_array = sync_method(results_array)
     cancel = sync_method(cancel)
-
-    def pages(
-        self, *, offset: int = 0, page_size: int = DEFAULT_PAGE_SIZE
-    ) -> Iterator[JobResultsPage]:
-        """``GET /jobs/{id}/results`` page after page, following ``next_offset``."""
-        return iterate(self._client, pages(self, offset, page_size))
-
-    def results(
-        self, *, offset: int = 0, page_size: int = DEFAULT_PAGE_SIZE
-    ) -> Iterator[JobTaskResult]:
-        """Every task's result in task order (fetched a page at a time)."""
-        return iterate(self._client, pages(self, offset, page_size, each=True))
+    pages = sync_iterator(pages, JobResultsPage)
+    results = sync_iterator(results, JobTaskResult)
 
 
 class AsyncJob(_JobHandle[AsyncRunner]):
@@ -312,15 +318,5 @@ class AsyncJob(_JobHandle[AsyncRunner]):
     wait = async_method(wait)
     results_array = async_method(results_array)
     cancel = async_method(cancel)
-
-    def pages(
-        self, *, offset: int = 0, page_size: int = DEFAULT_PAGE_SIZE
-    ) -> AsyncIterator[JobResultsPage]:
-        """``GET /jobs/{id}/results`` page after page, following ``next_offset``."""
-        return aiterate(self._client, pages(self, offset, page_size))
-
-    def results(
-        self, *, offset: int = 0, page_size: int = DEFAULT_PAGE_SIZE
-    ) -> AsyncIterator[JobTaskResult]:
-        """Every task's result in task order (fetched a page at a time)."""
-        return aiterate(self._client, pages(self, offset, page_size, each=True))
+    pages = async_iterator(pages, JobResultsPage)
+    results = async_iterator(results, JobTaskResult)

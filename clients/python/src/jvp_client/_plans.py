@@ -21,6 +21,7 @@ import functools
 import inspect
 from collections.abc import (
     AsyncGenerator,
+    AsyncIterator,
     Callable,
     Coroutine,
     Generator,
@@ -47,12 +48,14 @@ __all__ = [
     "SyncRunner",
     "aiterate",
     "arun",
+    "async_iterator",
     "async_method",
     "awaited",
     "complete",
     "gather",
     "iterate",
     "run",
+    "sync_iterator",
     "sync_method",
 ]
 
@@ -252,13 +255,15 @@ def iterate(runner: SyncRunner, plan: Plan[None]) -> Iterator[Any]:
         complete(items.aclose())  # a loop left early: the plan is closed at once
 
 
-def _as_method(method: Callable[..., Any], build: Callable[..., Any]) -> None:
+def _as_method(method: Callable[..., Any], build: Callable[..., Any], result: Any = None) -> None:
     """Give ``method`` the plan's name, docstring and signature, with ``self`` first and
-    the plan's result as the return annotation (what ``help()`` and IDEs show)."""
+    ``result`` (default: the plan's result) as the return annotation (what ``help()`` and
+    IDEs show)."""
     functools.update_wrapper(method, build)
     signature = inspect.signature(build)
     first, *rest = signature.parameters.values()
-    result = signature.return_annotation
+    if result is None:
+        result = signature.return_annotation
     if isinstance(result, str) and result.startswith("Plan[") and result.endswith("]"):
         result = result[len("Plan[") : -1]
     method.__signature__ = signature.replace(  # type: ignore[attr-defined]
@@ -305,4 +310,29 @@ def async_method(
         return await arun(self._runner, build(self, *args, **kwargs))
 
     _as_method(method, build)
+    return method
+
+
+def sync_iterator(
+    build: Callable[Concatenate[Any, P], Plan[None]], item: type[T]
+) -> Callable[Concatenate[Any, P], Iterator[T]]:
+    """A method that iterates over the ``item``s the plan ``build(self, ...)`` emits,
+    fetched with ``self._runner`` as the loop asks for them."""
+
+    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
+        return iterate(self._runner, build(self, *args, **kwargs))
+
+    _as_method(method, build, f"Iterator[{item.__name__}]")
+    return method
+
+
+def async_iterator(
+    build: Callable[Concatenate[Any, P], Plan[None]], item: type[T]
+) -> Callable[Concatenate[Any, P], AsyncIterator[T]]:
+    """The ``async for`` twin of :func:`sync_iterator`."""
+
+    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> AsyncIterator[T]:
+        return aiterate(self._runner, build(self, *args, **kwargs))
+
+    _as_method(method, build, f"AsyncIterator[{item.__name__}]")
     return method

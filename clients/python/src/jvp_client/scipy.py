@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
@@ -41,6 +41,16 @@ if TYPE_CHECKING:
     from ._linearize import Linearization
 
 __all__ = ["JacobianOperator", "LeastSquaresProblem", "least_squares_jac", "linear_operator"]
+
+
+class _Function(TypedDict):
+    """The function and where it runs, as `JVPClient.linearize` and `JacobianOperator`
+    take them."""
+
+    expression: str | None
+    model: str | None
+    dtype: object
+    device: str | None
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -68,10 +78,9 @@ class JacobianOperator(ClosesOnExit, LinearOperator):  # type: ignore[misc]
         device: str | None = None,
     ) -> None:
         self._client = client
-        self._expression, self._model = expression, model
+        self._model = model
+        self._function = _Function(expression=expression, model=model, dtype=dtype, device=device)
         self._primals = dict(primals)
-        self._dtype_arg = dtype
-        self._device = device
         names = [wrt] if isinstance(wrt, str) else list(wrt) if wrt is not None else None
         self.calls = 0
         self.session: Linearization = self._linearize(names)
@@ -91,13 +100,7 @@ class JacobianOperator(ClosesOnExit, LinearOperator):  # type: ignore[misc]
 
     def _linearize(self, wrt: list[str] | None) -> Linearization:
         session: Linearization = self._client.linearize(
-            expression=self._expression,
-            model=self._model,
-            primals=self._primals,
-            wrt=wrt,
-            dtype=self._dtype_arg,
-            device=self._device,
-            options={"transpose": True},
+            **self._function, primals=self._primals, wrt=wrt, options={"transpose": True}
         )
         return session
 
@@ -226,8 +229,7 @@ class LeastSquaresProblem:
         device: str | None = None,
     ) -> None:
         self._client = client
-        self._expression, self._model = expression, model
-        self._dtype, self._device = dtype, device
+        self._function = _Function(expression=expression, model=model, dtype=dtype, device=device)
         self.wrt = [wrt] if isinstance(wrt, str) else list(wrt)
         missing = [n for n in self.wrt if n not in primals]
         if missing:
@@ -255,13 +257,7 @@ class LeastSquaresProblem:
         if self._operator is not None:
             self._operator.close()
         self._operator = JacobianOperator(
-            self._client,
-            expression=self._expression,
-            model=self._model,
-            primals=primals,
-            wrt=self.wrt,
-            dtype=self._dtype,
-            device=self._device,
+            self._client, **self._function, primals=primals, wrt=self.wrt
         )
         self._at = z.copy()
         self.linearizations += 1
