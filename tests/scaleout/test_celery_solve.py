@@ -49,6 +49,18 @@ def results_of(api_url: str, job_id: str) -> list[dict[str, Any]]:
     return results
 
 
+def watch(api_url: str, job_id: str, timeout_s: float) -> list[dict[str, Any]]:
+    """The job as GET /jobs/{id} shows it, polled until it completes."""
+    seen: list[dict[str, Any]] = []
+
+    def completed() -> bool:
+        seen.append(httpx.get(f"{api_url}/jobs/{job_id}", timeout=10).json())
+        return bool(seen[-1]["status"] == "completed")
+
+    wait_for(completed, timeout_s, f"job {job_id} to complete")
+    return seen
+
+
 def test_compute_solve_tasks_on_a_celery_worker(cluster: Cluster) -> None:
     # The delay holds each chunk "running" for a moment after its start is committed, so
     # the job is seen while a worker computes it.
@@ -87,16 +99,8 @@ def test_compute_solve_tasks_on_a_celery_worker(cluster: Cluster) -> None:
     job_id = r.json()["id"]
     assert r.json()["total"] == 4
 
-    seen: list[dict[str, Any]] = []
-
-    def running() -> bool:
-        job: dict[str, Any] = httpx.get(f"{api.url}/jobs/{job_id}", timeout=10).json()
-        seen.append(job)
-        return any(row.status == "running" for row in cluster.tasks(job_id).values())
-
-    wait_for(running, 30, "a solve task to be computing on the worker")
-    job = wait_completed(api.url, job_id, 60)
-    seen.append(job)
+    seen = watch(api.url, job_id, 60)  # every state GET /jobs/{id} showed, to completion
+    job = seen[-1]
 
     assert (job["total"], job["done"], job["failed"]) == (4, 4, 1)
     # done counts tasks (never Newton iterations): monotone, within the total; no
@@ -104,7 +108,12 @@ def test_compute_solve_tasks_on_a_celery_worker(cluster: Cluster) -> None:
     dones = [j["done"] for j in seen]
     assert dones == sorted(dones) and all(0 <= d <= 4 for d in dones)
     assert all("progress" not in j for j in seen), [j for j in seen if "progress" in j]
-    assert any(j["status"] == "running" for j in seen)
+    running = [j for j in seen if j["status"] == "running"]
+    assert running, "the job was never seen running"
+    assert all(j["done"] < 4 for j in running)
+    # Three chunks ([0, 1], [2], [3]: one batch key each), a second apart: tasks ended
+    # while others were still to run.
+    assert any(0 < j["done"] < 4 for j in running), dones
 
     results = results_of(api.url, job_id)
     assert [res["index"] for res in results] == [0, 1, 2, 3]
