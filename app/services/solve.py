@@ -138,6 +138,10 @@ class SolveService:
                         f"output), got {list(t.shape)}",
                         param=f"rhs.{i}" if several else "rhs",
                     )
+        # The rhs is one of the request's tensors: JVP_MAX_REQUEST_ELEMENTS counts it, as
+        # /vjp counts its cotangents.
+        total = sum(x.numel() for x in task.inputs) + sum(t.numel() for t in tensors)
+        self.service.check_elements(total, "rhs")
         return torch.cat([t.reshape(-1) for t in tensors])
 
     def prepare(
@@ -240,7 +244,20 @@ class SolveService:
         started = time.monotonic()
         task, op = await asyncio.to_thread(self.prepare, body)
         self.schedule(task, arrived)
-        result = await self.service.engine.run(task, timeout_s=self.settings.request_timeout_s)
+        timeout_s = self.settings.request_timeout_s
+        try:
+            result = await self.service.engine.run(task, timeout_s=timeout_s)
+        except DeadlineExceeded as e:
+            # The await gives up at the deadline, as the solve does at its next product
+            # (NOTE [a solve's deadline]): the first usually wins, so its 504 says what the
+            # solve's would have said.
+            if '"operation": "solve"' in e.message:
+                raise
+            raise DeadlineExceeded(
+                f"The solve did not finish within the request's deadline of {timeout_s:g} s "
+                "(JVP_REQUEST_TIMEOUT_S) and was stopped. " + BATCH_HINT,
+                param=e.param,
+            ) from None
         encoding = body.options.encoding
 
         def render() -> dict[str, Any]:

@@ -205,3 +205,68 @@ def test_cli_eval_shape_linearize_transpose_and_hvp_output_index(
     # --output-index reaches the service: an expression has one output, so 1 is refused.
     code, out, err = _cli(live_url, capsys, *hvp, "--output-index", "1")
     assert code == 1 and "output_index" in err, err
+
+
+def test_cli_eval_shape_of_a_solve_is_the_whole_solve_at_its_caps(
+    live_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cube = ["-e", "u**3 - a", "-s", "u=5", "-s", "a=5", "--unknown", "u"]
+    with JVPClient(base_url=live_url, max_retries=0) as c:
+        # One J·v of f, in /solve's dtype: the unit of a solve's estimate (NOTE [the cost
+        # of a solve]: at most max_iterations x (max_krylov + GMRES restarts + 20 line
+        # search steps + 1) products, and one more).
+        one = c.eval_shape(
+            expression="u**3 - a",
+            primals={"u": ShapeInfo((5,)), "a": ShapeInfo((5,))},
+            tangents={"u": ShapeInfo((5,))},
+            dtype="float64",
+        ).flops
+        assert one > 0
+        solved = c.solve(
+            expression="u**3 - a", primals={"u": np.ones(5), "a": np.full(5, 8.0)}, unknowns="u"
+        )
+    code, out, err = _cli(live_url, capsys, "--operation", "solve", *cube, "--max-iterations", "2")
+    assert code == 0, err
+    # The shapes that /solve then answers: float64 (its default), the solution like u.
+    assert solved.solution["u"].shape == (5,) and solved.solution["u"].dtype == np.float64
+    assert "output: [5] float64" in out and "solution u: [5] float64" in out
+    assert _flops(out) == one * (2 * (200 + 4 + 21) + 1)
+    assert "peak_bytes:" in out
+    code, out, err = _cli(
+        live_url, capsys, "--operation", "solve", *cube, "--max-iterations", "3",
+        "--max-krylov", "10", "--krylov", "bicgstab",
+    )  # fmt: skip
+    assert code == 0, err
+    assert _flops(out) == one * (3 * (10 + 0 + 21) + 1)  # BiCGSTAB: no restarts
+    # linear: one linear solve, rhs by its shape or by value (the same estimate).
+    linear = ["--operation", "solve", *cube, "--method", "linear"]
+    code, by_shape, err = _cli(live_url, capsys, *linear, "--rhs-shape", "5")
+    assert code == 0, err
+    assert "solution u: [5] float64" in by_shape
+    assert _flops(by_shape) == one * (200 + 4 + 1)
+    code, by_value, err = _cli(live_url, capsys, *linear, "--rhs", "[1, 2, 3, 4, 5]")
+    assert code == 0, err
+    assert _flops(by_value) == _flops(by_shape)
+    # The service checks the body as /solve would: linear needs rhs (exit status 1).
+    code, _, err = _cli(live_url, capsys, *linear)
+    assert code == 1 and "needs 'rhs'" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--unknown", "x"], "--unknown is for --operation solve"),
+        (["--max-iterations", "3"], "--max-iterations is for --operation solve"),
+        (["--operation", "solve"], "--operation solve takes --unknown NAME"),
+        (
+            ["--operation", "solve", "-x", "x", "--rhs", "[1, 2, 3]", "--rhs-shape", "3"],
+            "give --rhs or --rhs-shape, not both",
+        ),
+        (["--operation", "solve", "-x", "x", "--rhs-shape", "3,a"], "--rhs-shape: expected"),
+    ],
+)
+def test_cli_eval_shape_solve_usage_errors(
+    live_url: str, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code, _, err = _cli(live_url, capsys, "-e", "sin(x)", "-s", "x=3", *argv)
+    assert code == 2 and message in err, err

@@ -28,6 +28,7 @@ from ._cli_io import (
     _read_tasks,
     _write_npz,
 )
+from ._cli_solve import solve_shape_fields
 from ._client import JVPClient
 from ._jobs import Job
 from ._types import JobTaskError
@@ -173,9 +174,11 @@ def _cmd_eval_shape(client: JVPClient, args: argparse.Namespace) -> int:
             "eval-shape: --operation vjp takes --cotangent or --cotangent-shape (one per "
             "output), and only it does"
         )
+    solve = solve_shape_fields(args)  # {} but for --operation solve
     options = {"cotangent_batch": True} if args.cotangent_batch else {}
     if args.transpose:
         options["transpose"] = True
+    options.update(solve.pop("options", {}))
     result = client.eval_shape(
         args.operation,
         **_target(args),
@@ -188,6 +191,7 @@ def _cmd_eval_shape(client: JVPClient, args: argparse.Namespace) -> int:
         tangent_batch=args.tangent_batch,
         cotangents=cotangents,
         options=options or None,
+        **solve,
     )
     _print_eval_shape(result, args.operation)
     return 0

@@ -223,7 +223,7 @@ def _print_eval_shape(result: EvalShapeResult, operation: str) -> None:
     outputs = result.output if isinstance(result.output, list) else [result.output]
     for i, spec in enumerate(outputs):
         print(f"output{'' if len(outputs) == 1 else f' {i}'}: {text(spec)}")
-    label = {"linearize": "jvp"}.get(operation, operation)
+    label = {"linearize": "jvp", "solve": "solution"}.get(operation, operation)
     blocks = result.result if isinstance(result.result, list) else [result.result]
     for i, block in enumerate(blocks):
         prefix = label if len(blocks) == 1 else f"{label} {i}"

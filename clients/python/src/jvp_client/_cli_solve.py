@@ -5,6 +5,11 @@
               --out solution.npz
 
 Exit status 0 when the solve converged, 1 when it did not (the reason is printed).
+
+``jvp eval-shape --operation solve`` takes the same ``--unknown``, ``--method``, ``--rhs``
+(or ``--rhs-shape``) and the caps the estimate is made at (``--max-iterations``,
+``--max-krylov``, ``--krylov``): the solution's shapes and the whole solve's cost at its
+caps (NOTE [the cost of a solve] in the service's app/services/solve.py).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from ._cli_io import (
     _load_value,
     _named_arrays,
     _parse_assignments,
+    _parse_shape,
     _print_facts,
     _write_npz,
 )
@@ -89,3 +95,48 @@ def cmd_solve(client: JVPClient, args: argparse.Namespace) -> int:
         arrays = {**_named_arrays("solution", result.solution), **_arrays("output", result.output)}
         _write_npz(args.out, arrays)
     return 0 if result.converged else 1
+
+
+# The eval-shape flags of a solve, by destination (any of them given: --operation solve).
+_SHAPE_FLAGS = {
+    "unknown": "--unknown",
+    "method": "--method",
+    "rhs": "--rhs",
+    "rhs_shape": "--rhs-shape",
+    "max_iterations": "--max-iterations",
+    "max_krylov": "--max-krylov",
+    "krylov": "--krylov",
+}
+
+
+def add_solve_shape_options(shapes: argparse.ArgumentParser) -> None:
+    """The flags of ``jvp eval-shape --operation solve`` (as ``jvp solve``'s, shapes allowed)."""
+    group = shapes.add_argument_group("--operation solve")
+    group.add_argument(
+        "--unknown", "-x", action="append", metavar="NAME", help="an input solved for; repeat"
+    )
+    group.add_argument("--method", choices=["newton_krylov", "linear", "least_squares"])
+    group.add_argument("--rhs", metavar="FILE", help="linear: rhs (.npy or JSON)")
+    group.add_argument("--rhs-shape", metavar="D0,D1", help="linear: rhs by its shape alone")
+    group.add_argument("--max-iterations", type=int, metavar="N", help="the cap (default 50)")
+    group.add_argument("--max-krylov", type=int, metavar="N", help="the cap (default 200)")
+    group.add_argument("--krylov", choices=["gmres", "bicgstab", "cg"])
+
+
+def solve_shape_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The `client.eval_shape` arguments of the solve flags ({} for another operation)."""
+    given = [flag for dest, flag in _SHAPE_FLAGS.items() if getattr(args, dest) is not None]
+    if args.operation != "solve":
+        if given:
+            raise UsageError(f"eval-shape: {given[0]} is for --operation solve")
+        return {}
+    if not args.unknown:
+        raise UsageError("eval-shape: --operation solve takes --unknown NAME (solved for)")
+    if args.rhs is not None and args.rhs_shape is not None:
+        raise UsageError("eval-shape: give --rhs or --rhs-shape, not both")
+    rhs = None if args.rhs is None else _load_value(args.rhs)
+    if args.rhs_shape is not None:
+        rhs = _parse_shape(args.rhs_shape, "--rhs-shape")
+    caps = {"max_iterations": args.max_iterations, "max_krylov": args.max_krylov}
+    options = {k: v for k, v in {**caps, "krylov": args.krylov}.items() if v is not None}
+    return {"unknowns": args.unknown, "method": args.method, "rhs": rhs, "options": options}

@@ -219,24 +219,26 @@ def eval_shape(
     cotangents: Any = None,
     unknowns: str | Sequence[str] | None = None,
     method: str | None = None,
+    rhs: Any = None,
     dtype: object = None,
     device: str | None = None,
     options: Mapping[str, Any] | None = None,
     timeout: TimeoutTypes = NOT_GIVEN,
 ) -> Plan[EvalShapeResult]:
     """``POST /eval_shape``: the shapes ``operation`` (jvp, vjp, jacobian, hvp,
-    linearize) would answer, and its estimated FLOPs and peak bytes, computing
+    linearize, solve) would answer, and its estimated FLOPs and peak bytes, computing
     nothing: size batches before sending them. A tensor may be a `ShapeInfo` (no data).
 
     Args:
-        operation: ``"jvp"`` (default), ``"vjp"``, ``"jacobian"``, ``"hvp"`` or
-            ``"linearize"``.
+        operation: ``"jvp"`` (default), ``"vjp"``, ``"jacobian"``, ``"hvp"``,
+            ``"linearize"`` or ``"solve"``.
         expression, model, primals, tangents, parameter_tangents, wrt, output_index,
             reduction, tangent_batch, dtype, device, options, timeout: as for that
             operation's method.
         cotangents: ``"vjp"`` only: as for :meth:`vjp` (`ShapeInfo` entries allowed);
             ``cotangent_batch`` goes in ``options``.
-        unknowns, method: ``"solve"`` only: as for :meth:`solve` (its options, such as
+        unknowns, method, rhs: ``"solve"`` only: as for :meth:`solve` (``rhs``, for
+            ``method="linear"``, may be a `ShapeInfo`; the solve's options, such as
             ``max_iterations``, go in ``options``); ``result`` is then the solution's shapes
             and the cost that of the whole solve at its caps.
 
@@ -252,6 +254,7 @@ def eval_shape(
         "cotangents": shapes(client, cotangents),
         "unknowns": [unknowns] if isinstance(unknowns, str) else unknowns,
         "method": method,
+        "rhs": shapes(client, rhs),
     }
     call, _ = plan_request(
         client,

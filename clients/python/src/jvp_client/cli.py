@@ -13,6 +13,8 @@
               [--tol 1e-10] [--krylov bicgstab] --out solution.npz
     jvp eval-shape [--operation jacobian] -e "sin(x) * y" --shape x=3,4 --shape y=4
     jvp eval-shape --operation vjp -e "sin(x) * y" -s x=3,4 -s y=4 --cotangent-shape 3,4
+    jvp eval-shape --operation solve -e "u**3 - a" -s u=100 -s a=100 --unknown u \\
+                   [--method linear --rhs-shape 100] [--max-iterations 20] [--max-krylov 50]
     jvp models [NAME]
     jvp health
     jvp jobs submit tasks.jsonl [--expression ... | --model ...] [--wait]
@@ -46,7 +48,7 @@ import httpx
 from . import _cli_commands as commands_
 from ._base import NOT_GIVEN
 from ._cli_io import UsageError
-from ._cli_solve import add_solve_command
+from ._cli_solve import add_solve_command, add_solve_shape_options
 from ._client import JVPClient
 from ._exceptions import APIStatusError, AuthenticationError, JVPError, PermissionDeniedError
 from ._version import __version__
@@ -273,9 +275,9 @@ def _add_eval_shape_command(commands: Any) -> None:
     )
     shapes.add_argument(
         "--operation",
-        choices=["jvp", "vjp", "jacobian", "hvp", "linearize"],
+        choices=["jvp", "vjp", "jacobian", "hvp", "linearize", "solve"],
         default="jvp",
-        help="whose shapes (default: jvp)",
+        help="whose shapes (default: jvp; solve: the whole solve at its caps)",
     )
     _add_target_options(shapes, required=True, jvp_options=False)
     _add_tensor_options(shapes, tangents=True)
@@ -298,6 +300,7 @@ def _add_eval_shape_command(commands: Any) -> None:
         action="store_true",
         help="linearize: a session that also answers vjp (keeps what the reverse pass needs)",
     )
+    add_solve_shape_options(shapes)
     shapes.set_defaults(handler=commands_._cmd_eval_shape)
 
 
