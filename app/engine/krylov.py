@@ -57,8 +57,24 @@ class KrylovResult:
     reason: str | None = None  # why it stopped short: a breakdown, J not SPD (CG)
 
 
-def _norm(v: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(v))
+# Past these magnitudes the squares in a 2-norm underflow into subnormals or overflow.
+_SQUARES_SAFE = (1e-150, 1e150)
+
+
+def norm2(v: torch.Tensor) -> float:
+    """||v||₂ without the underflow and overflow of its squares.
+
+    `torch.linalg.vector_norm` sums the squares as they are: every element about 1e-163
+    (exp(u) near a root at -inf) gave 0.0, a solve "converged" with ||f|| reported 0 at
+    4e-160, and elements about 1e200 gave inf, a finite f taken for an infinite one. Outside
+    the magnitudes whose squares are normal numbers, the vector is scaled by its largest
+    element first (as LAPACK's dnrm2 scales)."""
+    biggest = float(v.abs().max()) if v.numel() else 0.0
+    if _SQUARES_SAFE[0] <= biggest <= _SQUARES_SAFE[1]:
+        return float(torch.linalg.vector_norm(v))
+    if biggest == 0.0 or not math.isfinite(biggest):
+        return biggest
+    return biggest * float(torch.linalg.vector_norm(v / biggest))
 
 
 def _checked(matvec: Matvec, what: str) -> Matvec:
@@ -94,7 +110,7 @@ def krylov(
     most ``maxiter`` products; ``restart``: GMRES's products between restarts (the other
     methods have none). Each begins at x0 (zero when not given) and its residual."""
     a = _checked(matvec, "J·v")
-    target = max(rtol * _norm(b), atol)
+    target = max(rtol * norm2(b), atol)
     if x0 is None:
         start = _Start(a, torch.zeros_like(b), b, target, 0)
     else:
@@ -118,7 +134,7 @@ def _gmres(start: _Start, b: torch.Tensor, maxiter: int, restart: int) -> Krylov
     """Restarted GMRES from ``start`` (NOTE [GMRES])."""
     a, x, r, target, products = start
     n = b.numel()
-    beta = _norm(r)
+    beta = norm2(r)
     tiny = torch.finfo(b.dtype).tiny
     singular = False
     while beta > target and products < maxiter and not singular:
@@ -139,7 +155,7 @@ def _gmres(start: _Start, b: torch.Tensor, maxiter: int, restart: int) -> Krylov
             again = v @ w
             w = w - v.T @ again
             column = (coeffs + again).tolist()
-            below = _norm(w)
+            below = norm2(w)
             for i in range(j):  # the earlier rotations, on the new column
                 hi, hn = column[i], column[i + 1]
                 column[i] = cs[i] * hi + sn[i] * hn
@@ -167,7 +183,7 @@ def _gmres(start: _Start, b: torch.Tensor, maxiter: int, restart: int) -> Krylov
         x = x + basis[:k].T @ y.to(dtype=b.dtype, device=b.device)
         r = b - a(x)
         products += 1
-        beta = _norm(r)
+        beta = norm2(r)
         if k < m and beta > target and abs(g[k]) > target:
             break  # a breakdown without convergence: restarting would repeat it
     converged = beta <= target
@@ -183,7 +199,7 @@ def _bicgstab(start: _Start, b: torch.Tensor, maxiter: int, restart: int) -> Kry
     shadow = r.clone()
     rho = alpha = omega = 1.0
     v = p = torch.zeros_like(b)
-    norm_r = _norm(r)
+    norm_r = norm2(r)
     reason = None
     while norm_r > target and products + 2 <= maxiter:
         rho_new = float(shadow @ r)
@@ -200,10 +216,10 @@ def _bicgstab(start: _Start, b: torch.Tensor, maxiter: int, restart: int) -> Kry
             break
         alpha = rho_new / denominator
         s = r - alpha * v
-        if _norm(s) <= target:
+        if norm2(s) <= target:
             x = x + alpha * p
             r = s
-            norm_r = _norm(s)
+            norm_r = norm2(s)
             break
         t = a(s)
         products += 1
@@ -211,7 +227,7 @@ def _bicgstab(start: _Start, b: torch.Tensor, maxiter: int, restart: int) -> Kry
         omega = float(t @ s) / tt if tt > 0.0 else 0.0
         x = x + alpha * p + omega * s
         r = s - omega * t
-        norm_r = _norm(r)
+        norm_r = norm2(r)
         rho = rho_new
     return KrylovResult(x, products, norm_r <= target, norm_r, reason=reason)
 
@@ -286,13 +302,13 @@ def lsmr(
     products = rproducts = 0
     x = b.new_zeros(n)
     u = b
-    normb = beta = _norm(b)
+    normb = beta = norm2(b)
     if beta == 0.0:
         return KrylovResult(x, 0, True, 0.0)
     u = u / beta
     v = at(u)
     rproducts += 1
-    alpha = _norm(v)
+    alpha = norm2(v)
     if alpha > 0.0:
         v = v / alpha
     else:
@@ -307,12 +323,12 @@ def lsmr(
     while products < maxiter:
         u = a(v) - alpha * u
         products += 1
-        beta = _norm(u)
+        beta = norm2(u)
         if beta > 0.0:
             u = u / beta
             v = at(u) - beta * v
             rproducts += 1
-            alpha = _norm(v)
+            alpha = norm2(v)
             if alpha > 0.0:
                 v = v / alpha
         chat, shat, alphahat = _sym_ortho(alphabar, damp)
@@ -346,7 +362,7 @@ def lsmr(
         if products > 1:
             minrbar = min(minrbar, rhobarold)
         cond_a = max(maxrbar, rhotemp) / min(minrbar, rhotemp)
-        normar, normx = abs(zetabar), _norm(x)
+        normar, normx = abs(zetabar), norm2(x)
         test1 = normr / normb
         test2 = normar / (norm_a * normr) if norm_a * normr != 0.0 else math.inf
         test3 = 1.0 / cond_a

@@ -45,7 +45,7 @@ from app.engine.devices import api_float
 from app.engine.errors import DeadlineExceeded, InvalidRequest
 from app.engine.fallback import jvp_with_fallback
 from app.engine.jvp import ENGINES
-from app.engine.krylov import KrylovResult, NonFinite, krylov, lsmr
+from app.engine.krylov import KrylovResult, NonFinite, krylov, lsmr, norm2
 from app.engine.protocol import Arguments, Operation, Wrt, partial_function
 from app.engine.target import Materialized, Target
 from app.engine.vjp import COVERAGE
@@ -155,10 +155,6 @@ def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def finite(v: torch.Tensor) -> bool:
     return bool(torch.isfinite(v).all())
-
-
-def _norm(v: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(v))
 
 
 @dataclass(eq=False)
@@ -293,7 +289,7 @@ class SolveOperation(Operation):
         for _ in range(LINE_SEARCH_STEPS + 1):
             trial = z + t * delta
             ft = problem.residual(trial)
-            trial_norm = _norm(ft) if finite(ft) else math.inf
+            trial_norm = norm2(ft) if finite(ft) else math.inf
             if not self.options.line_search:
                 if not math.isfinite(trial_norm):
                     raise Stopped("f is NaN or infinite after a full Newton step")
@@ -354,7 +350,7 @@ class SolveOperation(Operation):
                 gradient = pullback(fz)
                 if not finite(gradient):
                     raise NonFinite("Jᵀ·F")
-                if _norm(gradient) <= o.tol:  # a stationary point: nothing left to gain
+                if norm2(gradient) <= o.tol:  # a stationary point: nothing left to gain
                     state.converged = True
                     return
             state.iterations += 1
@@ -370,7 +366,7 @@ class SolveOperation(Operation):
             )
             trial = z + solved.x
             ft = problem.residual(trial)
-            trial_norm = _norm(ft) if finite(ft) else math.inf
+            trial_norm = norm2(ft) if finite(ft) else math.inf
             if trial_norm < norm:
                 z, fz, norm = trial, ft, trial_norm
                 state.z, state.residual_norm = z, norm
@@ -378,14 +374,14 @@ class SolveOperation(Operation):
                 pullback = None
                 self._step(state, _entry(state.iterations, norm, solved.iterations, 1.0))
             else:
-                mu = mu * 10 if mu > 0 else 1e-3 * _norm(gradient) / max(norm, 1e-300)
+                mu = mu * 10 if mu > 0 else 1e-3 * norm2(gradient) / max(norm, 1e-300)
                 self._step(state, _entry(state.iterations, norm, solved.iterations, 0.0))
         state.converged = norm <= o.tol
 
     @staticmethod
     def _residual(problem: Problem, state: _State, where: str) -> torch.Tensor:
         fz = problem.residual(state.z)
-        state.residual_norm = _norm(fz)
+        state.residual_norm = norm2(fz)
         if not finite(fz):
             raise Stopped(f"{where} is NaN or infinite")
         return fz

@@ -180,6 +180,7 @@ def run_chunk(self: Task, job_id: str, ranges: list[list[int]]) -> dict[str, int
     """Compute the tasks of `ranges` of job `job_id` that have not ended (NOTE [celery
     delivery]); returns counts for the worker log."""
     from app.jobs.leases import LeaseKeeper, local_worker_dead
+    from app.jobs.solve_tasks import PROGRESS
     from app.jobs.store import Outcome
     from app.jobs.tables import CANCELLED, FAILED
 
@@ -207,7 +208,13 @@ def run_chunk(self: Task, job_id: str, ranges: list[list[int]]) -> dict[str, int
     rt.store.record(ended)
     if attempt.run:
         held = [spec.idx for spec in attempt.run]
-        with LeaseKeeper(rt.store, job_id, held, worker=rt.worker_id, lease_s=lease_s):
+
+        def solving(idx: int) -> int | None:  # NOTE [progress across processes]
+            return PROGRESS.get((job_id, idx))
+
+        with LeaseKeeper(
+            rt.store, job_id, held, worker=rt.worker_id, lease_s=lease_s, progress=solving
+        ):
             if rt.settings.celery_task_delay_s:
                 time.sleep(rt.settings.celery_task_delay_s)  # test hook (JVP_CELERY_TASK_DELAY_S)
             finished = rt.compute(attempt.run)

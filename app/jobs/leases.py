@@ -44,6 +44,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -78,6 +79,33 @@ def renew(store: JobStore, job_id: str, idxs: Sequence[int], *, worker: str, lea
             .values(lease_until=now() + timedelta(seconds=lease_s))
         ).rowcount  # type: ignore[attr-defined]
     return int(count)
+
+
+# NOTE [progress across processes]
+# A solve task's Newton iterations reach GET /jobs/{id} as `progress`. The local runner
+# computes in the API process, which reads them from memory (app/jobs/solve_tasks.py). A
+# Celery worker is another process, maybe another machine: its chunk's LeaseKeeper, the
+# thread that renews the chunk's leases, also writes each solve task's count to the task's
+# row when it changed, at most every PROGRESS_INTERVAL_S (one UPDATE per changed task,
+# guarded like a renewal: only while the task runs on this worker), and GET /jobs/{id}
+# reads the counts of the job's running tasks from the store with the job.
+PROGRESS_INTERVAL_S = 1.0
+
+
+def write_progress(store: JobStore, job_id: str, progress: dict[int, int], *, worker: str) -> None:
+    """Record Newton iterations of `worker`'s running solve tasks (index -> iterations)."""
+    with store.writing() as s:
+        for idx, n in progress.items():
+            s.execute(
+                update(TaskRow)
+                .where(
+                    TaskRow.job_id == job_id,
+                    TaskRow.idx == idx,
+                    TaskRow.status == RUNNING,
+                    TaskRow.worker == worker,
+                )
+                .values(progress=n)
+            )
 
 
 def reclaim_lapsed(store: JobStore, send: Send) -> int:
@@ -143,14 +171,24 @@ def local_worker_dead(worker: str | None) -> bool:
 
 
 class LeaseKeeper:
-    """Renews `worker`'s lease on a chunk every lease/4 seconds while the block computes."""
+    """Renews `worker`'s lease on a chunk every lease/4 seconds while the block computes, and
+    writes the progress of its solve tasks (``progress(idx)``: Newton iterations so far, or
+    None) every `PROGRESS_INTERVAL_S` (NOTE [progress across processes])."""
 
     def __init__(
-        self, store: JobStore, job_id: str, idxs: Sequence[int], *, worker: str, lease_s: float
+        self,
+        store: JobStore,
+        job_id: str,
+        idxs: Sequence[int],
+        *,
+        worker: str,
+        lease_s: float,
+        progress: Callable[[int], int | None] | None = None,
     ) -> None:
         self._args = (store, job_id, list(idxs))
         self._worker = worker
         self._lease_s = lease_s
+        self._progress = progress
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="jobs-lease", daemon=True)
 
@@ -169,11 +207,27 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         store, job_id, idxs = self._args
-        while not self._done.wait(self._lease_s / 4):
+        every = self._lease_s / 4
+        wake = every if self._progress is None else min(every, PROGRESS_INTERVAL_S)
+        renewal = time.monotonic() + every
+        written: dict[int, int] = {}
+        while not self._done.wait(wake):
             try:
-                renew(store, job_id, idxs, worker=self._worker, lease_s=self._lease_s)
+                if self._progress is not None:
+                    self._write_progress(written)
+                if time.monotonic() >= renewal:
+                    renewal += every
+                    renew(store, job_id, idxs, worker=self._worker, lease_s=self._lease_s)
             except Exception:  # noqa: BLE001 - the store is down: the next renewal tries again
                 log.exception("jobs: renewing the lease of a chunk of job %s failed", job_id)
 
+    def _write_progress(self, written: dict[int, int]) -> None:
+        store, job_id, idxs = self._args
+        assert self._progress is not None
+        new = {i: n for i in idxs if (n := self._progress(i)) is not None and written.get(i) != n}
+        if new:
+            write_progress(store, job_id, new, worker=self._worker)
+            written.update(new)
 
-__all__ = ["LeaseKeeper", "local_worker_dead", "reclaim_lapsed", "renew"]
+
+__all__ = ["LeaseKeeper", "local_worker_dead", "reclaim_lapsed", "renew", "write_progress"]

@@ -88,7 +88,8 @@ class Job(BaseModel):
     progress: dict[str, int] | None = Field(
         None,
         description='{"<task index>": Newton iterations done} of the "solve" tasks computing '
-        "now (in this process: not those a Celery worker runs); absent when there are none.",
+        "now (a Celery worker's reach the store about once a second); absent when there are "
+        "none.",
     )
 
 

@@ -57,6 +57,12 @@ def _iso(t: datetime | None) -> str | None:
     return None if t is None else t.isoformat().replace("+00:00", "Z")
 
 
+def _progress(job: JobView) -> dict[str, int]:
+    """Newton iterations of the job's running solve tasks: those a Celery worker wrote to
+    the store, and those computing in this process (the local runner)."""
+    return {**{str(i): n for i, n in job.progress.items()}, **(progress(job.id) or {})}
+
+
 def job_body(job: JobView) -> dict[str, Any]:
     """The `Job` of the API."""
     return {
@@ -71,7 +77,7 @@ def job_body(job: JobView) -> dict[str, Any]:
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
         "eta_s": job.eta_s(now()),
-        **({"progress": found} if (found := progress(job.id)) else {}),
+        **({"progress": found} if (found := _progress(job)) else {}),
     }
 
 

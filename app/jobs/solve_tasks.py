@@ -12,8 +12,10 @@ cost of a solve] in app/services/solve.py). Its result is stored with the unknow
 and the solve's report (converged, iterations, counts, history), rendered as /solve's body.
 
 While it runs, the job's status has ``progress``: ``{"<task index>": Newton iterations
-done}`` for each solve task computing in this process (`PROGRESS`; a task that a Celery
-worker, another process, computes is not in it).
+done}`` for each solve task computing: from `PROGRESS` for those computing in this process
+(the local runner), from the store for those a Celery worker computes, whose lease keeper
+writes this process's `PROGRESS` there (NOTE [progress across processes] in
+app/jobs/leases.py).
 """
 
 from __future__ import annotations

@@ -99,9 +99,11 @@ class JobView:
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    # Task index -> Newton iterations of the solve tasks a worker reports computing.
+    progress: dict[int, int] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, row: JobRow) -> JobView:
+    def of(cls, row: JobRow, progress: dict[int, int] | None = None) -> JobView:
         return cls(
             id=row.id,
             status=row.status,
@@ -116,6 +118,7 @@ class JobView:
             updated_at=_aware(row.updated_at) or now(),
             started_at=_aware(row.started_at),
             finished_at=_aware(row.finished_at),
+            progress=progress or {},
         )
 
     def eta_s(self, at: datetime) -> float | None:
@@ -306,8 +309,18 @@ class JobStore:
             return JobView.of(row)
 
     def get_job(self, job_id: str) -> JobView:
+        """The job, with the progress its running solve tasks' workers wrote."""
         with self.reading() as s:
-            return JobView.of(self._job(s, job_id))
+            row = self._job(s, job_id)
+            if row.status != JobStatus.RUNNING:
+                return JobView.of(row)
+            query = select(TaskRow.idx, TaskRow.progress).where(
+                TaskRow.job_id == job_id,
+                TaskRow.status == RUNNING,
+                TaskRow.progress.is_not(None),
+            )
+            found = {idx: n for idx, n in s.execute(query) if n is not None}
+            return JobView.of(row, found)
 
     @staticmethod
     def _job(s: Session, job_id: str) -> JobRow:

@@ -99,6 +99,9 @@ class TaskRow(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Tasks of a job with the same key (function, options, shapes) are chunked together.
     batch_key: Mapped[str | None] = mapped_column(String(64))
+    # A solve task on a Celery worker: Newton iterations done so far (NOTE [progress across
+    # processes] in app/jobs/leases.py).
+    progress: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (Index("ix_jvp_job_tasks_job_status_idx", "job_id", "status", "idx"),)
 

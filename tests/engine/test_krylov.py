@@ -3,6 +3,8 @@ dense systems."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import scipy.sparse.linalg as sla
@@ -116,3 +118,38 @@ def test_gmres_on_a_singular_matrix_says_so() -> None:
     r = gmres(lambda v: singular @ v, torch.tensor([0.0, 1.0], dtype=F64), rtol=1e-10, maxiter=10)
     assert not r.converged and r.reason is not None and "singular" in r.reason
     assert bool(torch.isfinite(r.x).all())
+
+
+@pytest.mark.parametrize("scale", [1e-320, 1e-200, 1e-163, 1e-150, 1.0, 1e150, 1e200, 1e300])
+def test_norm2_neither_underflows_nor_overflows(scale: float) -> None:
+    """Against math.hypot (Python's correctly scaled n-dimensional hypot)."""
+    from app.engine.krylov import norm2
+
+    values = [scale * c for c in (3.0, -4.0, 0.5, 1e-3, 0.0)]
+    v = torch.tensor(values, dtype=torch.float64)
+    assert norm2(v) == pytest.approx(math.hypot(*values), rel=1e-15)
+    assert norm2(torch.zeros(3, dtype=torch.float64)) == 0.0
+    assert norm2(torch.zeros(0, dtype=torch.float64)) == 0.0
+    assert norm2(torch.tensor([1.0, math.inf], dtype=torch.float64)) == math.inf
+    assert math.isnan(norm2(torch.tensor([1.0, math.nan], dtype=torch.float64)))
+
+
+def test_a_solve_near_a_root_at_minus_infinity_reports_its_true_residual() -> None:
+    """exp(u) = 0 from u = 0: each Newton step is -1, so ||f|| = sqrt(n) e^-k; the squares of
+    f underflow long before tol 1e-200, and the solve must not read that as ||f|| = 0."""
+    from app.engine.solve import SolveOperation, SolveOptions
+    from app.engine.target import Materialized
+
+    n = 64
+    exp = Materialized(fn=lambda a, s: (torch.exp(a[0]),), parameters={}, buffers={})
+    options = SolveOptions(method="newton_krylov", tol=1e-200, max_iterations=2000)
+    op = SolveOperation((0,), ("u",), options)
+    (f,), (u,) = op(exp, (torch.zeros(n, dtype=torch.float64),), (None,), {})
+    report = op.report()
+    true_norm = math.hypot(*f.tolist())
+    assert report["converged"] is True
+    assert 0 < true_norm <= 1e-200
+    assert report["residual_norm"] == pytest.approx(true_norm, rel=1e-12)
+    k = math.ceil(200 * math.log(10) + 0.5 * math.log(n))  # the first k with sqrt(n) e^-k <= tol
+    assert report["iterations"] == k
+    torch.testing.assert_close(u, torch.full((n,), -float(k), dtype=torch.float64))

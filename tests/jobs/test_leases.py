@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from app.jobs import blobs
+from app.jobs import blobs, leases
 from app.jobs.celery_backend import chunk_size
 from app.jobs.leases import LeaseKeeper, local_worker_dead, reclaim_lapsed, renew
 from app.jobs.store import JobStore, NewJob, NewTask, Outcome
@@ -143,6 +143,30 @@ def test_lease_keeper_renews_while_the_block_runs(store: JobStore) -> None:
         assert _start(store, job_id, [0], B, lease_s=60) == []
     time.sleep(2.1)  # no longer renewed
     assert _start(store, job_id, [0], B, lease_s=60) == [0]
+
+
+def test_lease_keeper_writes_solve_progress_that_get_job_reads(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NOTE [progress across processes], on both databases."""
+    monkeypatch.setattr(leases, "PROGRESS_INTERVAL_S", 0.05)
+    job_id = _job(store, 4)
+    assert _start(store, job_id, [0, 1, 2], A, lease_s=60) == [0, 1, 2]
+    counts = {0: 3}
+    with LeaseKeeper(store, job_id, [0, 1, 2], worker=A, lease_s=60, progress=counts.get):
+        deadline = time.monotonic() + 10
+        while store.get_job(job_id).progress != {0: 3} and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store.get_job(job_id).progress == {0: 3}
+        counts.update({0: 7, 2: 1})
+        while store.get_job(job_id).progress != {0: 7, 2: 1} and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store.get_job(job_id).progress == {0: 7, 2: 1}
+    # Only the worker holding a running task writes its count; an ended task shows none.
+    leases.write_progress(store, job_id, {1: 5, 3: 9}, worker=B)
+    assert store.get_job(job_id).progress == {0: 7, 2: 1}
+    store.record([_done(job_id, 0, 1.0)], worker=A)
+    assert store.get_job(job_id).progress == {2: 1}
 
 
 def test_chunk_size_by_job() -> None:

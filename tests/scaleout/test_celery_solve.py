@@ -1,16 +1,19 @@
 """Jobs of ``"operation": "solve"`` tasks computed by a real `jvp-service worker` (Celery on
 the real RabbitMQ, the store in the real PostgreSQL), behind a real API process: each
 solution against an independent reference, and the job's ``done``/``progress`` fields as
-README "Batch jobs" documents them (``done`` counts tasks; ``progress`` covers the solve
-tasks computing in the API's own process, so none that a Celery worker computes).
+README "Batch jobs" documents them (``done`` counts tasks; ``progress`` the Newton
+iterations of the running solve tasks, which a Celery worker writes to the store).
 """
 
 from __future__ import annotations
 
+import base64
+import math
 from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 import torch
 from torch.func import jacfwd
 
@@ -103,11 +106,14 @@ def test_compute_solve_tasks_on_a_celery_worker(cluster: Cluster) -> None:
     job = seen[-1]
 
     assert (job["total"], job["done"], job["failed"]) == (4, 4, 1)
-    # done counts tasks (never Newton iterations): monotone, within the total; no
-    # progress, since every task is computed by the Celery worker, not the API process.
+    # done counts tasks (never Newton iterations): monotone, within the total. These
+    # solves take milliseconds, so the worker rarely has a count to report; any it did
+    # report names a solve task that was running (test below: a long one).
     dones = [j["done"] for j in seen]
     assert dones == sorted(dones) and all(0 <= d <= 4 for d in dones)
-    assert all("progress" not in j for j in seen), [j for j in seen if "progress" in j]
+    for j in seen:
+        assert set(j.get("progress", {})) <= {"0", "1", "2", "3"}, j
+        assert all(n >= 1 for n in j.get("progress", {}).values()), j
     running = [j for j in seen if j["status"] == "running"]
     assert running, "the job was never seen running"
     assert all(j["done"] < 4 for j in running)
@@ -173,3 +179,40 @@ def test_solve_task_that_does_not_converge_on_a_celery_worker(cluster: Cluster) 
     assert stopped["solve"]["residual_norm"] > 1e-8
     assert solved["solve"]["converged"] is True
     np.testing.assert_allclose(array(solved["solution"]["u"]), np.cbrt(a), rtol=1e-10)
+
+
+def test_a_long_solve_on_a_celery_worker_reports_its_newton_iterations(cluster: Cluster) -> None:
+    """NOTE [progress across processes]: the worker's count reaches GET /jobs/{id} of an API
+    process through the store, about once a second, while the task runs."""
+    worker = cluster.worker()
+    api = cluster.api()
+    worker.wait_ready()
+    n = 200_000  # exp(u) from u = 0 to ||exp(u)|| <= 1e-300: 697 Newton steps, seconds
+    u0 = {"shape": [n], "dtype": "float64", "b64": base64.b64encode(np.zeros(n).data).decode()}
+    task = {
+        "expression": "exp(u)",
+        "primals": {"u": u0},
+        "unknowns": ["u"],
+        "options": {"encoding": "b64"},
+        "solve_options": {"tol": 1e-300, "max_iterations": 2000},
+    }
+    r = httpx.post(f"{api.url}/jobs", json={"operation": "solve", "tasks": [task]}, timeout=60)
+    assert r.status_code == 202, r.text
+    seen = watch(api.url, r.json()["id"], 180)
+
+    counts = [j["progress"]["0"] for j in seen if "progress" in j]
+    assert counts, "GET /jobs/{id} never showed the running solve's progress"
+    assert counts == sorted(counts) and counts[0] >= 1
+    assert len(set(counts)) >= 2, counts  # it moved while the solve ran
+    assert all(j["status"] == "running" for j in seen if "progress" in j)
+    assert "progress" not in seen[-1]  # completed: nothing is running
+    (result,) = results_of(api.url, r.json()["id"])
+    report = result["solve"]
+    # Each Newton step of exp is exactly -1: the first k with sqrt(n) e^-k <= tol.
+    k = math.ceil(300 * math.log(10) + 0.5 * math.log(n))
+    assert report["converged"] is True and report["iterations"] == k >= counts[-1]
+    f = np.frombuffer(base64.b64decode(result["output"]["b64"]), dtype=np.float64)
+    biggest = float(f.max())
+    true_norm = biggest * math.sqrt(float(np.sum((f / biggest) ** 2)))  # scaled: no underflow
+    assert 0 < true_norm <= 1e-300
+    assert report["residual_norm"] == pytest.approx(true_norm, rel=1e-12)
