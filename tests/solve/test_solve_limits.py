@@ -17,18 +17,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.api.test_limits import LIMITS  # the limits /jvp is tested under
 from tests.conftest import LiveServer, make_client
 from tests.solve.test_solve_http import wire
-
-LIMITS = {
-    "max_body_bytes": 4096,
-    "max_tensor_elements": 10,
-    "max_request_elements": 20,
-    "max_dims": 2,
-    "max_expression_length": 60,
-    "max_expression_nodes": 20,
-    "max_expression_depth": 6,
-}
 
 
 @pytest.fixture(scope="module")
