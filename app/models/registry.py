@@ -111,10 +111,15 @@ def module_target(
         params = {k: v.detach() for k, v in moved.named_parameters()}
         buffers = {k: v.detach() for k, v in moved.named_buffers()}
 
+        stateless = not params and not buffers
+
         def fn(
             args: tuple[torch.Tensor, ...], state: dict[str, torch.Tensor]
         ) -> tuple[torch.Tensor, ...]:
-            out = functional_call(moved, state, args)
+            # A module without parameters or buffers (a PDE residual whose coefficients are
+            # inputs) is called as it is: functional_call would swap nothing in and out, at
+            # 40 µs a call (12% of a JVP of the exported Bratu residual).
+            out = moved(*args) if stateless and not state else functional_call(moved, state, args)
             every = tuple(out) if isinstance(out, (tuple, list)) else (out,)
             return every if select is None else tuple(every[i] for i in select)
 
