@@ -169,6 +169,20 @@ def test_lease_keeper_writes_solve_progress_that_get_job_reads(
     assert store.get_job(job_id).progress == {2: 1}
 
 
+def test_a_chunk_with_gaps_starts_renews_and_writes_only_its_own_tasks(store: JobStore) -> None:
+    """NOTE [runs of indices]: BETWEEN alone only for a run; a chunk with gaps (tasks of two
+    batch keys interleaved) keeps its IN list, on both databases."""
+    job_id = _job(store, 8)
+    assert _start(store, job_id, [1, 3, 6], A, lease_s=60) == [1, 3, 6]
+    assert _start(store, job_id, [2, 3, 4, 5], B, lease_s=60) == [2, 4, 5]  # 3 is A's
+    assert renew(store, job_id, [1, 3, 6], worker=A, lease_s=60) == 3
+    assert renew(store, job_id, [1, 2, 3], worker=A, lease_s=60) == 2  # 2 is B's
+    written = store.record([_done(job_id, i, float(i)) for i in (1, 2, 6)], worker=A)
+    assert written == 2  # 1 and 6; 2 is B's
+    job = store.get_job(job_id)
+    assert (job.done, job.status) == (2, "running")
+
+
 def test_chunk_size_by_job() -> None:
     assert chunk_size(7, 2000, 10**9) == 7  # set: as set
     assert chunk_size(0, 96, 0) == 16  # at least 16
