@@ -149,12 +149,16 @@ def test_public_docs_ask_for_the_key_and_swagger_sends_it(
     """JVP_DOCS_PUBLIC=true with keys on: the page opens without a key, the schema does not;
     a wrong key shows the service's message; the right one renders the operations, marks
     Authorize as authorized, and "Try it out" sends the key (a 200 from GET /models)."""
+    from playwright.sync_api import expect
+
     page, seen = visit(browser, keyed_public_docs)
     page.goto(keyed_public_docs.url + "/docs")
     page.fill("#jvp-key-value", "wrong")
     page.click("#jvp-key button")
-    page.wait_for_function("document.getElementById('jvp-key-error').textContent.length > 0")
-    assert page.inner_text("#jvp-key-error") == "The API key is not valid"
+    # A locator assertion waits in Playwright's own isolated world; wait_for_function's
+    # string polls by eval in the page, which the page's CSP (no unsafe-eval) refuses
+    # whenever the message is not there at the first check.
+    expect(page.locator("#jvp-key-error")).to_have_text("The API key is not valid")
     assert page.locator(".opblock").count() == 0
 
     page.fill("#jvp-key-value", KEY)
