@@ -74,6 +74,11 @@ class SolveOptions:
     line_search: bool = True
 
 
+class SolveDeadlineExceeded(DeadlineExceeded):
+    """The solve itself stopped at the request's deadline (NOTE [a solve's deadline]): its
+    message says how far it got and points to batch jobs."""
+
+
 class Stopped(NonFinite):
     """The solve met a NaN or an infinity; ``what`` is the whole reason, where included."""
 
@@ -94,7 +99,7 @@ class Problem:
 
     def _in_time(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise DeadlineExceeded(
+            raise SolveDeadlineExceeded(
                 f"The solve passed the request's deadline after {self.jvps} products of J and "
                 f"{self.vjps} of Jᵀ, and was stopped (JVP_REQUEST_TIMEOUT_S). Submit it as a "
                 'batch job (POST /jobs with "operation": "solve"), which has no request '

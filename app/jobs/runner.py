@@ -23,16 +23,16 @@ from typing import Any
 from app.engine.batching import work_key
 from app.engine.errors import EngineError, Overloaded
 from app.engine.task import BATCH, JVPResult, JVPTask
-from app.jobs.execute import Finished, prepare, task_error
+from app.jobs.execute import Error, Finished, prepare, task_error
 from app.jobs.store import JobStore, TaskSpec
 from app.jobs.tables import CANCELLED, DONE, FAILED, QUEUED
 from app.services.jvp import JVPService
 
 log = logging.getLogger(__name__)
 
-Prepared = tuple[TaskSpec, JVPTask | None, tuple[str, str, str | None] | None]
+Prepared = tuple[TaskSpec, JVPTask | None, Error | None]
 # A claimed task prepared (or its error), and its result when computed at the claim.
-Claimed = tuple[TaskSpec, JVPTask | None, tuple[str, str, str | None] | None, JVPResult | None]
+Claimed = tuple[TaskSpec, JVPTask | None, Error | None, JVPResult | None]
 
 
 def _work(claimed: Prepared) -> tuple[str, Hashable | None] | None:
@@ -179,11 +179,11 @@ class LocalRunner:
         specs = self.store.claim(limit, skip_jobs=skip)
         claimed = [(spec, *prepare(self.service, spec)) for spec in specs]
         out: list[Claimed] = []
-        for _, group in itertools.groupby(claimed, key=_work):
+        for work, group in itertools.groupby(claimed, key=_work):
             run = list(group)
-            tasks = [task for _, task, _ in run if task is not None]
             results: list[JVPResult | None] = [None] * len(run)
-            if len(tasks) == len(run):
+            if work is not None:  # prepared tasks of one work (None: their errors)
+                tasks = [task for _, task, _ in run if task is not None]
                 with contextlib.suppress(EngineError):  # the engine not ready: queue them
                     results = list(self.service.engine.run_together(tasks) or results)
             out += [(*c, result) for c, result in zip(run, results, strict=True)]

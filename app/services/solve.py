@@ -30,7 +30,13 @@ import torch
 from app.engine.abstract import Bounds, Estimate, check_deadline
 from app.engine.devices import DTYPE_NAMES
 from app.engine.errors import DeadlineExceeded, InvalidRequest, TooLarge
-from app.engine.solve import LINE_SEARCH_STEPS, SolveOperation, SolveOptions, check_square
+from app.engine.solve import (
+    LINE_SEARCH_STEPS,
+    SolveDeadlineExceeded,
+    SolveOperation,
+    SolveOptions,
+    check_square,
+)
 from app.engine.task import JVPTask
 from app.schemas import JVPOptions, JVPRequest
 from app.schemas_solve import SolveRequest
@@ -251,7 +257,7 @@ class SolveService:
             # The await gives up at the deadline, as the solve does at its next product
             # (NOTE [a solve's deadline]): the first usually wins, so its 504 says what the
             # solve's would have said.
-            if '"operation": "solve"' in e.message:
+            if isinstance(e, SolveDeadlineExceeded):
                 raise
             raise DeadlineExceeded(
                 f"The solve did not finish within the request's deadline of {timeout_s:g} s "
