@@ -1,9 +1,7 @@
-"""${message}
-
-Revision ID: ${up_revision}
-Revises: ${down_revision | comma,n}
-Create Date: ${create_date}
-"""
+## The ids are said once, in `revision` and `down_revision` (not again in the docstring);
+## branch_labels and depends_on only where a migration has them: Alembic reads both with
+## a default of none (alembic/script/base.py, Script.__init__).
+"""${message}"""
 
 from __future__ import annotations
 
@@ -13,8 +11,12 @@ ${imports if imports else ""}
 
 revision = ${repr(up_revision)}
 down_revision = ${repr(down_revision)}
+% if branch_labels:
 branch_labels = ${repr(branch_labels)}
+% endif
+% if depends_on:
 depends_on = ${repr(depends_on)}
+% endif
 
 
 def upgrade() -> None:

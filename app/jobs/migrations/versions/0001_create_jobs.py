@@ -1,9 +1,4 @@
-"""Create the job store: jobs and their tasks.
-
-Revision ID: 0001
-Revises:
-Create Date: 2025-01-01
-"""
+"""Create the job store: jobs and their tasks."""
 
 from __future__ import annotations
 
@@ -12,8 +7,6 @@ from alembic import op
 
 revision = "0001"
 down_revision = None
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

@@ -1,9 +1,5 @@
 """Scale-out columns: which worker ran a task, the batch key tasks are chunked by, and when
 a job's task ids went to the broker.
-
-Revision ID: 0002
-Revises: 0001
-Create Date: 2025-02-01
 """
 
 from __future__ import annotations
@@ -13,8 +9,6 @@ from alembic import op
 
 revision = "0002"
 down_revision = "0001"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

@@ -1,9 +1,5 @@
 """Task leases: until when the worker computing a task holds it (NOTE [task leases] in
 app/jobs/leases.py). A running task whose lease lapsed goes back to the queue.
-
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-12-02
 """
 
 from __future__ import annotations
@@ -13,8 +9,6 @@ from alembic import op
 
 revision = "0003"
 down_revision = "0002"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

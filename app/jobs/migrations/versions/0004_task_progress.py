@@ -1,10 +1,6 @@
 """Task progress: the Newton iterations a solve task computing on a Celery worker has done,
 written by that worker while it computes, read by GET /jobs/{id} in any API process (NOTE
 [progress across processes] in app/jobs/leases.py).
-
-Revision ID: 0004
-Revises: 0003
-Create Date: 2026-12-02
 """
 
 from __future__ import annotations
@@ -14,8 +10,6 @@ from alembic import op
 
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
