@@ -107,44 +107,45 @@ def _reshape(x: Tensor, *shape: int) -> Tensor:
     return torch.reshape(x, shape)
 
 
-def _unary(name: str, impl: Callable[[Tensor], Tensor], description: str) -> FunctionSpec:
+def _unary(name: str, description: str) -> FunctionSpec:
+    impl = functions.ACCURATE.get(name) or getattr(torch, name)
     return FunctionSpec(f"{name}(x)", description, impl)
 
 
-# Functions whose native formula loses accuracy take their accurate form from
-# functions.ACCURATE (NOTE [accurate elementwise functions]).
-_UNARY: dict[str, tuple[Callable[[Tensor], Tensor], str]] = {
-    "sin": (torch.sin, "sine"),
-    "cos": (torch.cos, "cosine"),
-    "tan": (torch.tan, "tangent"),
-    "asin": (functions.ACCURATE["asin"], "inverse sine, domain [-1, 1]"),
-    "acos": (functions.ACCURATE["acos"], "inverse cosine, domain [-1, 1]"),
-    "atan": (torch.atan, "inverse tangent"),
-    "sinh": (functions.ACCURATE["sinh"], "hyperbolic sine"),
-    "cosh": (functions.ACCURATE["cosh"], "hyperbolic cosine"),
-    "tanh": (functions.ACCURATE["tanh"], "hyperbolic tangent"),
-    "asinh": (functions.ACCURATE["asinh"], "inverse hyperbolic sine"),
-    "acosh": (functions.ACCURATE["acosh"], "inverse hyperbolic cosine, domain [1, inf)"),
-    "atanh": (functions.ACCURATE["atanh"], "inverse hyperbolic tangent, domain (-1, 1)"),
-    "exp": (torch.exp, "e**x"),
-    "expm1": (functions.ACCURATE["expm1"], "e**x - 1, accurate near 0"),
-    "log": (torch.log, "natural logarithm"),
-    "log1p": (torch.log1p, "log(1 + x), accurate near 0"),
-    "log2": (functions.ACCURATE["log2"], "base-2 logarithm"),
-    "log10": (functions.ACCURATE["log10"], "base-10 logarithm"),
-    "sqrt": (torch.sqrt, "square root"),
-    "rsqrt": (torch.rsqrt, "1 / sqrt(x)"),
-    "abs": (torch.abs, "absolute value"),
-    "sigmoid": (functions.ACCURATE["sigmoid"], "1 / (1 + e**-x)"),
-    "relu": (torch.relu, "max(x, 0)"),
-    "softplus": (functions.softplus, "log(1 + e**x), exact for all x (no threshold)"),
-    "gelu": (functions.ACCURATE["gelu"], "x * Phi(x), the exact (erf) form"),
-    "silu": (functions.ACCURATE["silu"], "x * sigmoid(x)"),
-    "erf": (torch.erf, "error function"),
+# name -> what it computes. The function is functions.ACCURATE's where the native formula
+# loses accuracy (NOTE [accurate elementwise functions]), torch's of that name otherwise.
+_UNARY: dict[str, str] = {
+    "sin": "sine",
+    "cos": "cosine",
+    "tan": "tangent",
+    "asin": "inverse sine, domain [-1, 1]",
+    "acos": "inverse cosine, domain [-1, 1]",
+    "atan": "inverse tangent",
+    "sinh": "hyperbolic sine",
+    "cosh": "hyperbolic cosine",
+    "tanh": "hyperbolic tangent",
+    "asinh": "inverse hyperbolic sine",
+    "acosh": "inverse hyperbolic cosine, domain [1, inf)",
+    "atanh": "inverse hyperbolic tangent, domain (-1, 1)",
+    "exp": "e**x",
+    "expm1": "e**x - 1, accurate near 0",
+    "log": "natural logarithm",
+    "log1p": "log(1 + x), accurate near 0",
+    "log2": "base-2 logarithm",
+    "log10": "base-10 logarithm",
+    "sqrt": "square root",
+    "rsqrt": "1 / sqrt(x)",
+    "abs": "absolute value",
+    "sigmoid": "1 / (1 + e**-x)",
+    "relu": "max(x, 0)",
+    "softplus": "log(1 + e**x), exact for all x (no threshold)",
+    "gelu": "x * Phi(x), the exact (erf) form",
+    "silu": "x * sigmoid(x)",
+    "erf": "error function",
 }
 
 ALLOWED_FUNCTIONS: Mapping[str, FunctionSpec] = MappingProxyType(
-    {name: _unary(name, impl, doc) for name, (impl, doc) in _UNARY.items()}
+    {name: _unary(name, doc) for name, doc in _UNARY.items()}
     | {
         "atan2": FunctionSpec("atan2(y, x)", "angle of the point (x, y)", functions.atan2, 2),
         "pow": FunctionSpec("pow(a, b)", "a ** b", torch.pow, 2),
@@ -205,7 +206,7 @@ ALLOWED_OPERATORS: tuple[str, ...] = tuple(sym for sym, _ in _BINARY_OPS.values(
 # (broadcast) index: the unary functions, the elementwise binary ones, negation.
 _ELEMENTWISE: frozenset[Callable[..., Tensor]] = frozenset(
     [
-        *(impl for impl, _ in _UNARY.values()),
+        *(ALLOWED_FUNCTIONS[name].impl for name in _UNARY),
         *(functions.atan2, torch.pow, torch.minimum, torch.maximum, torch.clamp, torch.neg),
         *(impl for _, impl in _BINARY_OPS.values() if impl is not torch.matmul),
     ]

@@ -318,6 +318,7 @@ ACCURATE: dict[str, Callable[[Tensor], Tensor]] = {
     "expm1": _elementwise("Expm1", torch.expm1, torch.exp),
     "log2": _elementwise("Log2", torch.log2, _log2_derivative),
     "log10": _elementwise("Log10", torch.log10, _log10_derivative),
+    "softplus": softplus,
 }
 """Expression function name -> its accurate form (NOTE [accurate elementwise functions])."""
 
