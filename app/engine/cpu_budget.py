@@ -54,7 +54,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Hashable, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -186,6 +186,7 @@ def _positive_int(text: str | None) -> int | None:
 LARGE_WORK_MS = 2.0
 
 
+@dataclass(eq=False)
 class StepThreads:
     """Per device-worker step, the intra-op threads: one for small work, the pool for large
     (NOTE [CPU threads]). Small work gains nothing from a team, and a team is what stalls
@@ -194,27 +195,21 @@ class StepThreads:
     `torch.set_num_threads`, which sets the calling thread's OpenMP team size only (and
     costs well under a microsecond), so call `before` on the worker's own thread."""
 
-    def __init__(
-        self,
-        pool: int,
-        set_threads: Callable[[int], None],
-        *,
-        large_ms: float = LARGE_WORK_MS,
-        max_keys: int = 1024,
-    ) -> None:
-        self.pool = pool
-        self.large_ms = large_ms
-        self.max_keys = max_keys
-        self._set = set_threads
-        self._now = 0  # what was last set (0: not yet)
-        self._single_ms: dict[Hashable, float] = {}  # CPU ms of one item on one thread
+    pool: int
+    set_threads: Callable[[int], None]
+    _: KW_ONLY
+    large_ms: float = LARGE_WORK_MS
+    max_keys: int = 1024
+    _now: int = field(default=0, init=False)  # what was last set (0: not yet)
+    # CPU ms of one item on one thread, by work key
+    _single_ms: dict[Hashable, float] = field(default_factory=dict, init=False)
 
     def before(self, key: Hashable | None, items: int = 1) -> int:
         """Set the threads for a step of ``items`` items of work ``key``; the count set."""
         cost = self._single_ms.get(key) if key is not None else None
         want = self.pool if cost is not None and cost * items >= self.large_ms else 1
         if want != self._now:
-            self._set(want)
+            self.set_threads(want)
             self._now = want
         return want
 
