@@ -68,6 +68,17 @@ def plan_threads(settings: Settings, metrics: Metrics | None) -> cpu_budget.CPUP
     return cpu
 
 
+@dataclass(frozen=True)
+class Services:
+    """The HTTP-free services (app/services/) the routes and the job runners call."""
+
+    jvp: JVPService
+    derivatives: DerivativeService
+    vjp: VJPService
+    solve: SolveService
+    shapes: ShapeService  # /eval_shape, over the other four
+
+
 @dataclass
 class Runtime:
     """One process's engine, models and services; `jobs` once `start` opened the job store."""
@@ -75,15 +86,11 @@ class Runtime:
     settings: Settings
     engine: Engine
     registry: ModelRegistry
-    service: JVPService
-    derivatives: DerivativeService
+    services: Services
     sweeper: SessionSweeper
-    shapes: ShapeService
-    vjp: VJPService
     metrics: Metrics | None = None
     jobs: JobService | None = None
     cpu: str = ""  # the thread plan, in words, for the start-up summary
-    solve: SolveService | None = None  # POST /solve (set by `build`)
 
     def start_engine(self) -> None:
         """Warm every device up, then take work (all a Celery worker starts)."""
@@ -100,7 +107,7 @@ class Runtime:
             # showed as the p99 latency of small requests under load.
             gc.collect()
             gc.freeze()
-            self.jobs = await start_jobs(self.settings, self.service)  # after the engine
+            self.jobs = await start_jobs(self.settings, self.services.jvp)  # after the engine
             names = [m.name for m in self.registry.all()]
             devices = [str(d) for d in self.engine.workers]
             log.info("%s", startup_summary(self.settings, names, devices, self.cpu))
@@ -139,10 +146,7 @@ def build(settings: Settings, *, metrics: Metrics | None = None, plan_cpu: bool 
         metrics.bind_engine(engine)
     vjp = VJPService(service, derivatives.store)
     solve = SolveService(service)
-    shapes = ShapeService(derivatives, vjp, solve)
-    runtime = Runtime(
-        settings, engine, registry, service, derivatives, sweeper, shapes, vjp, metrics
-    )
-    runtime.solve = solve
+    services = Services(service, derivatives, vjp, solve, ShapeService(derivatives, vjp, solve))
+    runtime = Runtime(settings, engine, registry, services, sweeper, metrics)
     runtime.cpu = cpu.describe() if plan_cpu else f"{torch.get_num_threads()} thread(s)"
     return runtime

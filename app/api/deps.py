@@ -55,17 +55,11 @@ async def metrics(request: Request) -> Metrics:
 
 engine = _of_runtime(lambda r: r.engine)
 registry = _of_runtime(lambda r: r.registry)
-jvp_service = _of_runtime(lambda r: r.service)
-derivative_service = _of_runtime(lambda r: r.derivatives)
-vjp_service = _of_runtime(lambda r: r.vjp)
-shape_service = _of_runtime(lambda r: r.shapes)
-
-
-async def solve_service(request: Request) -> SolveService:
-    """The solve service (`build` sets it after the services it drives)."""
-    runtime: Runtime = request.app.state.runtime
-    assert runtime.solve is not None, "app/runtime.py builds the solve service"
-    return runtime.solve
+jvp_service = _of_runtime(lambda r: r.services.jvp)
+derivative_service = _of_runtime(lambda r: r.services.derivatives)
+vjp_service = _of_runtime(lambda r: r.services.vjp)
+shape_service = _of_runtime(lambda r: r.services.shapes)
+solve_service = _of_runtime(lambda r: r.services.solve)
 
 
 async def job_service(request: Request) -> JobService:

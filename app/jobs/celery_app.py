@@ -102,7 +102,7 @@ class WorkerRuntime:
             self.worker_id,
             ", ".join(str(d) for d in built.engine.devices),
         )
-        return built.service
+        return built.services.jvp
 
     def compute(self, specs: list[TaskSpec]) -> list[Finished]:
         """Prepare each task as /jvp would; a chunk of tiny tasks of one work computes as

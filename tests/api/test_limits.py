@@ -263,7 +263,7 @@ def test_create_jvp_out_of_memory_frees_request_tensors(monkeypatch: pytest.Monk
     with make_client() as c:
         module = HoldsTensors()
         serve(c, "holds", module)
-        service = c.app.state.runtime.service  # type: ignore[attr-defined]
+        service = c.app.state.runtime.services.jvp  # type: ignore[attr-defined]
         request_tensors: list[weakref.ref[torch.Tensor]] = []
         prepare = service.prepare
 

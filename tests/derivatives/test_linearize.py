@@ -124,7 +124,7 @@ def test_create_linearized_jvp_unknown_id_is_404(client: TestClient) -> None:
 
 def test_create_linearized_jvp_after_ttl_is_404() -> None:
     with make_client(linearize_ttl_s=30.0) as c:
-        store = c.app.state.runtime.derivatives.store  # type: ignore[attr-defined]
+        store = c.app.state.runtime.services.derivatives.store  # type: ignore[attr-defined]
         now = [1_000_000.0]
         store.clock = lambda: now[0]
         made = post(c, "/linearize", {"expression": "x**2", "primals": {"x": [3.0]}})
@@ -143,7 +143,7 @@ def test_sweep_drops_expired_sessions() -> None:
     # A TTL long enough that the three sessions all exist before the first expires,
     # even on a loaded machine; the sweep runs every 50 ms.
     with make_client(linearize_ttl_s=3.0, linearize_sweep_s=0.05) as c:
-        store = c.app.state.runtime.derivatives.store  # type: ignore[attr-defined]
+        store = c.app.state.runtime.services.derivatives.store  # type: ignore[attr-defined]
         for _ in range(3):
             post(c, "/linearize", {"expression": "exp(x)", "primals": {"x": [1.0, 2.0]}})
         assert len(store) == 3 and store.used_bytes > 0
@@ -169,7 +169,7 @@ def test_create_linearization_over_session_limit_is_413() -> None:
         message = r.json()["error"]["message"]
         assert f"holds about {size} bytes" in message
         assert f"the limit per session is {size - 1} (JVP_LINEARIZE_MAX_SESSION_BYTES)" in message
-        assert len(c.app.state.runtime.derivatives.store) == 0  # type: ignore[attr-defined]
+        assert len(c.app.state.runtime.services.derivatives.store) == 0  # type: ignore[attr-defined]
 
 
 def test_create_linearization_over_budget_is_503_until_one_is_deleted() -> None:

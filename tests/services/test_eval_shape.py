@@ -356,7 +356,7 @@ def test_request_past_bytes_or_flops_limit_is_413_on_every_route(
 def test_request_bytes_default_is_a_quarter_of_the_machines_memory(client: TestClient) -> None:
     import os
 
-    service = client.app.state.runtime.service  # type: ignore[attr-defined]
+    service = client.app.state.runtime.services.jvp  # type: ignore[attr-defined]
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cpu = service.bounds[torch.device("cpu")]
     assert 0 < cpu.max_bytes <= total // 4
