@@ -31,10 +31,13 @@ def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
 def _served(
     name: str,
     description: str,
-    module: nn.Module,
-    inputs: list[TensorSpec],
-    example_inputs: dict[str, list[int]] | None = None,
+    weights: tuple[int, Callable[[], nn.Module]],
+    x_shape: tuple[int, ...],
+    example_x: list[int] | None = None,
 ) -> ServedModel:
+    """A built-in of one float32 input ``x``; ``weights``: the seed and what to make under it."""
+    module = _seeded(*weights)
+    inputs = [TensorSpec("x", x_shape, "float32")]
     return ServedModel(
         name=name,
         description=description,
@@ -44,52 +47,43 @@ def _served(
         outputs=1,
         parameters=specs_of(module.named_parameters()),
         buffers=specs_of(module.named_buffers()),
-        config={"example_inputs": example_inputs or {}},
+        config={"example_inputs": {"x": example_x} if example_x else {}},
     )
 
 
 def linear() -> ServedModel:
     """The forward-AD tutorial's model: ``nn.Linear(5, 5)``."""
-    module = _seeded(0, lambda: nn.Linear(5, 5))
-    return _served(
-        "linear",
-        "nn.Linear(5, 5), the PyTorch forward-AD tutorial's model (seed 0).",
-        module,
-        [TensorSpec("x", (-1, 5), "float32")],
-    )
+    description = "nn.Linear(5, 5), the PyTorch forward-AD tutorial's model (seed 0)."
+    return _served("linear", description, (0, lambda: nn.Linear(5, 5)), (-1, 5))
+
+
+def _mlp_module() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 64))
 
 
 def mlp() -> ServedModel:
     """A small tanh MLP: 64 -> 256 -> 64."""
-    module = _seeded(1, lambda: nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 64)))
-    return _served(
-        "mlp",
-        "Tanh MLP 64 -> 256 -> 64 (Linear, Tanh, Linear; seed 1).",
-        module,
-        [TensorSpec("x", (-1, 64), "float32")],
+    description = "Tanh MLP 64 -> 256 -> 64 (Linear, Tanh, Linear; seed 1)."
+    return _served("mlp", description, (1, _mlp_module), (-1, 64))
+
+
+def _convnet_module() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 14 * 14, 10),
     )
 
 
 def convnet() -> ServedModel:
     """A small CNN for 28x28 one-channel images: conv-relu-pool-linear, 10 outputs."""
-    module = _seeded(
-        2,
-        lambda: nn.Sequential(
-            nn.Conv2d(1, 8, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(8 * 14 * 14, 10),
-        ),
-    )
-    return _served(
-        "convnet",
+    description = (
         "CNN for [-1, 1, 28, 28] images: Conv2d(1, 8, 3, padding 1), ReLU, MaxPool2d(2), "
-        "Linear(1568, 10) (seed 2).",
-        module,
-        [TensorSpec("x", (-1, 1, 28, 28), "float32")],
-        {"x": [2, 1, 28, 28]},
+        "Linear(1568, 10) (seed 2)."
     )
+    return _served("convnet", description, (2, _convnet_module), (-1, 1, 28, 28), [2, 1, 28, 28])
 
 
 class SelfAttention(nn.Module):
@@ -175,16 +169,12 @@ def _transformer_module() -> nn.Module:
 def transformer() -> ServedModel:
     """A 2-layer pre-norm transformer encoder, d_model 32, 2 heads, whose attention has a
     hand-written JVP (so it works where fused attention kernels have none)."""
-    module = _seeded(3, _transformer_module)
-    return _served(
-        "transformer",
+    description = (
         "Transformer encoder: 2 pre-norm layers (d_model 32, 2 heads, GELU MLP 64, layer norm), "
         "final layer norm; input x [batch, sequence, 32]. Attention is a custom autograd "
-        "Function with its own JVP. Weights: nn.TransformerEncoder's initialisation (seed 3).",
-        module,
-        [TensorSpec("x", (-1, -1, 32), "float32")],
-        {"x": [2, 8, 32]},
+        "Function with its own JVP. Weights: nn.TransformerEncoder's initialisation (seed 3)."
     )
+    return _served("transformer", description, (3, _transformer_module), (-1, -1, 32), [2, 8, 32])
 
 
 BUILTINS = (linear, mlp, convnet, transformer)
