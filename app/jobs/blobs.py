@@ -14,32 +14,45 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import TensorSpec, serialize
 from safetensors.torch import load
 
+from app.wire.codec import RawTensor
+
 GROUPS = ("primals", "tangents", "parameter_tangents")
 
 
-def _save(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """The safetensors bytes of ``tensors`` (the same bytes as `safetensors.torch.save`).
+def _save(tensors: Mapping[str, torch.Tensor | RawTensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors bytes of ``tensors`` (the same bytes as `safetensors.torch.save`);
+    a `RawTensor` is written from its bytes as they came (NOTE [tensors kept as they came]).
 
     NOTE [raw tensor specs]: `safetensors.torch.save` checks every tensor for shared
     memory, goes through numpy and sums shapes with `numpy.prod`: 80 us for a task's four
     small tensors, 0.17 ms a task with the clones it needs, most of a 2,000-task POST /jobs
     (bench/README.md, "Job throughput"). Its own `serialize` on specs of each tensor's
     memory takes 9 us; the specs point into `keep`, alive until `serialize` returns."""
-    keep = [t.detach().cpu().contiguous() for t in tensors.values()]
+    keep = [_memory(t) for t in tensors.values()]
     specs = {
         name: TensorSpec(
             dtype=str(t.dtype).removeprefix("torch."),
             shape=list(t.shape),
-            data_ptr=t.data_ptr(),
-            data_len=t.numel() * t.element_size(),
+            data_ptr=ptr,
+            data_len=size,
         )
-        for name, t in zip(tensors, keep, strict=True)
+        for name, t, (_, ptr, size) in zip(tensors, tensors.values(), keep, strict=True)
     }
     return bytes(serialize(specs, metadata=metadata))
+
+
+def _memory(t: torch.Tensor | RawTensor) -> tuple[object, int, int]:
+    """What holds a tensor's bytes (to keep alive), their address and their length."""
+    if isinstance(t, RawTensor):
+        array = np.frombuffer(t.data, dtype=np.uint8)
+        return array, array.ctypes.data, len(t.data)
+    t = t.detach().cpu().contiguous()
+    return t, t.data_ptr(), t.numel() * t.element_size()
 
 
 def metadata(blob: bytes) -> dict[str, str]:
@@ -57,7 +70,7 @@ def header(blob: bytes) -> bytes:
     return blob[8 : 8 + length]
 
 
-def dump_inputs(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> bytes:
+def dump_inputs(groups: Mapping[str, Mapping[str, torch.Tensor | RawTensor]]) -> bytes:
     flat = {f"{group}.{name}": t for group, named in groups.items() for name, t in named.items()}
     return _save(flat, {"kind": "jvp-task-inputs"})
 

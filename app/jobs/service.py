@@ -29,7 +29,7 @@ from app.jobs.solve_tasks import progress, rhs_group
 from app.jobs.store import JobStore, JobView, NewJob, NewTask, StoredTask, now
 from app.models.registry import ModelRegistry
 from app.services.jvp import JVPService, expression_target
-from app.wire.codec import decode_tensor, encode_tensor
+from app.wire.codec import RawTensor, decode_stored, encode_tensor
 
 
 def job_sha256(body: JobCreate) -> str:
@@ -202,14 +202,14 @@ class JobService:
     ) -> bytes:
         """``form``: a vjp task's cotangent form (`app.jobs.operations.task_options`);
         ``rhs``: a solve task's (`app.jobs.solve_tasks.solve_options`)."""
-        groups: dict[str, dict[str, torch.Tensor]] = {}
+        groups: dict[str, dict[str, torch.Tensor | RawTensor]] = {}
         extra = {"cotangents": cotangent_group(task, form)} if form is not None else {}
         if rhs is not None:
             extra["rhs"] = rhs_group(task, rhs)
         for group in (*blobs.GROUPS, *extra):
             given: dict[str, Any] = extra[group] if group in extra else getattr(task, group)
             groups[group] = {
-                name: decode_tensor(
+                name: decode_stored(
                     value,
                     param=f"{group}.{name}",
                     default_dtype=dtype,

@@ -13,6 +13,7 @@ import binascii
 import itertools
 import math
 import reprlib
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -197,13 +198,60 @@ def decode_tensor(
     is a 422 naming the tensor, not a 500. (Their RuntimeErrors pass: an allocation that
     fails is an out-of-memory, answered as such by app/api/errors.py.)
     """
-    try:
+    with _Malformed(param):
         return _decode(value, param=param, default_dtype=default_dtype, limits=limits)
-    except (ValueError, TypeError, OverflowError, IndexError) as e:
-        raise InvalidRequest(
-            f"Tensor '{param}' cannot be built: {type(e).__name__}: {str(e)[:200]}",
-            param=param,
-        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class RawTensor:
+    """A b64 request tensor checked as `decode_tensor` checks it and kept as the bytes it
+    came in (little-endian, row-major), not decoded (NOTE [tensors kept as they came])."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    data: bytes
+
+
+# NOTE [tensors kept as they came]: the job store keeps a task's tensors as safetensors
+# bytes, and on a little-endian machine those are the b64 form's bytes as they are.
+# Decoding such a tensor to torch only to serialize it again took half of POST /jobs's
+# CPU (bench/README.md, "Job throughput"): `decode_stored` checks a b64 tensor as
+# `decode_tensor` does, with the same messages, and keeps its bytes. The other forms,
+# and every tensor on a big-endian machine, are decoded to torch.
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def decode_stored(
+    value: Any, *, param: str, default_dtype: torch.dtype, limits: Limits
+) -> torch.Tensor | RawTensor:
+    """`decode_tensor` for a tensor that is only stored: a b64 one stays bytes."""
+    with _Malformed(param):
+        if _LITTLE_ENDIAN and isinstance(value, dict) and "b64" in value:
+            shape, dtype = _header(value, param, limits)
+            return RawTensor(dtype, shape, _b64_bytes(value["b64"], shape, dtype, param))
+        return _decode(value, param=param, default_dtype=default_dtype, limits=limits)
+
+
+class _Malformed:
+    """What numpy or torch raise on a malformed tensor, as a 422 naming it (a class, not a
+    contextlib generator: it wraps every tensor of a request)."""
+
+    __slots__ = ("param",)
+
+    def __init__(self, param: str) -> None:
+        self.param = param
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, _: Any) -> None:
+        if kind is not None and issubclass(
+            kind, (ValueError, TypeError, OverflowError, IndexError)
+        ):
+            raise InvalidRequest(
+                f"Tensor '{self.param}' cannot be built: {kind.__name__}: {str(e)[:200]}",
+                param=self.param,
+            ) from None
 
 
 def _decode(value: Any, *, param: str, default_dtype: torch.dtype, limits: Limits) -> torch.Tensor:
@@ -229,7 +277,10 @@ def _from_float64(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(array).to(dtype)
 
 
-def _decode_object(value: dict[str, Any], *, param: str, limits: Limits) -> torch.Tensor:
+def _header(
+    value: dict[str, Any], param: str, limits: Limits
+) -> tuple[tuple[int, ...], torch.dtype]:
+    """The checked shape and dtype of a tensor object (form 2 or 3)."""
     unknown = set(value) - {"shape", "dtype", "data", "b64"}
     if unknown:
         raise InvalidRequest(
@@ -244,9 +295,13 @@ def _decode_object(value: dict[str, Any], *, param: str, limits: Limits) -> torc
     if ("data" in value) == ("b64" in value):
         raise InvalidRequest(f"Tensor '{param}' needs exactly one of 'data' or 'b64'", param=param)
     shape = _check_shape(value["shape"], param, limits)
-    dtype = parse_dtype(value["dtype"], param=f"{param}.dtype")
-    count = math.prod(shape)
+    return shape, parse_dtype(value["dtype"], param=f"{param}.dtype")
+
+
+def _decode_object(value: dict[str, Any], *, param: str, limits: Limits) -> torch.Tensor:
+    shape, dtype = _header(value, param, limits)
     if "data" in value:
+        count = math.prod(shape)
         array = _numbers(value["data"], param)
         if array.size != count:
             raise InvalidRequest(
@@ -255,12 +310,16 @@ def _decode_object(value: dict[str, Any], *, param: str, limits: Limits) -> torc
                 param=param,
             )
         return _from_float64(array.reshape(shape), dtype)
-    return _decode_b64(value["b64"], shape, dtype, param)
+    raw = _b64_bytes(value["b64"], shape, dtype, param)
+    if dtype == torch.bfloat16:  # numpy has no bfloat16: read the bits as int16
+        bits = np.frombuffer(raw, dtype="<i2").astype(np.int16, copy=True)
+        return torch.from_numpy(bits).view(torch.bfloat16).reshape(shape)
+    array = np.frombuffer(raw, dtype=_NUMPY_OF[dtype]).astype(_NATIVE_OF[dtype])
+    return torch.from_numpy(array).reshape(shape)
 
 
-def _decode_b64(
-    text: object, shape: tuple[int, ...], dtype: torch.dtype, param: str
-) -> torch.Tensor:
+def _b64_bytes(text: object, shape: tuple[int, ...], dtype: torch.dtype, param: str) -> bytes:
+    """The bytes of a b64 tensor, checked to be as many as its shape and dtype need."""
     if not isinstance(text, str):
         raise InvalidRequest(f"Tensor '{param}.b64' must be a base64 string", param=f"{param}.b64")
     try:
@@ -277,11 +336,7 @@ def _decode_b64(
             f"{expected} bytes; its b64 holds {len(raw)}",
             param=f"{param}.b64",
         )
-    if dtype == torch.bfloat16:  # numpy has no bfloat16: read the bits as int16
-        bits = np.frombuffer(raw, dtype="<i2").astype(np.int16, copy=True)
-        return torch.from_numpy(bits).view(torch.bfloat16).reshape(shape)
-    array = np.frombuffer(raw, dtype=_NUMPY_OF[dtype]).astype(_NATIVE_OF[dtype])
-    return torch.from_numpy(array).reshape(shape)
+    return raw
 
 
 def encode_tensor(tensor: torch.Tensor, *, encoding: str) -> dict[str, Any]:

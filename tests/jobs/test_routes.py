@@ -97,6 +97,39 @@ def test_run_job_matches_torch_jvp(jobs_client: TestClient) -> None:
         torch.testing.assert_close(from_wire(r["jvp"]), jvp, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_b64_tasks_answer_as_jvp_does_at_edge_points(jobs_client: TestClient, dtype: torch.dtype):
+    """A b64 task's tensors are stored as their bytes (NOTE [tensors kept as they came]):
+    its output and J·v are bit for bit those of POST /jvp on the same body, and equal
+    torch.func.jvp's, at 0, -0, tiny, huge and infinite points."""
+    x = torch.tensor([0.0, -0.0, 1e-30, -2.5, 3e4, float("inf"), 1.0, -1e-6], dtype=dtype)
+    y = torch.tensor([1.0, -1.0, 1e30, 0.5, -0.0, 2.0, float("-inf"), 7.0], dtype=dtype)
+    v = torch.tensor([1.0, -2.0, 0.0, 1e-3, 1.0, 0.0, 0.0, 3.0], dtype=dtype)
+    task = {
+        "primals": {"x": to_wire(x, "b64"), "y": to_wire(y, "b64")},
+        "tangents": {"x": to_wire(v, "b64")},
+    }
+    expression, options = "x * tanh(y) + sin(x)", {"dtype": str(dtype).removeprefix("torch.")}
+    response = jobs_client.post(
+        "/jobs", json={"expression": expression, "options": options, "tasks": [task, task]}
+    )
+    assert response.status_code == 202, response.text
+    job = wait_finished(jobs_client, response.json()["id"])
+    assert (job["done"], job["failed"]) == (2, 0)
+    direct = jobs_client.post("/jvp", json={"expression": expression, "options": options, **task})
+    assert direct.status_code == 200, direct.text
+    out, jvp = torch.func.jvp(
+        lambda x, y: x * torch.tanh(y) + torch.sin(x), (x, y), (v, torch.zeros_like(y))
+    )
+    for r in all_results(jobs_client, job["id"]):
+        for key, reference in (("output", out), ("jvp", jvp)):
+            got = from_wire(r[key])
+            assert got.dtype == dtype
+            same = from_wire(direct.json()[key])
+            torch.testing.assert_close(got, same, rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(got, reference, equal_nan=True)
+
+
 def test_run_job_with_task_overrides(jobs_client: TestClient) -> None:
     linear = next(m for m in (make() for make in BUILTINS) if m.name == "linear")
     x = torch.randn(2, 5, dtype=torch.float64)
