@@ -112,6 +112,49 @@ def serve(env: dict[str, str], log: Any) -> tuple[subprocess.Popen[bytes], str]:
 
 
 POSTS: list[float] = []  # seconds each timed POST /jobs took to answer 202
+CPUS: list[dict[str, float]] = []  # CPU seconds each timed job took, by kind of process
+KINDS = ("API", "workers", "PostgreSQL", "RabbitMQ", "Redis", "bench", "other")
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """Each process's CPU seconds so far (user + system, from /proc) and its kind; empty
+    where there is no /proc."""
+    found: dict[int, tuple[str, float]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # it ended meanwhile
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
+        utime, stime = fields.split()[11:13]
+        found[int(entry.name)] = (
+            kind_of(int(entry.name), name, cmd),
+            (int(utime) + int(stime)) / TICK,
+        )
+    return found
+
+
+def kind_of(pid: int, name: str, cmd: str) -> str:
+    if "app.cli serve" in cmd:
+        return "API"
+    if "app.cli worker" in cmd:
+        return "workers"
+    if name.startswith("postgres"):
+        return "PostgreSQL"
+    if name.startswith("beam") or "rabbitmq" in cmd:
+        return "RabbitMQ"
+    if name.startswith("redis"):
+        return "Redis"
+    return "bench" if pid == os.getpid() else "other"
+
+
+def cpu_since(before: dict[int, tuple[str, float]]) -> dict[str, float]:
+    spent = dict.fromkeys(KINDS, 0.0)
+    for pid, (kind, seconds) in cpu_by_process().items():
+        spent[kind] += seconds - (before[pid][1] if pid in before else 0.0)
+    return spent
 
 
 def time_job(url: str, body: dict[str, Any]) -> float:
@@ -123,6 +166,7 @@ def time_job(url: str, body: dict[str, Any]) -> float:
     content = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     with httpx.Client(base_url=url, timeout=120) as http:
+        cpu = cpu_by_process()
         t0 = time.perf_counter()
         r = http.post("/jobs", content=content, headers=headers)
         r.raise_for_status()
@@ -136,7 +180,9 @@ def time_job(url: str, body: dict[str, Any]) -> float:
             return bool(job["status"] == "completed")
 
         wait(completed, 1800, "the job")
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        CPUS.append(cpu_since(cpu))
+        return seconds
 
 
 def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
@@ -194,6 +240,7 @@ class Run:
     rows: dict[str, list[tuple[float, float]]]
     load_before: str
     load_after: str
+    cpu: dict[str, list[dict[str, float]]]  # per runner, per round: CPU seconds by kind
 
 
 def new_schema(admin: Any) -> str:
@@ -230,16 +277,19 @@ def measure(
     before = load()
     local = "local runner (in the API process)"
     rows: dict[str, list[tuple[float, float]]] = {local: []}
+    cpu: dict[str, list[dict[str, float]]] = {local: []}
     try:
         with (logdir / "api.log").open("wb") as log:
             api, url = serve({**celery_env, "JVP_JOBS_BACKEND": "celery"}, log)
             try:
                 for r in range(rounds):
                     rows[local].append((time_local(local_env, body, logdir), POSTS[-1]))
+                    cpu[local].append(CPUS[-1])
                     for n in workers:
                         seconds = time_workers(url, celery_env, n, body, logdir)
-                        cell = rows.setdefault(f"{n} Celery worker(s), {broker}", [])
-                        cell.append((seconds, POSTS[-1]))
+                        name = f"{n} Celery worker(s), {broker}"
+                        rows.setdefault(name, []).append((seconds, POSTS[-1]))
+                        cpu.setdefault(name, []).append(CPUS[-1])
                     done = ", ".join(f"{tasks / v[-1][0]:.0f}" for v in rows.values())
                     print(f"round {r + 1}: tasks/s {done}", file=sys.stderr)
             finally:
@@ -250,7 +300,7 @@ def measure(
                 conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
         drop_queue(broker, queue)
-    return Run(tasks, broker, rows, before, load())
+    return Run(tasks, broker, rows, before, load(), cpu)
 
 
 def markdown(run: Run) -> list[str]:
@@ -282,6 +332,7 @@ def markdown(run: Run) -> list[str]:
             f"| {name} | {seconds:.2f} | {post:.2f} | {rate:.0f} | {ratio} | {after:.0f} "
             f"| {by_round} |"
         )
+    out += ["", *cpu_table(run, med)]
     out.append("")
     if len(rates) > 1:
         out.append(
@@ -290,6 +341,29 @@ def markdown(run: Run) -> list[str]:
     if len(rates) > 2:
         out.append(
             f"- two workers / one worker: {verdict(rates[2] / rates[1], TWO_WORKERS_TARGET)}"
+        )
+    return out
+
+
+def cpu_table(run: Run, med: dict[str, tuple[float, float]]) -> list[str]:
+    """CPU seconds of each runner's timed job by kind of process (the median of the rounds;
+    the whole machine's, not only this benchmark's), and the cores busy on average."""
+    kinds = [k for k in KINDS if any(c[k] >= 0.005 for cells in run.cpu.values() for c in cells)]
+    out = [
+        "CPU seconds of the timed job by process (median of the rounds), and the cores that "
+        "kept busy on average over it (CPU seconds / seconds):",
+        "",
+        "| runner | " + " | ".join(kinds) + " | all | cores busy |",
+        "| ------ | " + " | ".join("-" * len(k) for k in kinds) + " | --- | ---------- |",
+    ]
+    for name, cells in run.cpu.items():
+        spent = {k: statistics.median(c[k] for c in cells) for k in kinds}
+        total = statistics.median(sum(c.values()) for c in cells)
+        busy = total / med[name][0]
+        out.append(
+            f"| {name} | "
+            + " | ".join(f"{spent[k]:.2f}" for k in kinds)
+            + f" | {total:.2f} | {busy:.2f} of {os.cpu_count()} |"
         )
     return out
 
