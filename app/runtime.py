@@ -76,7 +76,7 @@ class Services:
     derivatives: DerivativeService
     vjp: VJPService
     solve: SolveService
-    shapes: ShapeService  # /eval_shape, over the other four
+    shapes: ShapeService  # /eval_shape, over derivatives, vjp and solve
 
 
 @dataclass
