@@ -10,6 +10,7 @@ Names and shapes are checked when the task runs, by `JVPService.prepare`, like /
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from datetime import datetime
@@ -45,11 +46,17 @@ def batch_key(
 ) -> str:
     """Tasks with one key compute the same function with the same options on tensors of the
     same names, dtypes and shapes: the Celery backend sends them in chunks, to batch."""
+    options_json = json.dumps(options, sort_keys=True)
+    return _batch_key(expression or "", model or "", options_json, blobs.header(inputs))
+
+
+@functools.lru_cache(maxsize=1024)  # a job's tasks mostly share one key: hashed once
+def _batch_key(expression: str, model: str, options_json: str, header: bytes) -> str:
     digest = hashlib.sha256()
-    for part in (expression or "", model or "", json.dumps(options, sort_keys=True)):
+    for part in (expression, model, options_json):
         digest.update(part.encode())
         digest.update(b"\0")
-    digest.update(blobs.header(inputs))
+    digest.update(header)
     return digest.hexdigest()[:32]
 
 

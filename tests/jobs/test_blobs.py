@@ -141,3 +141,45 @@ def test_a_malformed_b64_tensor_is_refused_with_the_same_error_either_way(form: 
         errors.append((type(caught.value), str(caught.value), caught.value.param))
     assert errors[0] == errors[1]
     assert str(errors[0][2]).startswith("primals.x")
+
+
+def raw(t: torch.Tensor) -> RawTensor:
+    return RawTensor(t.dtype, tuple(t.shape), bytes_of(t).numpy().tobytes())
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (2, 3)], ids=str)
+def test_tasks_of_one_layout_are_the_bytes_safetensors_writes_for_each(shape: tuple[int, ...]):
+    """NOTE [safetensors layouts]: the header and data order of the first task of a layout
+    serve the next ones; every task's blob is still what safetensors writes of its own
+    tensors (names given out of order, dtypes of every width, edge values)."""
+    names = ["primals.z", "primals.a", "tangents.z", "tangents.a", "parameter_tangents.m.w"]
+    for task in range(4):
+        values = np.asarray(edge_values(shape) * (task + 1))
+        wide = torch.from_numpy(values)
+        tensors = {
+            names[0]: wide.to(torch.float16),
+            names[1]: wide.clone(),
+            names[2]: wide.to(torch.bfloat16),
+            names[3]: torch.from_numpy(np.asarray(np.nan_to_num(values))).to(torch.int64),
+            names[4]: wide.to(torch.float32),
+        }
+        groups: dict[str, dict[str, RawTensor]] = {}
+        for key, t in tensors.items():
+            group, _, name = key.partition(".")
+            groups.setdefault(group, {})[name] = raw(t)
+        blob = blobs.dump_inputs(groups)
+        assert blob == save(
+            {k: t.contiguous() for k, t in tensors.items()}, metadata={"kind": "jvp-task-inputs"}
+        ), f"task {task}"
+        back = blobs.load_inputs(blob)
+        for key, t in tensors.items():
+            group, _, name = key.partition(".")
+            assert torch.equal(bytes_of(back[group][name]), bytes_of(t))
+
+
+def test_layouts_kept_are_bounded():
+    blobs._LAYOUTS.clear()
+    for n in range(blobs._LAYOUTS_KEPT + 10):
+        t = torch.zeros(n % 7 + 1)
+        blobs.dump_inputs({"primals": {f"x{n}": raw(t)}})
+    assert len(blobs._LAYOUTS) == blobs._LAYOUTS_KEPT
