@@ -113,6 +113,7 @@ def serve(env: dict[str, str], log: Any) -> tuple[subprocess.Popen[bytes], str]:
 
 POSTS: list[float] = []  # seconds each timed POST /jobs took to answer 202
 CPUS: list[dict[str, float]] = []  # CPU seconds each timed job took, by kind of process
+POST_CPUS: list[float] = []  # CPU seconds of the whole machine during each timed POST /jobs
 KINDS = ("API", "workers", "PostgreSQL", "RabbitMQ", "Redis", "bench", "other")
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -150,6 +151,20 @@ def kind_of(pid: int, name: str, cmd: str) -> str:
     return "bench" if pid == os.getpid() else "other"
 
 
+def cpu_spent(before: dict[int, tuple[str, float]]) -> float:
+    """CPU seconds the processes of `before` spent since, in all (their /proc stat only:
+    about 1 ms for a machine's hundred processes, read while a job runs)."""
+    total = 0.0
+    for pid, (_, seconds) in before.items():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue  # it ended meanwhile
+        utime, stime = stat[stat.rindex(")") + 2 :].split()[11:13]
+        total += (int(utime) + int(stime)) / TICK - seconds
+    return total
+
+
 def cpu_since(before: dict[int, tuple[str, float]]) -> dict[str, float]:
     spent = dict.fromkeys(KINDS, 0.0)
     for pid, (kind, seconds) in cpu_by_process().items():
@@ -158,11 +173,12 @@ def cpu_since(before: dict[int, tuple[str, float]]) -> dict[str, float]:
 
 
 def time_job(url: str, body: dict[str, Any]) -> float:
-    """Seconds from POST /jobs to `completed` (every task done, none failed). The body is
-    encoded, and the HTTP client made, before the clock starts: neither the client's JSON
-    encoder nor its set-up is the service's time. One client polls over one connection, as
-    the SDK's does: a new httpx client per poll costs about 20 ms of CPU (its SSL context),
-    which on 2 cores is taken from the workers being measured."""
+    """Seconds from POST /jobs to `completed` (every task done, none failed), as the SDK's
+    `wait` sees it: the service answers its poll as the job ends. The body is encoded, and
+    the HTTP client made, before the clock starts: neither the client's JSON encoder nor its
+    set-up is the service's time. One client over one connection, as the SDK's: a new httpx
+    client per poll costs about 20 ms of CPU (its SSL context), which on 2 cores is taken
+    from the workers being measured."""
     content = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     with httpx.Client(base_url=url, timeout=120) as http:
@@ -171,15 +187,18 @@ def time_job(url: str, body: dict[str, Any]) -> float:
         r = http.post("/jobs", content=content, headers=headers)
         r.raise_for_status()
         POSTS.append(time.perf_counter() - t0)
+        POST_CPUS.append(cpu_spent(cpu))
         job_id = r.json()["id"]
 
-        def completed() -> bool:
-            job = http.get(f"/jobs/{job_id}").json()
-            if job["status"] == "completed" and job["failed"]:
-                raise SystemExit(f"{job['failed']} tasks failed")
-            return bool(job["status"] == "completed")
-
-        wait(completed, 1800, "the job")
+        deadline = time.monotonic() + 1800
+        while True:  # each poll answered at the job's end (GET /jobs/{id}?wait_s=), as the SDK's
+            job = http.get(f"/jobs/{job_id}", params={"wait_s": 30}).json()
+            if job["status"] == "completed":
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"timed out waiting for job {job_id}: {job}")
+        if job["failed"]:
+            raise SystemExit(f"{job['failed']} tasks failed")
         seconds = time.perf_counter() - t0
         CPUS.append(cpu_since(cpu))
         return seconds
@@ -241,6 +260,7 @@ class Run:
     load_before: str
     load_after: str
     cpu: dict[str, list[dict[str, float]]]  # per runner, per round: CPU seconds by kind
+    post_cpu: dict[str, list[float]]  # per runner, per round: CPU seconds during the POST
 
 
 def new_schema(admin: Any) -> str:
@@ -278,6 +298,7 @@ def measure(
     local = "local runner (in the API process)"
     rows: dict[str, list[tuple[float, float]]] = {local: []}
     cpu: dict[str, list[dict[str, float]]] = {local: []}
+    post_cpu: dict[str, list[float]] = {local: []}
     try:
         with (logdir / "api.log").open("wb") as log:
             api, url = serve({**celery_env, "JVP_JOBS_BACKEND": "celery"}, log)
@@ -285,11 +306,13 @@ def measure(
                 for r in range(rounds):
                     rows[local].append((time_local(local_env, body, logdir), POSTS[-1]))
                     cpu[local].append(CPUS[-1])
+                    post_cpu[local].append(POST_CPUS[-1])
                     for n in workers:
                         seconds = time_workers(url, celery_env, n, body, logdir)
                         name = f"{n} Celery worker(s), {broker}"
                         rows.setdefault(name, []).append((seconds, POSTS[-1]))
                         cpu.setdefault(name, []).append(CPUS[-1])
+                        post_cpu.setdefault(name, []).append(POST_CPUS[-1])
                     done = ", ".join(f"{tasks / v[-1][0]:.0f}" for v in rows.values())
                     print(f"round {r + 1}: tasks/s {done}", file=sys.stderr)
             finally:
@@ -300,7 +323,7 @@ def measure(
                 conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
         drop_queue(broker, queue)
-    return Run(tasks, broker, rows, before, load(), cpu)
+    return Run(tasks, broker, rows, before, load(), cpu, post_cpu)
 
 
 def markdown(run: Run) -> list[str]:
@@ -342,7 +365,33 @@ def markdown(run: Run) -> list[str]:
         out.append(
             f"- two workers / one worker: {verdict(rates[2] / rates[1], TWO_WORKERS_TARGET)}"
         )
+        out.append(bound(run, med))
     return out
+
+
+def bound(run: Run, med: dict[str, tuple[float, float]]) -> str:
+    """The most two workers could gain over one on this machine, from what was measured.
+
+    # NOTE [the two-worker bound]
+    The two-worker job cannot end before its POST /jobs has answered (nothing is stored
+    before: the POST is the same serial work for every runner), nor before the rest of
+    its CPU seconds, spread perfectly over the machine's cores, are spent. So it takes at
+    least P + (C - Cp) / cores, P the POST's seconds, C the job's CPU seconds (every
+    process of the machine), Cp those spent during the POST; one worker's measured
+    seconds over that bound is the most any scheduling of the same work could reach."""
+    names = list(med)
+    one, two = med[names[1]][0], names[2]
+    post = med[two][1]
+    cpu = statistics.median(sum(c.values()) for c in run.cpu[two])
+    during_post = statistics.median(run.post_cpu[two])
+    cores = os.cpu_count() or 1
+    floor = post + max(0.0, cpu - during_post) / cores
+    return (
+        f"- the most two workers could reach over one here: {one / floor:.2f}x (one worker's "
+        f"{one:.2f} s over the two-worker job's least possible {floor:.2f} s: its POST, "
+        f"{post:.2f} s with {during_post:.2f} CPU-s, then its other {cpu - during_post:.2f} "
+        f"CPU-s spread perfectly over {cores} cores; NOTE [the two-worker bound])"
+    )
 
 
 def cpu_table(run: Run, med: dict[str, tuple[float, float]]) -> list[str]:

@@ -21,6 +21,7 @@ async def start_jobs(settings: Settings, service: JVPService) -> JobService:
     (or, with JVP_JOBS_BACKEND=celery, the dispatcher that sends task ids to the broker)."""
     store = JobStore(settings.database_url)
     await asyncio.to_thread(store.migrate)
+    store.listen()  # GET /jobs/{id}?wait_s= hears of jobs other processes finish
     backend: JobBackend
     if settings.jobs_backend == "celery":
         from app.jobs.celery_backend import CeleryBackend  # imports celery: only when asked

@@ -10,6 +10,7 @@ Names and shapes are checked when the task runs, by `JVPService.prepare`, like /
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -23,11 +24,12 @@ from app.engine.devices import parse_device, parse_dtype
 from app.engine.errors import EngineError, InvalidRequest, TooLarge
 from app.jobs import blobs
 from app.jobs.backend import JobBackend
+from app.jobs.events import RECHECK_S
 from app.jobs.execute import error_of
 from app.jobs.operations import cotangent_group, task_options
 from app.jobs.schemas import JobCreate, JobOptions, JobTask
 from app.jobs.solve_tasks import progress, rhs_group
-from app.jobs.store import JobStore, JobView, NewJob, NewTask, StoredTask, now
+from app.jobs.store import ACTIVE, JobStore, JobView, NewJob, NewTask, StoredTask, now
 from app.models.registry import ModelRegistry
 from app.services.jvp import JVPService, expression_target
 from app.wire.codec import RawTensor, decode_stored, encode_tensor
@@ -227,6 +229,31 @@ class JobService:
         return blobs.dump_inputs(groups)
 
     # -- read ----------------------------------------------------------------------------
+
+    async def job(self, job_id: str, *, wait_s: float = 0.0) -> JobView:
+        """The job; with `wait_s`, once it has finished or after `wait_s` seconds, whichever
+        comes first (NOTE [finished-job events]: woken by the store's events, and reading
+        the job again every RECHECK_S whatever it heard)."""
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(woken.set)
+
+        unsubscribe = self.store.events.subscribe(job_id, wake)  # before the first read
+        try:
+            deadline = loop.time() + wait_s
+            view = await asyncio.to_thread(self.store.get_job, job_id)
+            while view.status in ACTIVE and (left := deadline - loop.time()) > 0:
+                try:
+                    await asyncio.wait_for(woken.wait(), min(left, RECHECK_S))
+                except TimeoutError:
+                    pass
+                woken.clear()
+                view = await asyncio.to_thread(self.store.get_job, job_id)
+            return view
+        finally:
+            unsubscribe()
 
     def results(self, job_id: str, *, offset: int, limit: int) -> dict[str, Any]:
         job, tasks = self.store.results(job_id, offset=offset, limit=limit)

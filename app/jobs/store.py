@@ -53,6 +53,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.engine.errors import InvalidRequest, NotFound
+from app.jobs.events import NOTIFY, JobEvents, Listener
 from app.jobs.tables import (
     CANCELLED,
     DONE,
@@ -218,6 +219,8 @@ class JobStore:
             self._write_engine = self.engine
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self._write_engine, expire_on_commit=False)
+        self.events = JobEvents()  # NOTE [finished-job events]
+        self._listener: Listener | None = None
 
     def migrate(self) -> None:
         """Bring the tables to the newest revision (Alembic, `app/jobs/migrations`)."""
@@ -232,6 +235,9 @@ class JobStore:
             command.upgrade(cfg, "head")
 
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
         self.engine.dispose()
 
     @contextmanager
@@ -352,6 +358,9 @@ class JobStore:
                 row.cancelled += count
                 row.updated_at = at
                 row.finished_at = at
+                if not self.is_sqlite:
+                    s.execute(text(NOTIFY), {"job_id": job_id})
+        self._finished([job_id])
         return self.get_job(job_id)
 
     def results(self, job_id: str, *, offset: int, limit: int) -> tuple[JobView, list[StoredTask]]:
@@ -491,8 +500,11 @@ class JobStore:
 
             with self.writing() as s:
                 at = now()
-                return sum(store_pg.write(s, j, g, worker, at) for j, g in by_job.items())
+                written = {j: store_pg.write(s, j, g, worker, at) for j, g in by_job.items()}
+            self._finished([j for j, (_, completed) in written.items() if completed])
+            return sum(n for n, _ in written.values())
         rows: list[dict[str, Any]] = []
+        completed: list[str] = []
         tasks = TaskRow.__table__
         assert isinstance(tasks, Table)
         with self.writing() as s:
@@ -552,7 +564,7 @@ class JobStore:
                         updated_at=at,
                     )
                 )
-                s.execute(
+                ended_job = s.execute(
                     update(JobRow)
                     .where(
                         JobRow.id == job_id,
@@ -561,7 +573,24 @@ class JobStore:
                     )
                     .values(status=JobStatus.COMPLETED, finished_at=at)
                 )
+                if ended_job.rowcount:  # type: ignore[attr-defined]
+                    completed.append(job_id)
+        self._finished(completed)
         return len(rows)
+
+    def _finished(self, job_ids: Sequence[str]) -> None:
+        """Wake this process's waiters for jobs whose end was just committed (NOTE
+        [finished-job events]: other processes hear PostgreSQL's NOTIFY)."""
+        for job_id in job_ids:
+            self.events.notify(job_id)
+
+    def listen(self) -> None:
+        """Hear of jobs finished in other processes (PostgreSQL's LISTEN, in a thread); on
+        SQLite only this process writes, and `events` hears it all already."""
+        if self.is_sqlite or self._listener is not None:
+            return
+        conninfo = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._listener = Listener(conninfo, self.events).start()
 
     # -- the Celery backend (app/jobs/celery_backend.py) ------------------------------------
 

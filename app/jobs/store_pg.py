@@ -24,6 +24,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from app.jobs.events import NOTIFY
 from app.jobs.store import Outcome
 from app.jobs.tables import CANCELLED, DONE, FAILED
 
@@ -56,14 +57,17 @@ COUNT = text(
                            AND done + :ended + cancelled + :cancelled >= total
                       THEN :at ELSE finished_at END
     WHERE id = :job_id
+    RETURNING status
     """
 )
 
 
 def write(
     s: Session, job_id: str, group: Sequence[Outcome], worker: str | None, at: datetime
-) -> int:
-    """Write one job's outcomes (NOTE [bulk result writes]). Returns how many were written."""
+) -> tuple[int, bool]:
+    """Write one job's outcomes (NOTE [bulk result writes]). Returns how many were written,
+    and whether they completed the job (then NOTIFY says so at commit: NOTE [finished-job
+    events] in app/jobs/events.py)."""
     errors = [o.error or (None, None, None) for o in group]
     written = Counter(
         s.execute(
@@ -82,8 +86,9 @@ def write(
             },
         ).scalars()
     )
+    completed = False
     if written:
-        s.execute(
+        status = s.execute(
             COUNT,
             {
                 "job_id": job_id,
@@ -92,5 +97,8 @@ def write(
                 "cancelled": written[CANCELLED],
                 "at": at,
             },
-        )
-    return sum(written.values())
+        ).scalar()
+        completed = status == "completed"
+        if completed:
+            s.execute(text(NOTIFY), {"job_id": job_id})
+    return sum(written.values()), completed

@@ -89,11 +89,21 @@ async def list_jobs(
     return ORJSONResponse({"jobs": [job_body(v) for v in views], "next_offset": next_offset})
 
 
+# The longest a GET /jobs/{id} waits for its job to finish (wait_s).
+MAX_WAIT_S = 60.0
+
+
 @router.get("/{job_id}", response_model=Job, responses=ERRORS)
-async def read_job(job_id: str, _: KeyDep, jobs: JobServiceDep) -> ORJSONResponse:
-    """A job's status and progress (done, failed, total, eta_s)."""
-    view = await asyncio.to_thread(jobs.store.get_job, job_id)
-    return ORJSONResponse(job_body(view))
+async def read_job(
+    job_id: str,
+    _: KeyDep,
+    jobs: JobServiceDep,
+    wait_s: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0.0,
+) -> ORJSONResponse:
+    """A job's status and progress (done, failed, total, eta_s). With `wait_s`, answered as
+    soon as the job has finished (completed or cancelled), or after `wait_s` seconds with
+    its state then: a client waits for a job without polling."""
+    return ORJSONResponse(job_body(await jobs.job(job_id, wait_s=wait_s)))
 
 
 @router.get("/{job_id}/results", response_model=JobResults, responses=ERRORS)

@@ -129,7 +129,8 @@ async def test_wait_job_async_then_results_and_cancel(make_async_client, delays)
     ]
     job = await client.submit_job(tasks, expression="x * 2")
     info = await job.wait(poll_interval_s=0.25)
-    assert info.status == "completed" and info.done == 5 and delays == [0.25, 0.25]
+    assert info.status == "completed" and info.done == 5
+    assert len(delays) == 2 and all(0.15 < d <= 0.25 for d in delays), delays
     results = [r async for r in job.results(page_size=2)]
     assert [r.index for r in results] == [0, 1, 2, 3, 4]
     np.testing.assert_array_equal(results[4].output, [8.0, 8.0])

@@ -103,7 +103,11 @@ def test_wait_job_polls_until_completed(make_client, delays) -> None:
     info = job.wait(poll_interval_s=0.5)
     assert info.status == "completed" and info.done == 5 and info.failed == 0
     assert job.info is info
-    assert delays == [0.5, 0.5]  # polls at 2, 4, 5 done
+    # polls at 2, 4, 5 done, each asking the service to wait for the job's end; this one
+    # answers at once, so the client sleeps out the rest of each interval
+    polls = [r for r in fake.requests if r.method == "GET"]
+    assert [r.url.params.get("wait_s") for r in polls] == ["0.5"] * 3
+    assert len(delays) == 2 and all(0.4 < d <= 0.5 for d in delays), delays
 
 
 def test_wait_job_shows_progress_bar(make_client, capsys) -> None:

@@ -723,6 +723,21 @@ def test_submit_job_live(client: JVPClient) -> None:
     error = results[4].error
     assert error is not None and error.type == "invalid_request"
     assert "[3]" in error.message and "[2]" in error.message
+
+
+def test_wait_returns_at_the_jobs_end_not_at_the_next_poll_live(client: JVPClient) -> None:
+    """The service holds each poll until the job finishes (GET /jobs/{id}?wait_s=): with
+    polls 30 s apart, `wait` still returns as the job ends."""
+    tasks = [
+        {"primals": {"x": np.full(3, float(i))}, "tangents": {"x": np.ones(3)}} for i in range(3)
+    ]
+    job = client.submit_job(tasks, expression="x**3")
+    t0 = time.monotonic()
+    info = job.wait(poll_interval_s=30, timeout_s=120)
+    assert time.monotonic() - t0 < 20
+    assert info.status == "completed" and info.done == 3 and info.failed == 0
+    for r in job.results():
+        np.testing.assert_allclose(r.jvp, np.full(3, 3.0 * r.index**2))
     # an expression that does not compile fails the whole submission, naming the task
     with pytest.raises(BadRequestError) as info:
         client.submit_job([{"expression": "x **", "primals": {"x": [1.0]}}])

@@ -36,6 +36,8 @@ from ._types import JobInfo, JobResultsPage, JobTaskResult
 __all__ = ["AsyncJob", "Job"]
 
 DEFAULT_POLL_INTERVAL_S = 1.0
+MAX_WAIT_S = 60.0  # the longest the service holds a GET /jobs/{id}?wait_s=
+WAIT_MARGIN_S = 30.0  # a waiting GET's timeout: wait_s and this
 DEFAULT_PAGE_SIZE = 100
 
 
@@ -109,9 +111,16 @@ class _JobHandle(Handle[C, JobInfo]):
 # -- plans --------------------------------------------------------------------------------
 
 
-def status(job: _JobHandle[Any]) -> Plan[JobInfo]:
-    """``GET /jobs/{id}``: the job's current state."""
-    response = yield Call("GET", job_path(job.id))
+def status(job: _JobHandle[Any], *, wait_s: float = 0.0) -> Plan[JobInfo]:
+    """``GET /jobs/{id}``: the job's current state; with ``wait_s``, once it has finished
+    or after ``wait_s`` seconds (at most MAX_WAIT_S), whichever comes first."""
+    if wait_s <= 0:
+        response = yield Call("GET", job_path(job.id))
+    else:
+        wait_s = min(wait_s, MAX_WAIT_S)
+        response = yield Call(
+            "GET", job_path(job.id), params={"wait_s": wait_s}, timeout=wait_s + WAIT_MARGIN_S
+        )
     job.info = parsing.parse(response, "job", JobInfo.from_json)
     return job.info
 
@@ -123,12 +132,16 @@ def wait(
     poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
     timeout_s: float | None = None,
 ) -> Plan[JobInfo]:
-    """Poll until the job is completed or cancelled; returns its final state.
+    """Wait until the job is completed or cancelled; returns its final state.
+
+    Each poll asks the service to answer as soon as the job finishes
+    (``GET /jobs/{id}?wait_s=``), so ``wait`` returns at the job's end, not at the next
+    poll; a service that answers at once is polled every ``poll_interval_s``.
 
     Args:
         progress: show a tqdm bar (done/total tasks, failures, ETA) on stderr, or a
             widget in a notebook (``tqdm.auto``).
-        poll_interval_s: seconds between two polls.
+        poll_interval_s: seconds between two polls (and the progress bar's updates).
         timeout_s: raise ``TimeoutError`` when the job is still running after this long.
     """
     if not poll_interval_s > 0:
@@ -139,7 +152,11 @@ def wait(
     bar = _Progress(job.info, enabled=progress)
     try:
         while True:
-            info = yield from status(job)
+            asked = time.monotonic()
+            wait_s = poll_interval_s
+            if deadline is not None:
+                wait_s = min(wait_s, deadline - asked)
+            info = yield from status(job, wait_s=wait_s)
             bar.update(info)
             if info.finished:
                 return info
@@ -148,7 +165,9 @@ def wait(
                     f"Job {info.id} did not finish within {timeout_s:g} s (status {info.status}, "
                     f"{info.done}/{info.total} tasks done, {info.failed} failed)"
                 )
-            yield Sleep(poll_interval_s)
+            left = poll_interval_s - (time.monotonic() - asked)
+            if left > 0:  # the service answered before wait_s: it does not wait
+                yield Sleep(left)
     finally:
         bar.close()
 
