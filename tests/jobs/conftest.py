@@ -1,4 +1,5 @@
-"""Job-store fixtures: a fresh SQLite file, and a fresh PostgreSQL schema (dropped after)."""
+"""Job-store fixtures: a fresh SQLite file, a fresh PostgreSQL schema (dropped after), and a
+migrated store on each."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+
+from app.jobs.store import JobStore
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -55,3 +58,14 @@ def db_url(request: pytest.FixtureRequest) -> str:
     """The same store tests on both databases."""
     url: str = request.getfixturevalue(f"{request.param}_url")
     return url
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[JobStore]:
+    """A migrated store on each database, closed after."""
+    s = JobStore(db_url)
+    s.migrate()
+    try:
+        yield s
+    finally:
+        s.close()

@@ -36,16 +36,6 @@ def _done(job_id: str, idx: int) -> Outcome:
     )
 
 
-@pytest.fixture
-def store(db_url: str) -> Iterator[JobStore]:
-    s = JobStore(db_url)
-    s.migrate()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 def heard(events: JobEvents, job_id: str) -> threading.Event:
     woken = threading.Event()
     events.subscribe(job_id, woken.set)

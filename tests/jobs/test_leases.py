@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,16 +20,6 @@ from app.jobs.store import JobStore, NewJob, NewTask, Outcome
 from app.jobs.tables import DONE, QUEUED, RUNNING
 
 A, B = "host-a:101", "host-b:202"
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[JobStore]:
-    s = JobStore(db_url)
-    s.migrate()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _job(store: JobStore, n: int) -> str:

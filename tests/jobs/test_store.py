@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from sqlalchemy import inspect, update
@@ -12,16 +10,6 @@ from app.engine.errors import InvalidRequest, NotFound
 from app.jobs import blobs
 from app.jobs.store import JobStore, NewJob, NewTask, Outcome
 from app.jobs.tables import JobRow
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[JobStore]:
-    s = JobStore(db_url)
-    s.migrate()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _job(n: int, **kw: object) -> NewJob:
