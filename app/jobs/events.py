@@ -9,7 +9,9 @@ process keeps one (`Listener`, a thread) and passes what it hears to its `JobEve
 Nothing relies on the word arriving: a waiter reads the job again at least every
 `RECHECK_S`, so a listener that lost its connection (and is reconnecting) only makes a
 wait end up to that much later. Job ids are random, so a channel shared by several
-deployments on one database wakes nobody by mistake for long.
+deployments on one database wakes nobody by mistake for long. What a wait costs is
+bounded: at most MAX_WAIT_S (60 s) of an open connection, and one read of the job per
+RECHECK_S, the store reads of a client polling once a second (the SDK's default).
 """
 
 from __future__ import annotations
