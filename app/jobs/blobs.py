@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,7 @@ def _save(tensors: Mapping[str, torch.Tensor | RawTensor], metadata: dict[str, s
 # bytes (tests/jobs/test_blobs.py).
 _LAYOUTS: dict[tuple[object, ...], tuple[bytes, list[int]]] = {}
 _LAYOUTS_KEPT = 1024
+_LAYOUTS_LOCK = threading.Lock()
 
 
 def _remember(key: tuple[object, ...], blob: bytes, names: list[str]) -> None:
@@ -70,9 +72,10 @@ def _remember(key: tuple[object, ...], blob: bytes, names: list[str]) -> None:
         end = stop
     if 8 + length + end != len(blob):
         return
-    if len(_LAYOUTS) >= _LAYOUTS_KEPT:
-        _LAYOUTS.pop(next(iter(_LAYOUTS)), None)  # the oldest
-    _LAYOUTS[key] = (blob[: 8 + length], [i for _, i in spans])
+    with _LAYOUTS_LOCK:  # POSTs decode in threads of their own
+        if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)), None)  # the oldest
+        _LAYOUTS[key] = (blob[: 8 + length], [i for _, i in spans])
 
 
 def _serialized(tensors: Mapping[str, torch.Tensor | RawTensor], metadata: dict[str, str]) -> bytes:
