@@ -130,13 +130,16 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue  # it ended meanwhile
-        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
-        utime, stime = fields.split()[11:13]
-        found[int(entry.name)] = (
-            kind_of(int(entry.name), name, cmd),
-            (int(utime) + int(stime)) / TICK,
-        )
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        found[int(entry.name)] = (kind_of(int(entry.name), name, cmd), stat_seconds(stat))
     return found
+
+
+def stat_seconds(stat: str) -> float:
+    """User + system CPU seconds in a /proc/<pid>/stat line (after the command in parentheses,
+    which may hold spaces)."""
+    utime, stime = stat[stat.rindex(")") + 2 :].split()[11:13]
+    return (int(utime) + int(stime)) / TICK
 
 
 def kind_of(pid: int, name: str, cmd: str) -> str:
@@ -162,8 +165,7 @@ def cpu_spent(before: dict[int, tuple[str, float]]) -> float:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue  # it ended meanwhile
-        utime, stime = stat[stat.rindex(")") + 2 :].split()[11:13]
-        total += (int(utime) + int(stime)) / TICK - seconds
+        total += stat_seconds(stat) - seconds
     return total
 
 

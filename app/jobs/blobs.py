@@ -62,20 +62,21 @@ _LAYOUTS_LOCK = threading.Lock()
 def _remember(key: tuple[object, ...], blob: bytes, names: list[str]) -> None:
     """Keep the header and data order of `blob`, the safetensors bytes of tensors `names`
     (in the order given); not kept where the data does not lie end to end."""
-    (length,) = struct.unpack("<Q", blob[:8])
-    entries = json.loads(blob[8 : 8 + length])
+    head = header(blob)
+    entries = json.loads(head)
     spans = sorted((entries[name]["data_offsets"], i) for i, name in enumerate(names))
     end = 0
     for (begin, stop), _ in spans:
         if begin != end:
             return
         end = stop
-    if 8 + length + end != len(blob):
+    prefix = 8 + len(head)
+    if prefix + end != len(blob):
         return
     with _LAYOUTS_LOCK:  # POSTs decode in threads of their own
         if len(_LAYOUTS) >= _LAYOUTS_KEPT:
             _LAYOUTS.pop(next(iter(_LAYOUTS)), None)  # the oldest
-        _LAYOUTS[key] = (blob[: 8 + length], [i for _, i in spans])
+        _LAYOUTS[key] = (blob[:prefix], [i for _, i in spans])
 
 
 def _serialized(tensors: Mapping[str, torch.Tensor | RawTensor], metadata: dict[str, str]) -> bytes:

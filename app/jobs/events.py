@@ -62,11 +62,6 @@ class JobEvents:
             except Exception:  # noqa: BLE001 - the waiter is gone; the writer goes on
                 log.debug("jobs: a waiter of job %s could not be woken", job_id, exc_info=True)
 
-    def waiting(self) -> int:
-        """How many jobs someone waits for (for tests and metrics)."""
-        with self._lock:
-            return len(self._waiting)
-
 
 class Listener:
     """A thread that LISTENs on PostgreSQL for finished jobs and tells `events`; it
